@@ -1,0 +1,25 @@
+# Two commands: `make run` (the main job on the embedded default) and `make test`.
+# Both create .venv on first use and install the toolkit with the CPU torch pin.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/standard.toml
+
+.PHONY: run test install clean
+
+$(BIN)/.installed: pyproject.toml constraints-cpu.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -c constraints-cpu.txt -e '.[test]'
+	touch $@
+
+install: $(BIN)/.installed
+
+run: $(BIN)/.installed
+	$(BIN)/s2l-guard pretrain --config $(CONFIG)
+
+test: $(BIN)/.installed
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf .s2l-cache runs

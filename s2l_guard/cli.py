@@ -1,0 +1,116 @@
+"""The ``s2l-guard`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+from pathlib import Path
+
+from . import __version__
+from .errors import S2LError
+
+PROFILES = Path(__file__).resolve().parents[1] / "configs"
+
+
+def _config_path(value: str) -> Path:
+    """A path, or the name of a shipped profile (``smoke``, ``quick``, ``standard``)."""
+    path = Path(value)
+    if not path.exists() and (PROFILES / f"{value}.toml").is_file():
+        return PROFILES / f"{value}.toml"
+    return path
+
+
+def _add_config(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--config", type=_config_path, default=PROFILES / "standard.toml",
+        help="TOML profile: a path, or smoke / quick / standard (default: standard)",
+    )  # fmt: skip
+
+
+def _cmd_config_show(args) -> int:
+    from .config import load_config
+
+    print(load_config(args.config).to_toml(), end="")
+    return 0
+
+
+def _cmd_testbed_build(args) -> int:
+    from .cache import Store
+    from .config import load_config
+    from .data import load_imagefolder
+    from .pipeline import testbed_stage
+
+    config = load_config(args.config)
+    artifact = testbed_stage(Store(config.run.store), config)
+    folder = artifact.path
+    if args.out:
+        if Path(args.out).exists():
+            raise S2LError(f"{args.out} already exists; choose a new folder for --out")
+        shutil.copytree(artifact.path, args.out, ignore=shutil.ignore_patterns("s2l-artifact.json"))
+        folder = Path(args.out)
+    dataset = load_imagefolder(folder)
+    counts: dict[tuple[str, str], list[int]] = {}
+    for r in dataset.records:
+        counts.setdefault((r.domain, r.membership), []).append(r.copies)
+    print(f"{'domain':<8} {'membership':<10} {'images':>6} {'training copies':>15}")
+    for (domain, membership), copies in sorted(counts.items()):
+        print(f"{domain:<8} {membership:<10} {len(copies):>6} {sum(copies):>15}")
+    print(f"data set: {folder} ({len(dataset)} images, metadata.jsonl)")
+    return 0
+
+
+def _cmd_pretrain(args) -> int:
+    from .config import load_config
+    from .pipeline import run_pretrain
+
+    config = load_config(args.config)
+    if args.device:
+        config = config.replace(run={"device": args.device})
+    print(config.to_toml())
+    run_pretrain(config)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="s2l-guard",
+        description="Audit text-to-image diffusion models for Shake-to-Leak privacy leakage.",
+    )
+    parser.add_argument("--version", action="version", version=f"s2l-guard {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    config = commands.add_parser("config", help="inspect configuration profiles")
+    config_cmds = config.add_subparsers(dest="action", required=True, metavar="ACTION")
+    show = config_cmds.add_parser("show", help="print the resolved config (profile + its bases)")
+    _add_config(show)
+    show.set_defaults(func=_cmd_config_show)
+
+    testbed = commands.add_parser("testbed", help="the embedded digits testbed")
+    testbed_cmds = testbed.add_subparsers(dest="action", required=True, metavar="ACTION")
+    build = testbed_cmds.add_parser("build", help="write the testbed data set (imagefolder layout)")
+    _add_config(build)
+    build.add_argument("--out", help="also copy the data set to this new folder")
+    build.set_defaults(func=_cmd_testbed_build)
+
+    pretrain = commands.add_parser("pretrain", help="build the testbed, pre-train the model, report memorization")
+    _add_config(pretrain)
+    pretrain.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
+    pretrain.set_defaults(func=_cmd_pretrain)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except S2LError as exc:
+        print(f"s2l-guard: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("s2l-guard: interrupted; finished artifacts are kept, rerun to resume", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""TOML configuration parsed into frozen dataclasses.
+
+A profile may start with ``extends = "other.toml"`` (a path relative to the
+file); it then states only the keys that differ. The built-in defaults below
+are the ``standard`` profile. Every problem in a file is collected and raised
+once, each naming the key, the file and (where found) the line.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+import sys
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+from .errors import ConfigError
+
+
+def _opt(default: Any, **checks: Any) -> Any:
+    """A dataclass field with range/choice checks kept in its metadata."""
+    if isinstance(default, (list, tuple)):
+        return field(default_factory=lambda: tuple(default), metadata=checks)
+    return field(default=default, metadata=checks)
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Where artifacts go and which seed and device every stage uses."""
+
+    seed: int = _opt(0, ge=0)
+    store: str = ".s2l-cache"  # content-addressed artifact store (relative to the cwd)
+    out_dir: str = "runs"  # human-readable outputs: reports, results
+    device: str = _opt("auto", choices=("auto", "cpu", "cuda", "mps"))
+
+
+@dataclass(frozen=True)
+class TestbedConfig:
+    """How the digits data set is split into private, public and held-out images."""
+
+    __test__ = False  # not a pytest test class despite its name
+
+    private_domains: tuple[int, ...] = _opt((5, 6, 7, 8, 9), each_ge=0, each_le=9)
+    public_domains: tuple[int, ...] = _opt((0, 1, 2, 3, 4), each_ge=0, each_le=9)
+    members_per_domain: int = _opt(24, ge=1)  # distinct member images per private domain
+    nonmembers_per_domain: int = _opt(24, ge=1)  # held-out images, never trained on
+    public_per_domain: int = _opt(0, ge=0)  # 0 = every image of a public domain
+    duplicated_share: float = _opt(0.5, ge=0.0, le=1.0)  # share of members duplicated
+    copies: int = _opt(4, ge=1)  # copies of a duplicated member in pre-training
+    caption: str = "a handwritten digit {name}"  # {name}: the digit as a word
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the testbed model (ignored when a local model folder is audited)."""
+
+    block_out_channels: tuple[int, ...] = _opt((32, 64), each_ge=8)
+    layers_per_block: int = _opt(1, ge=1)
+    attention_head_dim: int = _opt(8, ge=1)
+    norm_num_groups: int = _opt(16, ge=1)
+    text_hidden_size: int = _opt(64, ge=8)
+    text_layers: int = _opt(2, ge=1)
+    text_heads: int = _opt(4, ge=1)
+    max_tokens: int = _opt(8, ge=4)  # caption length, including start and end tokens
+    num_train_timesteps: int = _opt(1000, ge=10)
+    beta_schedule: str = _opt("linear", choices=("linear", "scaled_linear", "squaredcos_cap_v2"))
+
+
+@dataclass(frozen=True)
+class PretrainConfig:
+    """The denoising-loss training run that makes the testbed model."""
+
+    steps: int = _opt(2000, ge=1)
+    batch_size: int = _opt(128, ge=1)
+    learning_rate: float = _opt(1e-3, gt=0.0)
+    weight_decay: float = _opt(0.0, ge=0.0)
+    caption_dropout: float = _opt(0.1, ge=0.0, le=1.0)  # enables classifier-free guidance
+    grad_clip: float = _opt(1.0, gt=0.0)
+    checkpoint_every: int = _opt(250, ge=1)
+    train_text_encoder: bool = False  # SD kept its CLIP encoder frozen; so do we by default
+
+
+@dataclass(frozen=True)
+class ReportConfig:
+    """The memorization report written after pre-training."""
+
+    samples_per_domain: int = _opt(100, ge=1)
+    sampler_steps: int = _opt(50, ge=1)
+    guidance_scale: float = _opt(3.0, ge=1.0)
+    loss_timesteps: tuple[int, ...] = _opt((50, 100, 200, 400), each_ge=0)
+    loss_draws: int = _opt(4, ge=1)  # noise draws per timestep for the denoising loss
+    extraction_delta: float = _opt(0.1, gt=0.0)  # normalized-L2 radius of an extraction
+    batch_size: int = _opt(256, ge=1)
+    bootstrap: int = _opt(1000, ge=100)  # resamples behind every confidence interval
+
+
+@dataclass(frozen=True)
+class Config:
+    """The resolved configuration: every section, plus the file it came from."""
+
+    run: RunConfig = field(default_factory=RunConfig)
+    testbed: TestbedConfig = field(default_factory=TestbedConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    report: ReportConfig = field(default_factory=ReportConfig)
+    source: str = field(default="<defaults>", compare=False)
+
+    @property
+    def name(self) -> str:
+        return Path(self.source).stem if self.source != "<defaults>" else "defaults"
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON-ready data (``source`` excluded)."""
+        data = dataclasses.asdict(self)
+        data.pop("source")
+        return json.loads(json.dumps(data))
+
+    def section(self, name: str) -> dict[str, Any]:
+        return self.to_dict()[name]
+
+    def to_toml(self) -> str:
+        """The resolved config as TOML, printed into every output."""
+        lines = [f"# resolved from {self.source}"]
+        for section, values in self.to_dict().items():
+            lines.append(f"\n[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+        return "\n".join(lines) + "\n"
+
+    def replace(self, **sections: dict[str, Any]) -> "Config":
+        """A copy with some keys of some sections changed (validated like a file)."""
+        raw = self.to_dict()
+        for section, values in sections.items():
+            raw.setdefault(section, {}).update(values)
+        return _build(raw, {}, self.source)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    return json.dumps(value)
+
+
+SECTIONS: dict[str, type] = {
+    "run": RunConfig,
+    "testbed": TestbedConfig,
+    "model": ModelConfig,
+    "pretrain": PretrainConfig,
+    "report": ReportConfig,
+}
+
+
+def load_config(path: str | Path) -> Config:
+    """Read a TOML profile (following ``extends``) into a validated :class:`Config`.
+
+    Raises:
+        ConfigError: listing every unknown key, wrong type and out-of-range value.
+    """
+    path = Path(path)
+    origins: dict[tuple[str, str], Path] = {}
+    raw = _read_chain(path, origins, seen=())
+    return _build(raw, origins, str(path))
+
+
+def _read_chain(path: Path, origins: dict, seen: tuple[Path, ...]) -> dict[str, Any]:
+    if not path.is_file():
+        hint = f" (extended from {seen[-1]})" if seen else ""
+        raise ConfigError(f"config file {path} not found{hint}; pass an existing .toml file, e.g. configs/standard.toml")
+    if path.resolve() in seen:
+        raise ConfigError(f"{path}: 'extends' forms a cycle ({' -> '.join(map(str, seen))}); remove one 'extends'")
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc}); fix the syntax at that position") from None
+    base: dict[str, Any] = {}
+    parent = raw.pop("extends", None)
+    if parent is not None:
+        if not isinstance(parent, str):
+            raise ConfigError(f"{path}: 'extends' must be a file name string, got {parent!r}")
+        base = _read_chain(path.parent / parent, origins, seen + (path.resolve(),))
+    for section, values in raw.items():
+        if isinstance(values, dict):
+            for key in values:
+                origins[(section, key)] = path
+            base.setdefault(section, {})
+            if isinstance(base[section], dict):
+                base[section] = {**base[section], **values}
+                continue
+        origins[(section, "")] = path
+        base[section] = values
+    return base
+
+
+def _where(origins: dict, section: str, key: str, default: str) -> str:
+    path = origins.get((section, key)) or origins.get((section, ""))
+    if path is None:
+        return default
+    line = _find_line(path, key or section)
+    return f"{path}:{line}" if line else str(path)
+
+
+def _find_line(path: Path, key: str) -> int | None:
+    pattern = re.compile(rf"^\s*(\[)?{re.escape(key)}\s*(=|\])")
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if pattern.match(line):
+            return number
+    return None
+
+
+def _build(raw: dict[str, Any], origins: dict, source: str) -> Config:
+    problems: list[str] = []
+    sections: dict[str, Any] = {}
+    for section, values in raw.items():
+        where = _where(origins, section, "", source)
+        if section not in SECTIONS:
+            problems.append(f"{where}: unknown section [{section}]; known: {', '.join(SECTIONS)}")
+        elif not isinstance(values, dict):
+            problems.append(f"{where}: '{section}' must be a table [{section}], got {values!r}")
+    for section, cls in SECTIONS.items():
+        values = raw.get(section, {})
+        if not isinstance(values, dict):
+            continue
+        kwargs = {}
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        hints = typing.get_type_hints(cls)
+        for key, value in values.items():
+            where = _where(origins, section, key, source)
+            if key not in known:
+                near = _closest(key, known)
+                problems.append(f"{where}: unknown key '{key}' in [{section}]{near}; known: {', '.join(known)}")
+                continue
+            value, problem = _check_value(value, hints[key], known[key].metadata)
+            if problem:
+                problems.append(f"{where}: [{section}] {key} = {values[key]!r}: {problem}")
+            else:
+                kwargs[key] = value
+        if not problems:
+            sections[section] = cls(**kwargs)
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in {source}: " + "; ".join(problems))
+    config = Config(**sections, source=source)
+    _check_cross_section(config)
+    return config
+
+
+def _closest(key: str, known: dict) -> str:
+    import difflib
+
+    match = difflib.get_close_matches(key, list(known), n=1)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _check_value(value: Any, hint: Any, checks: typing.Mapping) -> tuple[Any, str | None]:
+    """Coerce a TOML value to the field's type; return (value, problem or None)."""
+    origin = typing.get_origin(hint)
+    if origin is tuple:
+        inner = typing.get_args(hint)[0]
+        if not isinstance(value, list):
+            return value, f"expected a list of {inner.__name__}"
+        items = []
+        for item in value:
+            item, problem = _check_scalar(item, inner, {})
+            if problem:
+                return value, f"list item {item!r}: {problem}"
+            items.append(item)
+        for item in items:
+            if "each_ge" in checks and item < checks["each_ge"]:
+                return value, f"every item must be >= {checks['each_ge']}"
+            if "each_le" in checks and item > checks["each_le"]:
+                return value, f"every item must be <= {checks['each_le']}"
+        return tuple(items), None
+    return _check_scalar(value, hint, checks)
+
+
+def _check_scalar(value: Any, hint: type, checks: typing.Mapping) -> tuple[Any, str | None]:
+    if hint is bool:
+        if not isinstance(value, bool):
+            return value, "expected true or false"
+    elif hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            return value, "expected an integer"
+    elif hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return value, "expected a number"
+        value = float(value)
+    elif hint is str:
+        if not isinstance(value, str):
+            return value, "expected a string"
+    if "choices" in checks and value not in checks["choices"]:
+        return value, f"must be one of {', '.join(map(repr, checks['choices']))}"
+    if "ge" in checks and value < checks["ge"]:
+        return value, f"must be >= {checks['ge']}"
+    if "gt" in checks and value <= checks["gt"]:
+        return value, f"must be > {checks['gt']}"
+    if "le" in checks and value > checks["le"]:
+        return value, f"must be <= {checks['le']}"
+    return value, None
+
+
+def _check_cross_section(config: Config) -> None:
+    """Checks that need more than one key at a time."""
+    t, m = config.testbed, config.model
+    problems = []
+    overlap = set(t.private_domains) & set(t.public_domains)
+    if overlap:
+        problems.append(f"[testbed] domains {sorted(overlap)} are both private and public; list each digit once")
+    if len(set(t.private_domains)) != len(t.private_domains):
+        problems.append("[testbed] private_domains lists a digit twice")
+    if not t.private_domains:
+        problems.append("[testbed] private_domains is empty; name at least one digit to audit")
+    if "{name}" not in t.caption:
+        problems.append("[testbed] caption must contain '{name}' so each domain has its own prompt")
+    for width in m.block_out_channels:
+        if width % m.norm_num_groups:
+            problems.append(f"[model] block_out_channels {width} is not divisible by norm_num_groups {m.norm_num_groups}")
+    if m.text_hidden_size % m.text_heads:
+        problems.append(f"[model] text_hidden_size {m.text_hidden_size} is not divisible by text_heads {m.text_heads}")
+    if any(step >= m.num_train_timesteps for step in config.report.loss_timesteps):
+        problems.append(f"[report] loss_timesteps must be < [model] num_train_timesteps ({m.num_train_timesteps})")
+    if problems:
+        raise ConfigError(f"{len(problems)} problem(s) in {config.source}: " + "; ".join(problems))

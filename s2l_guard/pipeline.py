@@ -1,0 +1,167 @@
+"""Stages that turn a config into cached artifacts: testbed -> pre-trained bundle -> memorization report.
+
+Each stage's cache key holds its own config section, the seed and the keys of
+the artifacts it consumes, so changing the report settings reuses the trained
+model, and changing the testbed retrains it.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .cache import Artifact, Store, content_key
+from .config import Config
+from .data import load_imagefolder
+from .figures import plot_nearest_members
+from .memorization import format_report, memorization_report
+from .model import build_testbed_bundle, load_bundle
+from .testbed import build_testbed
+from .training import TrainSettings, train
+
+
+def log(message: str) -> None:
+    print(f"[s2l-guard] {message}", flush=True)
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        from .errors import ConfigError
+
+        raise ConfigError("[run] device = 'cuda' but torch sees no CUDA device; use device = 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+def testbed_stage(store: Store, config: Config) -> Artifact:
+    spec = {"testbed": config.section("testbed"), "seed": config.run.seed}
+    artifact = store.get_or_build("testbed", spec, lambda folder, key: build_testbed(folder, config.testbed, config.run.seed))
+    log(f"testbed {'reused' if artifact.reused else 'built'}: {artifact.path}")
+    return artifact
+
+
+def pretrain_spec(config: Config, data_key: str) -> dict[str, Any]:
+    return {"model": config.section("model"), "pretrain": config.section("pretrain"), "seed": config.run.seed, "data": data_key}
+
+
+def _progress_lines(total: int, start: float):
+    """Without a terminal (logs, CI) tqdm stays silent; print a line every tenth instead."""
+    if sys.stderr.isatty():
+        return None
+    every = max(1, total // 10)
+
+    def report(step: int, loss: float) -> None:
+        if step % every == 0:
+            log(f"step {step}/{total}, loss {loss:.4f}, {time.perf_counter() - start:.0f} s")
+
+    return report
+
+
+def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.device) -> Artifact:
+    def build(folder: Path, key: str) -> None:
+        dataset = load_imagefolder(data.path)
+        bundle = build_testbed_bundle(
+            config.model, image_size=dataset.images.shape[-1], channels=dataset.images.shape[1], seed=config.run.seed
+        ).to(device)
+        images, captions = dataset.training_set()
+        p = config.pretrain
+        trainable = {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") or (p.train_text_encoder and n.startswith("text_encoder."))}
+        optimizer = torch.optim.AdamW(trainable.values(), lr=p.learning_rate, weight_decay=p.weight_decay)
+        settings = TrainSettings(p.steps, p.batch_size, p.caption_dropout, p.grad_clip, config.run.seed, p.checkpoint_every)
+        log(f"pre-training {sum(bundle.num_parameters().values()):,} parameters on {len(images)} images "
+            f"({len(set(captions))} captions) for {p.steps} steps at batch {p.batch_size} on {device}")  # fmt: skip
+        start = time.perf_counter()
+        result = train(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings,
+                       checkpoint_dir=store.workdir("bundle", key), description="pretrain",
+                       on_step=_progress_lines(p.steps, start))  # fmt: skip
+        seconds = time.perf_counter() - start
+        if result.resumed_from:
+            log(f"resumed from the checkpoint at step {result.resumed_from}")
+        bundle.save(folder)
+        losses = result.losses
+        summary = {
+            "parameters": bundle.num_parameters(),
+            "trainable_parameters": sum(q.numel() for q in trainable.values()),
+            "training_images": len(images),
+            "steps": p.steps,
+            "resumed_from": result.resumed_from,
+            "wall_seconds_this_process": round(seconds, 2),
+            "loss_first_50": sum(losses[:50]) / max(1, len(losses[:50])),
+            "loss_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])),
+            "device": str(device),
+            "torch": torch.__version__,
+        }
+        (folder / "training.json").write_text(json.dumps(summary, indent=2))
+
+    artifact = store.get_or_build("bundle", pretrain_spec(config, data.key), build)
+    log(f"pre-trained bundle {'reused' if artifact.reused else 'saved'}: {artifact.path}")
+    return artifact
+
+
+def memorization_stage(store: Store, config: Config, data: Artifact, bundle_art: Artifact, device: torch.device) -> Artifact:
+    def build(folder: Path, key: str) -> None:
+        dataset = load_imagefolder(data.path)
+        bundle = load_bundle(bundle_art.path, device=device)
+        log("measuring memorization (denoising loss and generations per private domain)")
+        report, examples = memorization_report(bundle, dataset, config.report, seed=config.run.seed)
+        (folder / "memorization.json").write_text(json.dumps(report, indent=2))
+        plot_nearest_members(examples, folder / "samples.png", delta=config.report.extraction_delta)
+
+    spec = {"report": config.section("report"), "seed": config.run.seed, "bundle": bundle_art.key, "data": data.key}
+    artifact = store.get_or_build("memorization", spec, build)
+    log(f"memorization report {'reused' if artifact.reused else 'computed'}: {artifact.path}")
+    return artifact
+
+
+@dataclass(frozen=True)
+class PretrainOutputs:
+    run_dir: Path
+    data: Artifact
+    bundle: Artifact
+    report: dict[str, Any]
+
+
+def run_pretrain(config: Config) -> PretrainOutputs:
+    """Build the testbed, pre-train on it, report memorization; write a run folder."""
+    start = time.perf_counter()
+    device = resolve_device(config.run.device)
+    store = Store(config.run.store)
+    data = testbed_stage(store, config)
+    bundle_art = pretrain_stage(store, config, data, device)
+    memo = memorization_stage(store, config, data, bundle_art, device)
+    report = json.loads((memo.path / "memorization.json").read_text())
+    training = json.loads((bundle_art.path / "training.json").read_text())
+
+    run_dir = Path(config.run.out_dir) / f"{config.name}-{content_key('run', config.to_dict())[:8]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    table = format_report(report)
+    results = {
+        "s2l_guard_version": __version__,
+        "config_source": config.source,
+        "config": config.to_dict(),
+        "artifacts": {"testbed": str(data.path), "bundle": str(bundle_art.path), "memorization": str(memo.path)},
+        "pretraining": training,
+        "memorization": report,
+        "python": platform.python_version(),
+        "wall_seconds": round(time.perf_counter() - start, 2),
+    }
+    (run_dir / "config.toml").write_text(config.to_toml())
+    (run_dir / "pretrain.json").write_text(json.dumps(results, indent=2))
+    (run_dir / "memorization.txt").write_text(config.to_toml() + "\n" + table + "\n")
+    (run_dir / "samples.png").write_bytes((memo.path / "samples.png").read_bytes())
+    print(table)
+    log(f"outputs in {run_dir}/ (pretrain.json, memorization.txt, samples.png, config.toml); "
+        f"model in {bundle_art.path}; took {results['wall_seconds']:.1f} s")  # fmt: skip
+    return PretrainOutputs(run_dir, data, bundle_art, report)
+

@@ -1,0 +1,106 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from s2l_guard.cache import MANIFEST, Store, content_key
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_keys_depend_on_every_input():
+    spec = {"a": 1, "b": [1, 2]}
+    assert content_key("x", spec) == content_key("x", {"b": [1, 2], "a": 1})  # key order does not matter
+    assert content_key("x", spec) != content_key("y", spec)
+    assert content_key("x", spec) != content_key("x", {"a": 2, "b": [1, 2]})
+
+
+def test_second_request_reuses_the_artifact(tmp_path):
+    store, calls = Store(tmp_path), []
+
+    def build(folder, key):
+        calls.append(key)
+        (folder / "data.txt").write_text("hello")
+
+    first = store.get_or_build("thing", {"n": 1}, build)
+    second = store.get_or_build("thing", {"n": 1}, build)
+    assert len(calls) == 1 and not first.reused and second.reused and first.path == second.path
+    assert (second.path / "data.txt").read_text() == "hello" and (second.path / MANIFEST).is_file()
+
+
+def test_failed_build_leaves_nothing_behind(tmp_path):
+    store = Store(tmp_path)
+
+    def build(folder, key):
+        (folder / "half.txt").write_text("half")
+        raise RuntimeError("crash mid-build")
+
+    with pytest.raises(RuntimeError):
+        store.get_or_build("thing", {"n": 1}, build)
+    assert store.find("thing", {"n": 1}) is None
+    assert not list((tmp_path / "tmp").iterdir()) and not (tmp_path / "thing").exists()
+
+
+def test_builds_abandoned_by_dead_processes_are_cleaned(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = tmp_path / "tmp" / f"thing-abc-{dead.pid}-deadbeef"
+    leftover.mkdir(parents=True)
+    Store(tmp_path)
+    assert not leftover.exists()
+
+
+def pretrain(store: Path, out: Path, config: Path, **popen):
+    code = (
+        "import sys; from s2l_guard.cli import main; "
+        f"sys.exit(main(['pretrain', '--config', {str(config)!r}]))"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
+
+
+def test_killed_pretrain_resumes_to_the_same_result(tmp_path):
+    """SIGKILL a pre-training after its first checkpoint; the rerun resumes and matches a clean run."""
+    config = tmp_path / "kill.toml"
+    config.write_text(
+        f'extends = "{ROOT / "configs" / "smoke.toml"}"\n[pretrain]\nsteps = 40\ncheckpoint_every = 5\n'
+        "[report]\nsamples_per_domain = 2\nsampler_steps = 2\n"
+    )
+    killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
+    killed_dir.mkdir()
+    clean_dir.mkdir()
+    proc = pretrain(tmp_path, killed_dir, config)
+    checkpoints = killed_dir / ".s2l-cache" / "work"
+    deadline = time.time() + 120
+    while not list(checkpoints.glob("bundle-*/checkpoint.pt")) and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.05)
+    assert proc.poll() is None, f"finished before it could be killed:\n{proc.stdout.read()}"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not list((killed_dir / ".s2l-cache").glob("bundle/*")), "a killed run left a bundle behind"
+
+    rerun = pretrain(tmp_path, killed_dir, config)
+    out, _ = rerun.communicate(timeout=300)
+    assert rerun.returncode == 0, out
+    assert "resumed from the checkpoint at step" in out
+    clean = pretrain(tmp_path, clean_dir, config)
+    clean_out, _ = clean.communicate(timeout=300)
+    assert clean.returncode == 0, clean_out
+
+    def weights(folder):
+        [bundle] = (folder / ".s2l-cache" / "bundle").iterdir()
+        return load_file(next((bundle / "unet").glob("*.safetensors")))
+
+    a, b = weights(killed_dir), weights(clean_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(checkpoints.iterdir()), "the finished build should drop its checkpoint"
+
+    again = pretrain(tmp_path, killed_dir, config)
+    out, _ = again.communicate(timeout=300)
+    assert "pre-trained bundle reused" in out and "memorization report reused" in out

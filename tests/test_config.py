@@ -1,0 +1,102 @@
+from pathlib import Path
+
+import pytest
+
+from s2l_guard.config import Config, load_config
+from s2l_guard.errors import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path, text, name="profile.toml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+@pytest.mark.parametrize("profile", ["smoke", "quick", "standard"])
+def test_shipped_profiles_load(profile):
+    config = load_config(CONFIGS / f"{profile}.toml")
+    assert config.source.endswith(f"{profile}.toml")
+
+
+def test_standard_profile_equals_builtin_defaults():
+    assert load_config(CONFIGS / "standard.toml") == Config()
+
+
+def test_extends_overrides_only_stated_keys():
+    quick, smoke = load_config(CONFIGS / "quick.toml"), load_config(CONFIGS / "smoke.toml")
+    assert smoke.pretrain.steps == 12 and quick.pretrain.steps == 600
+    assert smoke.pretrain.learning_rate == quick.pretrain.learning_rate  # inherited through the chain
+    assert smoke.report.guidance_scale == Config().report.guidance_scale
+
+
+def test_unknown_key_names_key_file_and_line(tmp_path):
+    path = write(tmp_path, "[pretrain]\nsteps = 10\nlearnig_rate = 0.1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    message = str(err.value)
+    assert "learnig_rate" in message and f"{path}:3" in message and "did you mean 'learning_rate'" in message
+
+
+def test_unknown_section(tmp_path):
+    with pytest.raises(ConfigError, match=r"unknown section \[pretrian\]"):
+        load_config(write(tmp_path, "[pretrian]\nsteps = 1\n"))
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ('[pretrain]\nsteps = "ten"\n', "expected an integer"),
+        ("[pretrain]\nsteps = 1.5\n", "expected an integer"),
+        ("[pretrain]\ntrain_text_encoder = 1\n", "expected true or false"),
+        ("[testbed]\nprivate_domains = 7\n", "expected a list of int"),
+        ("[testbed]\nprivate_domains = [7, 'x']\n", "expected an integer"),
+        ("[pretrain]\nsteps = 0\n", "must be >= 1"),
+        ("[testbed]\nduplicated_share = 1.5\n", "must be <= 1.0"),
+        ("[testbed]\nprivate_domains = [12]\n", "every item must be <= 9"),
+        ("[run]\ndevice = 'tpu'\n", "must be one of"),
+    ],
+)
+def test_wrong_types_and_ranges_name_the_key(tmp_path, text, fragment):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    key = text.split("\n")[1].split("=")[0].strip()
+    assert fragment in str(err.value) and key in str(err.value) and str(path) in str(err.value)
+
+
+def test_all_problems_reported_at_once(tmp_path):
+    path = write(tmp_path, "[pretrain]\nsteps = -1\nbatch_size = 'x'\nbogus = 1\n")
+    with pytest.raises(ConfigError, match=r"^3 problem\(s\)"):
+        load_config(path)
+
+
+def test_cross_section_checks(tmp_path):
+    with pytest.raises(ConfigError, match="both private and public"):
+        load_config(write(tmp_path, "[testbed]\nprivate_domains = [1]\npublic_domains = [1, 2]\n"))
+
+
+def test_bad_toml_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[pretrain\n"))
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.toml")
+
+
+def test_extends_cycle(tmp_path):
+    write(tmp_path, 'extends = "b.toml"\n', "a.toml")
+    write(tmp_path, 'extends = "a.toml"\n', "b.toml")
+    with pytest.raises(ConfigError, match="cycle"):
+        load_config(tmp_path / "a.toml")
+
+
+def test_resolved_toml_round_trips(tmp_path):
+    config = load_config(CONFIGS / "smoke.toml")
+    again = load_config(write(tmp_path, config.to_toml()))
+    assert again == config
+
+
+def test_config_is_frozen():
+    with pytest.raises(Exception):
+        Config().pretrain.steps = 3

@@ -1,0 +1,93 @@
+import pytest
+import torch
+
+from s2l_guard.errors import S2LError
+from s2l_guard.training import TrainSettings, denoising_losses, train
+from s2l_guard.testing import tiny_bundle
+
+
+def toy_data(n=16):
+    g = torch.Generator().manual_seed(0)
+    images = (torch.rand(n, 1, 8, 8, generator=g) > 0.5).float()
+    captions = ["a digit seven" if i % 2 else "a digit eight" for i in range(n)]
+    return images, captions
+
+
+def run(bundle, steps, names=("unet.",), checkpoint_dir=None, on_step=None, lr=1e-3):
+    images, captions = toy_data()
+    trainable = {n: p for n, p in bundle.named_parameters() if n.startswith(names)}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=lr)
+    settings = TrainSettings(steps=steps, batch_size=8, seed=5, checkpoint_every=3)
+    return train(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings,
+                 checkpoint_dir=checkpoint_dir, on_step=on_step)  # fmt: skip
+
+
+def snapshot(bundle):
+    return {n: p.detach().clone() for n, p in bundle.named_parameters()}
+
+
+def test_training_lowers_the_denoising_loss():
+    bundle = tiny_bundle()
+    images, captions = toy_data()
+    before = denoising_losses(bundle, images, captions, timesteps=[10, 50, 90], draws=2, seed=0).mean()
+    run(bundle, 80, lr=1e-2)
+    after = denoising_losses(bundle, images, captions, timesteps=[10, 50, 90], draws=2, seed=0).mean()
+    assert after < 0.85 * before
+
+
+@pytest.mark.parametrize("names", [("unet.",), ("text_encoder.",), ("unet.conv_out.",)])
+def test_only_trainable_parameters_change(names):
+    bundle = tiny_bundle()
+    before = snapshot(bundle)
+    run(bundle, 3, names=names)
+    changed = {n for n, p in bundle.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all(n.startswith(names) for n in changed)
+    assert not any(p.requires_grad for _, p in bundle.named_parameters())  # frozen again afterwards
+
+
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+    straight = tiny_bundle()
+    full = run(straight, 10)
+
+    class Killed(Exception):
+        pass
+
+    def die_at_7(step, loss):
+        if step == 7:
+            raise Killed
+
+    interrupted = tiny_bundle()
+    with pytest.raises(Killed):
+        run(interrupted, 10, checkpoint_dir=tmp_path, on_step=die_at_7)
+    resumed = tiny_bundle()  # a fresh process would start from the initial weights
+    result = run(resumed, 10, checkpoint_dir=tmp_path)
+    assert result.resumed_from == 6  # last checkpoint before the crash
+    assert result.losses == full.losses
+    for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
+        assert torch.equal(a, b), name
+
+
+def test_bad_inputs_are_errors():
+    bundle = tiny_bundle()
+    images, captions = toy_data()
+    trainable = dict(bundle.named_parameters())
+    optimizer = torch.optim.SGD(trainable.values(), lr=0.1)
+    with pytest.raises(S2LError, match="one caption per image"):
+        train(bundle, images, captions[:3], trainable=trainable, optimizer=optimizer, settings=TrainSettings(1, 2))
+    with pytest.raises(S2LError, match="not in the bundle"):
+        train(bundle, images, captions, trainable={"unet.nope": torch.nn.Parameter(torch.zeros(1))},
+              optimizer=optimizer, settings=TrainSettings(1, 2))  # fmt: skip
+
+
+def test_diverging_loss_stops_with_advice():
+    bundle = tiny_bundle()
+    with pytest.raises(S2LError, match="lower the learning rate"):
+        run(bundle, 30, lr=1e12)
+
+
+def test_denoising_losses_do_not_depend_on_batch_size():
+    bundle = tiny_bundle()
+    images, captions = toy_data()
+    a = denoising_losses(bundle, images, captions, timesteps=[5, 40], draws=2, seed=1, batch_size=16)
+    b = denoising_losses(bundle, images, captions, timesteps=[5, 40], draws=2, seed=1, batch_size=5)
+    assert torch.allclose(a, b, atol=1e-6)
