@@ -9,7 +9,6 @@ CONFIG ?= configs/standard.toml
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -c constraints-cpu.txt -e '.[test]'
 	touch $@
 

@@ -260,7 +260,7 @@ def _load_component(folder: Path, name: str, entry: list, trust_pickle: bool):
         if not has_safe and pickles and not trust_pickle:
             raise UnsafeWeightsError(
                 f"{sub} holds only pickle weights ({', '.join(pickles)}), which can run code when loaded; "
-                "convert them to safetensors, or pass --trust-pickle if you trust the source"
+                "convert them to safetensors, or load with trust_pickle=True (--trust-pickle) only if you trust the source"
             )
         if not has_safe and not pickles:
             raise BundleError(f"{sub} holds no weights (*.safetensors); the folder is incomplete")

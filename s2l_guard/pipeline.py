@@ -21,6 +21,7 @@ from . import __version__
 from .cache import Artifact, Store, content_key
 from .config import Config
 from .data import load_imagefolder
+from .errors import ConfigError
 from .figures import plot_nearest_members
 from .memorization import format_report, memorization_report
 from .model import build_testbed_bundle, load_bundle
@@ -33,14 +34,12 @@ def log(message: str) -> None:
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when torch sees it; naming an absent device is a config error."""
+    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
     if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        from .errors import ConfigError
-
-        raise ConfigError("[run] device = 'cuda' but torch sees no CUDA device; use device = 'auto' or 'cpu'")
+        return torch.device("cuda" if available["cuda"] else "cpu")
+    if not available.get(name, False):
+        raise ConfigError(f"[run] device = {name!r} but torch sees no such device; use device = 'auto' or 'cpu'")
     return torch.device(name)
 
 

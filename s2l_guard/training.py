@@ -136,13 +136,9 @@ def train(
     finally:
         bar.close()
         _set_train_mode(bundle, trainable, False)
-    for param in bundle_params(bundle):
+    for _, param in bundle.named_parameters():
         param.requires_grad_(False)
     return result
-
-
-def bundle_params(bundle: Bundle):
-    return (param for _, param in bundle.named_parameters())
 
 
 def _freeze_all_but(bundle: Bundle, trainable: Mapping[str, torch.nn.Parameter]) -> None:

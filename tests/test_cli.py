@@ -61,3 +61,13 @@ def test_pretrain_smoke_writes_a_run_and_reuses_artifacts(tmp_path, monkeypatch,
     assert main(["pretrain", "--config", SMOKE]) == 0
     second = capsys.readouterr().out
     assert "pre-trained bundle reused" in second and "memorization report reused" in second
+
+
+def test_absent_device_is_a_config_error(tmp_path, monkeypatch, capsys):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    monkeypatch.chdir(tmp_path)
+    assert main(["pretrain", "--config", SMOKE, "--device", "cuda"]) == 2
+    assert "device = 'cuda' but torch sees no such device" in capsys.readouterr().err
