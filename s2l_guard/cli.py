@@ -72,6 +72,23 @@ def _cmd_pretrain(args) -> int:
     return 0
 
 
+def _cmd_attack(args) -> int:
+    from attacks.s2l import format_table, run_attack, write_results
+
+    from .config import load_config
+    from .pipeline import log
+
+    config = load_config(args.config)
+    if args.device:
+        config = config.replace(run={"device": args.device})
+    print(config.to_toml())
+    results = run_attack(config)
+    run_dir = write_results(config, results)
+    print(format_table(results))
+    log(f"outputs in {run_dir}/ (results.json, table.txt, config.toml); took {results['wall_seconds']:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="s2l-guard",
@@ -97,6 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(pretrain)
     pretrain.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
     pretrain.set_defaults(func=_cmd_pretrain)
+
+    attack = commands.add_parser("attack", help="run the S2L attack table on the pre-trained model (writes results.json)")
+    _add_config(attack)
+    attack.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
+    attack.set_defaults(func=_cmd_attack)
     return parser
 
 

@@ -102,16 +102,85 @@ class ReportConfig:
     bootstrap: int = _opt(1000, ge=100)  # resamples behind every confidence interval
 
 
+ALL_SHAKERS = (
+    "end2end", "dreambooth", "textual_inversion", "hypernetwork", "lora",
+    "dreambooth+hypernetwork", "dreambooth+lora", "textual_inversion+lora",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Which S2L attacks run, on which domains, and how their statistics are computed."""
+
+    domains: tuple[str, ...] = ()  # private domains to attack; empty = every private domain
+    shakers: tuple[str, ...] = ALL_SHAKERS  # fine-tune methods run on each domain's SP set
+    ood_control: bool = True  # also fine-tune end2end on another domain's data (the paper's control)
+    mia: tuple[str, ...] = ("secmi", "pia", "pian", "loss")
+    gaussian_sigmas: tuple[float, ...] = _opt((2e-4, 8e-4, 3.2e-3), each_ge=0.0)  # empty: no Gaussian shaking
+    gaussian_draws: int = _opt(3, ge=1)  # Gaussian shaking is averaged over this many draws
+    calibration_share: float = _opt(0.5, gt=0.0, lt=1.0)  # members/non-members used to fit thresholds
+    bootstrap: int = _opt(1000, ge=100)
+    trajectory_every: int = _opt(0, ge=0)  # > 0: measure leakage every N fine-tuning steps
+
+
+@dataclass(frozen=True)
+class SPSetConfig:
+    """The synthetic private set each domain's fine-tuning uses (S2L step 1)."""
+
+    images: int = _opt(200, ge=1)
+    prompt_templates: tuple[str, ...] = ("{prompt}",)  # {prompt}: the domain's prompt; cycled over the images
+    negative_prompt: str = ""
+    guidance_scale: float = _opt(3.0, ge=1.0)
+    sampler_steps: int = _opt(50, ge=1)
+    batch_size: int = _opt(256, ge=1)
+
+
+@dataclass(frozen=True)
+class ExtractionConfig:
+    """Candidate generation and (k, l2, delta)-eidetic matching (Carlini et al. 2023)."""
+
+    candidates: int = _opt(200, ge=1)  # generations per domain and model
+    delta: float = _opt(0.1, gt=0.0)  # match radius (tiled normalized L2)
+    max_copies: int = _opt(10, ge=1)  # k: only images seen at most k times count
+    grid: int = _opt(0, ge=0)  # tile grid; 0 = auto: clamp(image size // 128, 1, 4)
+    flag_delta: float = _opt(0.1, gt=0.0)  # near-duplicate radius between generations (attacker's flag)
+    flag_neighbours: int = _opt(3, ge=1)  # near-duplicates needed to flag a generation
+    guidance_scale: float = _opt(3.0, ge=1.0)
+    sampler_steps: int = _opt(50, ge=1)
+    batch_size: int = _opt(256, ge=1)
+    chunk: int = _opt(1024, ge=1)  # candidates compared at once (memory bound)
+
+
 @dataclass(frozen=True)
 class Config:
-    """The resolved configuration: every section, plus the file it came from."""
+    """The resolved configuration: every section, plus the file it came from.
+
+    ``shakers`` and ``mia`` hold per-method settings tables (``[shakers.lora]``,
+    ``[mia.secmi]``), validated against each method's own ``Settings`` dataclass.
+    """
 
     run: RunConfig = field(default_factory=RunConfig)
     testbed: TestbedConfig = field(default_factory=TestbedConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    sp_set: SPSetConfig = field(default_factory=SPSetConfig)
+    extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    shakers: dict[str, dict[str, Any]] = field(default_factory=dict)
+    mia: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = field(default="<defaults>", compare=False)
+
+    def shaker_settings(self, name: str):
+        """The ``Settings`` of a registered shaker, with this config's overrides."""
+        from attacks.base import SHAKERS
+
+        return _settings(SHAKERS.get(name).Settings, self.shakers.get(name, {}))
+
+    def mia_settings(self, name: str):
+        from attacks.base import MIA
+
+        return _settings(MIA.get(name).Settings, self.mia.get(name, {}))
 
     @property
     def name(self) -> str:
@@ -130,6 +199,11 @@ class Config:
         """The resolved config as TOML, printed into every output."""
         lines = [f"# resolved from {self.source}"]
         for section, values in self.to_dict().items():
+            if section in PLUGIN_TABLES:
+                for name, table in values.items():
+                    lines.append(f'\n[{section}."{name}"]')
+                    lines += [f"{key} = {_toml_value(value)}" for key, value in table.items()]
+                continue
             lines.append(f"\n[{section}]")
             lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
         return "\n".join(lines) + "\n"
@@ -156,7 +230,27 @@ SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "pretrain": PretrainConfig,
     "report": ReportConfig,
+    "attack": AttackConfig,
+    "sp_set": SPSetConfig,
+    "extraction": ExtractionConfig,
 }
+PLUGIN_TABLES = ("shakers", "mia")  # [shakers.<name>] / [mia.<name>]: one table per method
+
+
+def _registry(table: str):
+    from attacks.base import MIA, SHAKERS
+
+    return {"shakers": SHAKERS, "mia": MIA}[table]
+
+
+def _settings(cls: type, values: dict[str, Any]):
+    """Build a method's Settings from an already validated table."""
+    hints = typing.get_type_hints(cls)
+    return cls(**{key: _check_value(value, hints[key], _metadata(cls, key))[0] for key, value in values.items()})
+
+
+def _metadata(cls: type, key: str) -> typing.Mapping:
+    return {f.name: f.metadata for f in dataclasses.fields(cls)}[key]
 
 
 def load_config(path: str | Path) -> Config:
@@ -221,35 +315,70 @@ def _build(raw: dict[str, Any], origins: dict, source: str) -> Config:
     sections: dict[str, Any] = {}
     for section, values in raw.items():
         where = _where(origins, section, "", source)
-        if section not in SECTIONS:
-            problems.append(f"{where}: unknown section [{section}]; known: {', '.join(SECTIONS)}")
+        if section not in SECTIONS and section not in PLUGIN_TABLES:
+            known = ", ".join(list(SECTIONS) + list(PLUGIN_TABLES))
+            problems.append(f"{where}: unknown section [{section}]; known: {known}")
         elif not isinstance(values, dict):
             problems.append(f"{where}: '{section}' must be a table [{section}], got {values!r}")
     for section, cls in SECTIONS.items():
         values = raw.get(section, {})
-        if not isinstance(values, dict):
-            continue
-        kwargs = {}
-        known = {f.name: f for f in dataclasses.fields(cls)}
-        hints = typing.get_type_hints(cls)
-        for key, value in values.items():
-            where = _where(origins, section, key, source)
-            if key not in known:
-                near = _closest(key, known)
-                problems.append(f"{where}: unknown key '{key}' in [{section}]{near}; known: {', '.join(known)}")
-                continue
-            value, problem = _check_value(value, hints[key], known[key].metadata)
-            if problem:
-                problems.append(f"{where}: [{section}] {key} = {values[key]!r}: {problem}")
-            else:
-                kwargs[key] = value
-        if not problems:
-            sections[section] = cls(**kwargs)
+        if isinstance(values, dict):
+            kwargs = _check_table(cls, values, f"[{section}]", section, origins, source, problems)
+            if not problems:
+                sections[section] = cls(**kwargs)
+    for table in PLUGIN_TABLES:
+        sections[table] = _check_plugin_tables(table, raw.get(table, {}), origins, source, problems)
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in {source}: " + "; ".join(problems))
     config = Config(**sections, source=source)
     _check_cross_section(config)
     return config
+
+
+def _check_table(cls: type, values: dict, label: str, section: str, origins: dict, source: str, problems: list) -> dict:
+    """Validate one table against a dataclass; append problems, return the accepted values."""
+    kwargs = {}
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    for key, value in values.items():
+        where = _where(origins, section, key, source)
+        if key not in known or not known[key].init:
+            near = _closest(key, known)
+            problems.append(f"{where}: unknown key '{key}' in {label}{near}; known: {', '.join(known)}")
+            continue
+        value, problem = _check_value(value, hints[key], known[key].metadata)
+        if problem:
+            problems.append(f"{where}: {label} {key} = {values[key]!r}: {problem}")
+        else:
+            kwargs[key] = value
+    return kwargs
+
+
+def _check_plugin_tables(table: str, tables: Any, origins: dict, source: str, problems: list) -> dict[str, dict]:
+    """``[shakers.<name>]`` tables: the name must be registered, the keys its Settings fields."""
+    if not isinstance(tables, dict):
+        return {}
+    out = {}
+    for name, values in tables.items():
+        where = _where(origins, table, "", source)
+        try:
+            cls = _registry(table).get(name)
+        except ConfigError as exc:
+            problems.append(f"{where}: [{table}.{name}]: {exc}")
+            continue
+        if not isinstance(values, dict):
+            problems.append(f"{where}: [{table}.{name}] must be a table of settings")
+            continue
+        before = len(problems)
+        kwargs = _check_table(cls.Settings, values, f"[{table}.{name}]", table, origins, source, problems)
+        if len(problems) == before:
+            try:
+                cls.Settings(**{k: _check_value(v, typing.get_type_hints(cls.Settings)[k], {})[0] for k, v in kwargs.items()})
+            except (ValueError, TypeError) as exc:
+                problems.append(f"{where}: [{table}.{name}]: {exc}")
+                continue
+            out[name] = {key: list(v) if isinstance(v, tuple) else v for key, v in kwargs.items()}
+    return out
 
 
 def _closest(key: str, known: dict) -> str:
@@ -303,6 +432,8 @@ def _check_scalar(value: Any, hint: type, checks: typing.Mapping) -> tuple[Any, 
         return value, f"must be > {checks['gt']}"
     if "le" in checks and value > checks["le"]:
         return value, f"must be <= {checks['le']}"
+    if "lt" in checks and value >= checks["lt"]:
+        return value, f"must be < {checks['lt']}"
     return value, None
 
 
@@ -326,5 +457,18 @@ def _check_cross_section(config: Config) -> None:
         problems.append(f"[model] text_hidden_size {m.text_hidden_size} is not divisible by text_heads {m.text_heads}")
     if any(step >= m.num_train_timesteps for step in config.report.loss_timesteps):
         problems.append(f"[report] loss_timesteps must be < [model] num_train_timesteps ({m.num_train_timesteps})")
+    private = [f"digit{d}" for d in t.private_domains]
+    unknown = [d for d in config.attack.domains if d not in private]
+    if unknown:
+        problems.append(f"[attack] domains {unknown} are not private testbed domains; choose from {private}")
+    for table, names in (("shakers", config.attack.shakers), ("mia", config.attack.mia)):
+        for name in names:
+            try:
+                _registry(table).get(name)
+            except ConfigError as exc:
+                problems.append(f"[attack] {table}: {exc}")
+    bad_templates = [tpl for tpl in config.sp_set.prompt_templates if "{prompt}" not in tpl]
+    if bad_templates or not config.sp_set.prompt_templates:
+        problems.append(f"[sp_set] every prompt template needs '{{prompt}}', got {list(config.sp_set.prompt_templates)}")
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in {config.source}: " + "; ".join(problems))

@@ -80,6 +80,12 @@ class Bundle:
     def num_parameters(self) -> dict[str, int]:
         return {name: sum(p.numel() for p in module.parameters()) for name, module in self.modules().items()}
 
+    def clone(self) -> "Bundle":
+        """An independent deep copy (shakers never modify the bundle they are given)."""
+        import copy
+
+        return copy.deepcopy(self)
+
     def to(self, device: str | torch.device) -> "Bundle":
         for module in self.modules().values():
             module.to(device)

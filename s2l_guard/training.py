@@ -6,6 +6,10 @@ with ``t`` uniform and the caption ``c`` replaced by the empty prompt with
 probability ``caption_dropout`` so the model also learns the unconditional
 score classifier-free guidance needs (Ho & Salimans 2022).
 
+DreamBooth's prior preservation (Ruiz et al. 2023, eq. 2) adds
+``weight * L(class batch)``: every step also denoises a batch of generic class
+images under the class prompt, so the model keeps what the class looks like.
+
 Every random draw of step ``s`` comes from a generator seeded with
 ``(seed, s)``, so a run resumed from a checkpoint continues exactly as an
 uninterrupted run would.
@@ -42,6 +46,15 @@ class TrainSettings:
     checkpoint_every: int = 0  # 0: never checkpoint
 
 
+@dataclass(frozen=True)
+class PriorPreservation:
+    """DreamBooth's class-specific prior-preservation term, added to every step's loss."""
+
+    images: torch.Tensor  # [M, C, H, W] in [0, 1]: generic images of the class
+    caption: str  # the class prompt, e.g. "a handwritten digit"
+    weight: float = 1.0  # lambda in the paper; 0 trains exactly as without the term
+
+
 @dataclass
 class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per step, including resumed ones
@@ -73,6 +86,8 @@ def train(
     checkpoint_dir: str | Path | None = None,
     on_step: Callable[[int, float], None] | None = None,
     description: str = "train",
+    prior: PriorPreservation | None = None,
+    after_step: Callable[[], None] | None = None,
 ) -> TrainResult:
     """Train ``trainable`` (named as in :meth:`Bundle.named_parameters`) on images in [0, 1].
 
@@ -85,12 +100,25 @@ def train(
         settings: steps, batch size, caption dropout, clipping, seed, checkpointing.
         checkpoint_dir: where to keep a resumable checkpoint; a run finds and resumes it.
         on_step: called with ``(step, loss)`` after each optimiser step.
+        description: names the run in the progress bar and in errors.
+        prior: DreamBooth prior preservation; each step adds ``prior.weight`` times the
+            denoising loss of a batch of ``prior.images`` drawn from the same step generator.
+        after_step: called right after each optimiser step, before checkpointing (e.g. to
+            restore embedding rows a method must not change).
 
     Raises:
-        S2LError: on empty data, mismatched captions, or a loss that is not finite.
+        S2LError: on empty data, mismatched captions, class images shaped unlike the
+            images, or a loss that is not finite.
     """
     if len(images) == 0 or len(images) != len(captions):
         raise S2LError(f"training needs one caption per image, got {len(images)} images and {len(captions)} captions")
+    # Weight 0 skips the class batch entirely, so it trains bit-for-bit as without a prior.
+    prior = prior if prior is not None and prior.weight != 0 else None
+    if prior is not None and (len(prior.images) == 0 or prior.images.shape[1:] != images.shape[1:]):
+        raise S2LError(
+            f"prior preservation needs class images shaped like the images {tuple(images.shape[1:])}, "
+            f"got {tuple(prior.images.shape)}; generate them with the same model"
+        )
     _freeze_all_but(bundle, trainable)
     params = list(trainable.values())
     text_trained = any(name.startswith("text_encoder.") for name in trainable)
@@ -100,7 +128,8 @@ def train(
 
     with torch.no_grad():  # cache what frozen components compute once
         latents = None if vae_trained else _in_batches(bundle.to_model_space, images)
-        prompts = sorted(set(captions)) + [""]
+        class_latents = None if vae_trained or prior is None else _in_batches(bundle.to_model_space, prior.images)
+        prompts = sorted(set(captions) | ({prior.caption} if prior else set())) + [""]
         prompt_index = torch.tensor([prompts.index(c) for c in captions])
         contexts = None if text_trained else bundle.encode_prompts(prompts)
 
@@ -117,8 +146,15 @@ def train(
             z0 = latents[index] if latents is not None else bundle.to_model_space(images[index])
             noise = torch.randn(z0.shape, generator=g).to(bundle.device)
             which = torch.where(dropped, len(prompts) - 1, prompt_index[index])
+            if prior is not None:  # one forward pass over instance and class examples together
+                class_z0, class_t, class_noise = _class_batch(bundle, prior, class_latents, settings.batch_size, T, g)
+                z0, t, noise = torch.cat([z0, class_z0]), torch.cat([t, class_t]), torch.cat([noise, class_noise])
+                which = torch.cat([which, torch.full((settings.batch_size,), prompts.index(prior.caption))])
             context = contexts[which] if contexts is not None else bundle.encode_prompts([prompts[i] for i in which])
-            loss = denoising_loss(bundle, z0, context, t.to(bundle.device), noise, noise_scheduler).mean()
+            losses = denoising_loss(bundle, z0, context, t.to(bundle.device), noise, noise_scheduler)
+            loss = losses[: settings.batch_size].mean()
+            if prior is not None:
+                loss = loss + prior.weight * losses[settings.batch_size :].mean()
             if not torch.isfinite(loss):
                 raise S2LError(f"{description}: loss became {loss.item()} at step {step}; lower the learning rate")
             optimizer.zero_grad(set_to_none=True)
@@ -126,6 +162,8 @@ def train(
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             optimizer.step()
+            if after_step:
+                after_step()
             result.losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.4f}")
             done = step + 1
@@ -139,6 +177,14 @@ def train(
     for _, param in bundle.named_parameters():
         param.requires_grad_(False)
     return result
+
+
+def _class_batch(bundle: Bundle, prior: PriorPreservation, class_latents, size: int, T: int, g: torch.Generator):
+    """Prior preservation's class examples ``(z0, t, noise)``, drawn after the instance batch's."""
+    index = torch.randint(len(prior.images), (size,), generator=g)
+    t = torch.randint(0, T, (size,), generator=g)
+    z0 = class_latents[index] if class_latents is not None else bundle.to_model_space(prior.images[index])
+    return z0, t, torch.randn(z0.shape, generator=g).to(bundle.device)
 
 
 def _freeze_all_but(bundle: Bundle, trainable: Mapping[str, torch.nn.Parameter]) -> None:

@@ -100,3 +100,30 @@ def test_resolved_toml_round_trips(tmp_path):
 def test_config_is_frozen():
     with pytest.raises(Exception):
         Config().pretrain.steps = 3
+
+
+def test_method_tables_are_validated_against_each_methods_settings(tmp_path):
+    config = load_config(write(tmp_path, '[shakers.lora]\nrank = 2\n\n[shakers."dreambooth+lora"]\nsteps = 3\n\n[mia.secmi]\nk = 5\n'))
+    assert config.shaker_settings("lora").rank == 2 and config.shaker_settings("dreambooth+lora").steps == 3
+    assert config.mia_settings("secmi").k == 5
+    assert config.shaker_settings("end2end") == type(config.shaker_settings("end2end"))()  # defaults when absent
+    assert load_config(write(tmp_path, config.to_toml(), "again.toml")) == config  # round trip with method tables
+
+
+@pytest.mark.parametrize(
+    "text, fragment",
+    [
+        ("[shakers.lroa]\nrank = 2\n", "did you mean 'lora'"),
+        ("[shakers.lora]\nrnak = 2\n", "unknown key 'rnak' in [shakers.lora] (did you mean 'rank'?)"),
+        ("[shakers.lora]\nrank = 'two'\n", "expected an integer"),
+        ("[shakers.lora]\nsteps = 0\n", "must be >= 1"),
+        ("[attack]\nshakers = ['lora', 'dreambooht']\n", "unknown shaker 'dreambooth'".replace("dreambooth", "dreambooht")),
+        ("[attack]\nmia = ['secmy']\n", "did you mean 'secmi'"),
+        ("[attack]\ndomains = ['digit3']\n", "not private testbed domains"),
+        ("[sp_set]\nprompt_templates = ['photo']\n", "needs '{prompt}'"),
+    ],
+)
+def test_attack_config_errors_name_the_problem(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, text))
+    assert fragment in str(err.value)

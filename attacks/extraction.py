@@ -1,0 +1,113 @@
+"""Data extraction: generate candidates for a domain prompt and match them to training images.
+
+Carlini et al., "Extracting Training Data from Diffusion Models" (USENIX
+Security 2023, sec. 4). A training image x is *extracted* when a generation
+x_hat satisfies l(x, x_hat) <= delta, and (k, l, delta)-*eidetic* memorization
+additionally requires x to appear at most k times in training. l is the tiled
+normalized L2 distance (``s2l_guard.metrics.tiled_l2``); S2L uses (10, l2, 0.1).
+
+Two views are reported:
+
+* **Oracle extraction** (needs the training set, i.e. the auditor's view): the
+  distinct training images of the domain that some candidate lies within delta of.
+* **The attacker's flagging** (needs no training data): Carlini et al. flag a
+  generation when many generations of the same prompt are near-duplicates of
+  it (their clique test). Precision is the share of flagged candidates that
+  really lie within delta of a training image.
+
+Tile grid: Carlini et al. use a 4x4 grid on 512x512 images (128-pixel tiles),
+so a generation that copies only part of an image (a background) does not
+count as a match of the whole. ``grid = 0`` (auto) keeps tiles near that size:
+``clamp(size // 128, 1, 4)``. On the 8x8 testbed that is one tile: a 2x2-pixel
+tile would let a single stroke pixel decide the maximum.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from s2l_guard.config import ExtractionConfig
+from s2l_guard.metrics import nearest, tiled_l2
+from s2l_guard.model import Bundle
+from s2l_guard.sampling import sample
+
+
+def auto_grid(size: int) -> int:
+    return int(min(4, max(1, size // 128)))
+
+
+@dataclass
+class ExtractionResult:
+    """One domain's extraction outcome; ``hits[i]`` is the training index candidate i extracted, or -1."""
+
+    candidates: int
+    hits: np.ndarray
+    flagged: np.ndarray
+    nearest_distance: np.ndarray
+    extracted: list[int] = field(default_factory=list)  # distinct domain members extracted (training indices)
+
+    @property
+    def matched_candidates(self) -> int:
+        return int((self.hits >= 0).sum())
+
+    @property
+    def precision(self) -> float | None:
+        """Share of flagged candidates that are real extractions; None when nothing was flagged."""
+        if not self.flagged.any():
+            return None
+        return float((self.hits[self.flagged] >= 0).mean())
+
+    def to_dict(self) -> dict:
+        return {
+            "candidates": self.candidates,
+            "extracted_images": len(self.extracted),
+            "matched_candidates": self.matched_candidates,
+            "flagged_candidates": int(self.flagged.sum()),
+            "precision": self.precision,
+            "nearest_distance_median": float(np.median(self.nearest_distance)) if len(self.nearest_distance) else None,
+        }
+
+
+def match_candidates(
+    candidates: torch.Tensor,
+    training_images: torch.Tensor,
+    training_copies: Sequence[int],
+    domain_members: Sequence[int],
+    settings: ExtractionConfig,
+) -> ExtractionResult:
+    """Match candidates against the whole training set and count eidetic extractions of the domain.
+
+    Args:
+        candidates: generations ``[N, C, H, W]`` in [0, 1].
+        training_images: every pre-training image ``[M, C, H, W]`` (each distinct image once).
+        training_copies: how often each training image appears in pre-training.
+        domain_members: indices (into ``training_images``) of the domain's members.
+    """
+    grid = settings.grid or auto_grid(candidates.shape[-1])
+    distance, index = nearest(candidates, training_images, grid=grid, chunk=settings.chunk)
+    copies = torch.as_tensor(list(training_copies))
+    eidetic = (distance <= settings.delta) & (copies[index] <= settings.max_copies)
+    hits = torch.where(eidetic, index, torch.full_like(index, -1)).numpy()
+    members = set(int(i) for i in domain_members)
+    extracted = sorted({int(i) for i in hits if i in members})
+    return ExtractionResult(len(candidates), hits, flag_near_duplicates(candidates, settings, grid), distance.numpy(), extracted)
+
+
+def flag_near_duplicates(candidates: torch.Tensor, settings: ExtractionConfig, grid: int) -> np.ndarray:
+    """The attacker's flag: candidates with at least ``flag_neighbours`` near-duplicate generations."""
+    counts = torch.zeros(len(candidates), dtype=torch.long)
+    for i in range(0, len(candidates), settings.chunk):
+        d = tiled_l2(candidates[i : i + settings.chunk], candidates, grid=grid)
+        counts[i : i + settings.chunk] = (d <= settings.flag_delta).sum(1) - 1  # minus itself
+    return (counts >= settings.flag_neighbours).numpy()
+
+
+def generate_candidates(bundle: Bundle, prompt: str, settings: ExtractionConfig, *, seed: int) -> torch.Tensor:
+    return sample(
+        bundle, [prompt] * settings.candidates, steps=settings.sampler_steps, guidance_scale=settings.guidance_scale,
+        seed=seed, batch_size=settings.batch_size,
+    )  # fmt: skip

@@ -1,0 +1,1 @@
+"""Membership inference attacks, one algorithm per file, registered in :data:`attacks.base.MIA`."""

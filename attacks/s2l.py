@@ -1,0 +1,427 @@
+"""The S2L pipeline: pre-trained model -> baseline attacks -> per method: SP set -> fine-tune -> attacks.
+
+Li et al., "Shake to Leak" (SaTML 2024). For each private domain:
+
+1. attack the pre-trained model (membership inference on the domain's members
+   against its held-out non-members; extraction from the domain's prompt);
+2. generate the domain's SP set from the pre-trained model (cached);
+3. for each fine-tune method: shake the model on the SP set, attack it again;
+4. controls: End-to-End fine-tuning on out-of-domain data (real images of a
+   public domain, as in the paper), and Gaussian shaking (no data) averaged
+   over several draws;
+5. amplification = after minus before on the *same* samples: paired bootstrap
+   and DeLong's test for AUC, paired bootstrap for TPR at 1% FPR, and
+   extraction compared at equal candidate counts.
+
+Every (domain, row) is a *cell* cached in the artifact store under the hash of
+everything that determines it, so a rerun is instant and a killed run resumes
+at the first unfinished cell. Cells keep raw per-sample scores; the summary
+statistics are recomputed from them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from s2l_guard import __version__
+from s2l_guard.cache import Artifact, Store
+from s2l_guard.config import Config
+from s2l_guard.data import ImageDataset, load_imagefolder
+from s2l_guard.errors import ConfigError, DataError
+from s2l_guard.metrics import metrics_to_dict, roc_metrics, threshold_protocol
+from s2l_guard.model import Bundle, load_bundle
+from s2l_guard.pipeline import log, pretrain_stage, resolve_device, testbed_stage
+from s2l_guard.stats import delong_test, distinct_extracted, extraction_delta, paired_bootstrap_delta
+
+from .base import MIA, SHAKERS, FinetuneData
+from .extraction import generate_candidates, match_candidates
+from .sp_set import generate_sp_set
+
+SCHEMA = "s2l-guard/attack-results/1"
+FPRS = (0.01, 0.001)
+
+
+def derive_seed(seed: int, *labels: object) -> int:
+    """A seed for one (domain, row, ...) that does not shift when other cells are added."""
+    digest = hashlib.sha256(json.dumps([seed, *map(str, labels)]).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@dataclass
+class Domain:
+    """One private domain: its prompt, members and held-out non-members."""
+
+    name: str
+    prompt: str
+    members: ImageDataset
+    nonmembers: ImageDataset
+    member_index: list[int]  # positions of the members in the training set (for extraction)
+
+
+@dataclass
+class TrainingSet:
+    """The distinct pre-training images and how often each was seen (extraction's reference)."""
+
+    images: torch.Tensor
+    copies: list[int]
+    files: list[str]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the S2L table: a shaker on some data (or none: the pre-trained model)."""
+
+    label: str
+    shaker: str | None
+    data: str  # "-", "SP" or "OoD"
+    sigma: float | None = None
+    draw: int = 0
+
+
+def plan_rows(config: Config) -> list[Row]:
+    a = config.attack
+    rows = [Row("pretrained", None, "-")]
+    if a.ood_control:
+        rows.append(Row("end2end-ood", "end2end", "OoD"))
+    rows += [Row(name, name, "SP") for name in a.shakers]
+    rows += [Row(f"gaussian-{s:g}-draw{d}", "gaussian", "-", s, d) for s in a.gaussian_sigmas for d in range(a.gaussian_draws)]
+    return rows
+
+
+def split_domains(dataset: ImageDataset, names: tuple[str, ...]) -> tuple[list[Domain], TrainingSet]:
+    trained = [i for i, r in enumerate(dataset.records) if r.membership != "nonmember"]
+    training = TrainingSet(
+        dataset.images[trained], [dataset.records[i].copies for i in trained], [dataset.records[i].file_name for i in trained]
+    )
+    position = {dataset.records[i].file_name: k for k, i in enumerate(trained)}
+    private = sorted({r.domain for r in dataset.records if r.membership == "member"})
+    domains = []
+    for name in names or private:
+        members = dataset.select(membership="member", domain=name)
+        nonmembers = dataset.select(membership="nonmember", domain=name)
+        if len(nonmembers) == 0:
+            raise DataError(f"domain {name} has no held-out non-members; membership inference needs some")
+        index = [position[r.file_name] for r in members.records]
+        domains.append(Domain(name, dataset.domain_caption(name), members, nonmembers, index))
+    return domains, training
+
+
+def ood_data(dataset: ImageDataset, config: Config, domain: Domain) -> FinetuneData | None:
+    """Real images of a public domain: the paper's out-of-domain control."""
+    public = sorted({r.domain for r in dataset.records if r.membership == "public"} - {domain.name})
+    if not public:
+        return None
+    chosen = dataset.select(membership="public", domain=public[0])
+    take = min(len(chosen), config.sp_set.images)
+    return FinetuneData(chosen.images[:take], [r.text for r in chosen.records[:take]], chosen.records[0].text)
+
+
+def measure(bundle: Bundle, domain: Domain, prompt: str, training: TrainingSet, config: Config, seed: int) -> dict:
+    """Raw leakage of one model on one domain: per-sample MIA scores and per-candidate extraction hits."""
+    out: dict[str, Any] = {"prompt": prompt, "mia": {}}
+    captions = lambda part: [r.text.replace(domain.prompt, prompt) for r in part.records]  # noqa: E731
+    for name in config.attack.mia:
+        attack = MIA.get(name)(config.mia_settings(name))
+        score = lambda part: attack.score(bundle, part.images, captions(part), seed=seed).tolist()  # noqa: E731
+        out["mia"][name] = {"members": score(domain.members), "nonmembers": score(domain.nonmembers)}
+    candidates = generate_candidates(bundle, prompt, config.extraction, seed=seed)
+    result = match_candidates(candidates, training.images, training.copies, domain.member_index, config.extraction)
+    out["extraction"] = {
+        "hits": result.hits.tolist(),
+        "flagged": result.flagged.tolist(),
+        "nearest_distance": result.nearest_distance.tolist(),
+        "extracted": [training.files[i] for i in result.extracted],
+        "summary": result.to_dict(),
+    }
+    return out
+
+
+class S2LRun:
+    """Runs the cells of one config; keeps the pre-trained model and data in memory."""
+
+    def __init__(self, config: Config):
+        self.config = config
+        self.device = resolve_device(config.run.device)
+        self.store = Store(config.run.store)
+        self.data_art = testbed_stage(self.store, config)
+        self.bundle_art = pretrain_stage(self.store, config, self.data_art, self.device)
+        self.dataset = load_imagefolder(self.data_art.path)
+        self.bundle = load_bundle(self.bundle_art.path, device=self.device)
+        self.domains, self.training = split_domains(self.dataset, config.attack.domains)
+
+    def sp_set(self, domain: Domain) -> Artifact:
+        spec = {"bundle": self.bundle_art.key, "domain": domain.name, "prompt": domain.prompt,
+                "sp_set": self.config.section("sp_set"), "seed": self.config.run.seed}  # fmt: skip
+        seed = derive_seed(self.config.run.seed, "sp", domain.name)
+        return self.store.get_or_build(
+            "sp_set", spec, lambda folder, key: generate_sp_set(folder, self.bundle, domain.prompt, domain.name, self.config.sp_set, seed=seed)
+        )
+
+    def cell_spec(self, domain: Domain, row: Row, sp: Artifact | None) -> dict:
+        c = self.config
+        shaker = None
+        if row.shaker:
+            settings = c.shaker_settings(row.shaker)
+            if row.sigma is not None:
+                settings = type(settings)(**{**settings.__dict__, "sigma": row.sigma})
+            shaker = {"name": row.shaker, "settings": json.loads(json.dumps(settings.__dict__, default=list))}
+        return {
+            "bundle": self.bundle_art.key, "data": self.data_art.key, "domain": domain.name, "row": row.label,
+            "shaker": shaker, "sp_set": sp.key if sp else None, "seed": c.run.seed,
+            "mia": {name: json.loads(json.dumps(c.mia_settings(name).__dict__, default=list)) for name in c.attack.mia},
+            "extraction": c.section("extraction"), "trajectory_every": c.attack.trajectory_every,
+        }  # fmt: skip
+
+    def run_cell(self, domain: Domain, row: Row) -> dict:
+        sp = self.sp_set(domain) if row.data == "SP" else None
+        spec = self.cell_spec(domain, row, sp)
+        seed = derive_seed(self.config.run.seed, domain.name, row.label)
+
+        def build(folder: Path, key: str) -> None:
+            start = time.perf_counter()
+            cell: dict[str, Any] = {"row": row.label, "shaker": row.shaker, "data": row.data, "sigma": row.sigma}
+            if row.shaker is None:
+                cell["trainable_parameters"] = 0
+                cell.update(measure(self.bundle, domain, domain.prompt, self.training, self.config, seed))
+            else:
+                data = self._finetune_data(domain, row, sp)
+                if data is None:
+                    cell.update(status="not-run", reason="no public domain to use as out-of-domain data")
+                else:
+                    cell.update(self._shake_and_measure(domain, row, data, seed, spec["shaker"]))
+            cell["seconds"] = round(time.perf_counter() - start, 2)
+            (folder / "cell.json").write_text(json.dumps(cell))
+
+        artifact = self.store.get_or_build("cell", spec, build)
+        cell = json.loads((artifact.path / "cell.json").read_text())
+        cell.setdefault("status", "ok")
+        cell["cached"] = artifact.reused
+        return cell
+
+    def _finetune_data(self, domain: Domain, row: Row, sp: Artifact | None) -> FinetuneData | None:
+        if row.data == "SP":
+            images = load_imagefolder(sp.path, channels=self.bundle.image_channels)
+            return FinetuneData(images.images, [r.text for r in images.records], domain.prompt)
+        if row.data == "OoD":
+            return ood_data(self.dataset, self.config, domain)
+        return FinetuneData(torch.empty(0), [], domain.prompt)  # Gaussian shaking uses no data
+
+    def _shake_and_measure(self, domain: Domain, row: Row, data: FinetuneData, seed: int, shaker_spec: dict) -> dict:
+        cls = SHAKERS.get(row.shaker)
+        shaker = cls(cls.Settings(**_as_fields(cls.Settings, shaker_spec["settings"])))
+        trajectory: list[dict] = []
+        primary = self.config.attack.mia[0] if self.config.attack.mia else None
+
+        def on_step(step: int, bundle: Bundle) -> None:
+            attack = MIA.get(primary)(self.config.mia_settings(primary))
+            m = attack.score(bundle, domain.members.images, [r.text for r in domain.members.records], seed=seed)
+            n = attack.score(bundle, domain.nonmembers.images, [r.text for r in domain.nonmembers.records], seed=seed)
+            trajectory.append({"step": step, "mia": primary, "auc": float(roc_metrics(m, n, resamples=100)["auc"].value)})
+
+        every = self.config.attack.trajectory_every if primary else 0
+        result = shaker.shake(self.bundle, data, seed=seed, callback=on_step if every else None, callback_every=every)
+        # The domain's prompt in the shaken model (Textual Inversion's token for an SP row;
+        # the OoD control is attacked with the domain's own prompt).
+        prompt = result.prompt if row.data == "SP" else domain.prompt
+        out = measure(result.bundle, domain, prompt, self.training, self.config, seed)
+        out.update(trainable_parameters=result.trainable_parameters, trajectory=trajectory,
+                   final_loss=float(np.mean(result.losses[-10:])) if result.losses else None)  # fmt: skip
+        return out
+
+
+def _as_fields(cls: type, values: dict) -> dict:
+    """JSON lists back to the tuples a frozen Settings dataclass holds."""
+    import dataclasses
+
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
+
+
+# ---------------------------------------------------------------- summaries
+
+
+def summarize_mia(cell: dict, base: dict, config: Config, seed: int, control: dict | None) -> dict:
+    out = {}
+    for name, scores in cell["mia"].items():
+        m, n = np.asarray(scores["members"]), np.asarray(scores["nonmembers"])
+        bm, bn = np.asarray(base["mia"][name]["members"]), np.asarray(base["mia"][name]["nonmembers"])
+        b = config.attack.bootstrap
+        entry = {
+            "roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed)),
+            "thresholds": metrics_to_dict(threshold_protocol(m, n, fprs=FPRS, calibration_share=config.attack.calibration_share, seed=seed, resamples=b)),
+        }  # fmt: skip
+        if cell is not base:
+            entry["vs_pretrained"] = {
+                "auc_paired_bootstrap": paired_bootstrap_delta(bm, bn, m, n, statistic="auc", resamples=b, seed=seed).to_dict(),
+                "auc_delong": delong_test(bm, bn, m, n).to_dict(),
+                "tpr@0.01_paired_bootstrap": paired_bootstrap_delta(bm, bn, m, n, statistic="tpr@0.01", resamples=b, seed=seed).to_dict(),
+            }  # fmt: skip
+            if control is not None and control is not cell and control.get("status", "ok") == "ok":
+                cm, cn = np.asarray(control["mia"][name]["members"]), np.asarray(control["mia"][name]["nonmembers"])
+                entry["vs_ood_control"] = {"auc_delong": delong_test(cm, cn, m, n).to_dict()}
+        out[name] = entry
+    return out
+
+
+def summarize_cell(cell: dict, base: dict, config: Config, seed: int, control: dict | None) -> dict:
+    if cell.get("status", "ok") != "ok" or base.get("status", "ok") != "ok":
+        return {k: cell.get(k) for k in ("row", "shaker", "data", "status", "reason")}
+    summary = {k: cell.get(k) for k in ("row", "shaker", "data", "sigma", "prompt", "trainable_parameters", "final_loss", "seconds", "cached", "trajectory")}
+    summary["status"] = "ok"
+    summary["mia"] = summarize_mia(cell, base, config, seed, control)
+    ext = dict(cell["extraction"]["summary"], extracted_files=cell["extraction"]["extracted"])
+    if cell is not base:
+        ext["vs_pretrained"] = extraction_delta(base["extraction"]["hits"], cell["extraction"]["hits"], resamples=config.attack.bootstrap, seed=seed).to_dict()
+    summary["extraction"] = ext
+    return summary
+
+
+def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str, config: Config, seed: int) -> dict:
+    """One table row over all domains: scores pooled for MIA, extractions averaged per domain."""
+    usable = [cells for cells in cells_by_domain.values() if cells[row]["status"] == "ok" and cells[base_row]["status"] == "ok"]
+    cells = [c[row] for c in usable]
+    bases = [c[base_row] for c in usable]
+    if not cells:
+        statuses = sorted({c[row]["status"] for c in cells_by_domain.values()})
+        return {"row": row, "status": "failed" if "failed" in statuses else "not-run"}
+    join = lambda cs, mia, part: np.concatenate([c["mia"][mia][part] for c in cs])  # noqa: E731
+    out: dict[str, Any] = {"row": row, "status": "ok", "domains": len(cells),
+                           "trainable_parameters": cells[0].get("trainable_parameters"), "mia": {}}  # fmt: skip
+    b = config.attack.bootstrap
+    for mia in config.attack.mia:
+        m, n, bm, bn = join(cells, mia, "members"), join(cells, mia, "nonmembers"), join(bases, mia, "members"), join(bases, mia, "nonmembers")
+        entry = {"roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed))}
+        if row != base_row:
+            entry["auc_delta"] = paired_bootstrap_delta(bm, bn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
+        out["mia"][mia] = entry
+    counts = [distinct_extracted(c["extraction"]["hits"]) for c in cells]
+    flagged = sum(sum(c["extraction"]["flagged"]) for c in cells)
+    true_flagged = sum(sum(1 for h, f in zip(c["extraction"]["hits"], c["extraction"]["flagged"]) if f and h >= 0) for c in cells)
+    out["extraction"] = {
+        "extracted_per_domain_mean": float(np.mean(counts)),
+        "extracted_per_domain": counts,
+        "candidates_per_domain": cells[0]["extraction"]["summary"]["candidates"],
+        "precision": true_flagged / flagged if flagged else None,
+    }
+    return out
+
+
+def run_attack(config: Config) -> dict:
+    """Run the S2L table for every attacked domain; return (and write) results.json."""
+    start = time.perf_counter()
+    run = S2LRun(config)
+    rows = plan_rows(config)
+    total = len(rows) * len(run.domains)
+    cells_by_domain: dict[str, dict[str, dict]] = {}
+    done = 0
+    for domain in run.domains:
+        cells_by_domain[domain.name] = {}
+        for row in rows:
+            try:
+                cell = run.run_cell(domain, row)
+            except ConfigError:
+                raise
+            except Exception as exc:  # one broken cell must not lose the others; it is reported as failed
+                cell = {"row": row.label, "shaker": row.shaker, "data": row.data, "status": "failed",
+                        "reason": f"{type(exc).__name__}: {exc}", "cached": False}  # fmt: skip
+            cells_by_domain[domain.name][row.label] = cell
+            done += 1
+            took = "cached" if cell["cached"] else cell["status"] if cell["status"] != "ok" else f"{cell['seconds']:.1f} s"
+            log(f"cell {done}/{total}: {domain.name} {row.label} ({took})")
+    seed = config.run.seed
+    domains_out = {}
+    for domain in run.domains:
+        cells = cells_by_domain[domain.name]
+        base, control = cells["pretrained"], cells.get("end2end-ood")
+        domains_out[domain.name] = {
+            "prompt": domain.prompt, "members": len(domain.members), "nonmembers": len(domain.nonmembers),
+            "rows": {label: summarize_cell(cell, base, config, seed, control) for label, cell in cells.items()},
+        }  # fmt: skip
+    table = [pooled(cells_by_domain, row.label, "pretrained", config, seed) for row in rows]
+    results = {
+        "schema": SCHEMA,
+        "s2l_guard_version": __version__,
+        "config_source": config.source,
+        "config": config.to_dict(),
+        "seed": seed,
+        "artifacts": {"testbed": str(run.data_art.path), "bundle": str(run.bundle_art.path)},
+        "method": _method(config),
+        "table": table,
+        "domains": domains_out,
+        "wall_seconds": round(time.perf_counter() - start, 2),
+    }
+    return results
+
+
+def _method(config: Config) -> str:
+    a, e = config.attack, config.extraction
+    return (
+        f"MIA: members vs held-out non-members of each domain, scores higher = member; AUC and TPR at "
+        f"{', '.join(f'{f:g}' for f in FPRS)} FPR with {a.bootstrap}-resample stratified bootstrap 95% intervals; "
+        f"thresholds fitted on a {a.calibration_share:g} calibration split and reported on the disjoint rest. "
+        f"Amplification: after minus before on the same samples (paired bootstrap; DeLong for AUC). "
+        f"Extraction: {e.candidates} candidates per domain and model, (k={e.max_copies}, tiled L2, delta={e.delta})-eidetic "
+        f"against every pre-training image; precision over candidates with >= {e.flag_neighbours} near-duplicate "
+        f"generations within {e.flag_delta}; deltas at equal candidate counts with a candidate bootstrap."
+    )
+
+
+def format_table(results: dict) -> str:
+    """The paper's table: one row per method, pooled over the attacked domains."""
+    config = results["config"]
+    primary = config["attack"]["mia"][0] if config["attack"]["mia"] else None
+    head = f"{'method':<28} {'data':<4} {'params':>9} {primary or 'mia':>6} AUC [95% CI]       {'TPR@1%':>7} {'extracted':>9} {'prec.':>5}  dAUC vs pre-trained [95% CI]"
+    lines = [head, "-" * len(head)]
+    for row in results["table"]:
+        label = row["row"]
+        cell0 = next(iter(results["domains"].values()))["rows"].get(label, {})
+        data = cell0.get("data") or "-"
+        if row["status"] != "ok":
+            lines.append(f"{label:<28} {data:<4} {row['status']}")
+            continue
+        params = row.get("trainable_parameters") or 0
+        auc = tpr = delta = ""
+        if primary:
+            roc = row["mia"][primary]["roc"]
+            a = roc["auc"]
+            auc = f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
+            tpr = f"{roc['tpr_at_fpr']['0.01']['value']:.3f}"
+            d = row["mia"][primary].get("auc_delta")
+            if d:
+                delta = f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] p={d['p_value']:.2f}"
+        ext = row["extraction"]
+        precision = "-" if ext["precision"] is None else f"{ext['precision']:.2f}"
+        lines.append(
+            f"{label:<28} {data:<4} {_short(params):>9} {auc:>28} {tpr:>7} {ext['extracted_per_domain_mean']:>9.1f} {precision:>5}  {delta}"
+        )
+    lines.append(f"domains: {', '.join(results['domains'])}; extracted = mean distinct members per domain "
+                 f"of {results['table'][0].get('extraction', {}).get('candidates_per_domain', '?')} candidates")  # fmt: skip
+    lines.append(f"method: {results['method']}")
+    return "\n".join(lines)
+
+
+def _short(n: int) -> str:
+    for unit, size in (("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def write_results(config: Config, results: dict) -> Path:
+    """Write results.json, table.txt and the resolved config into the run folder."""
+    from s2l_guard.cache import content_key
+
+    run_dir = Path(config.run.out_dir) / f"{config.name}-{content_key('run', config.to_dict())[:8]}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "results.json").write_text(json.dumps(results, indent=1))
+    (run_dir / "config.toml").write_text(config.to_toml())
+    (run_dir / "table.txt").write_text(config.to_toml() + "\n" + format_table(results) + "\n")
+    return run_dir

@@ -1,0 +1,57 @@
+import numpy as np
+import pytest
+import torch
+
+from attacks.extraction import auto_grid, flag_near_duplicates, match_candidates
+from s2l_guard.config import ExtractionConfig
+
+
+def images(n, seed):
+    return torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed))
+
+
+def test_auto_grid_keeps_carlini_tile_size():
+    assert auto_grid(8) == 1 and auto_grid(64) == 1 and auto_grid(256) == 2 and auto_grid(512) == 4 and auto_grid(1024) == 4
+
+
+def test_copies_near_training_images_are_extracted_and_counted_once():
+    training = images(10, 0)
+    copies = [1] * 10
+    members = [2, 3, 4]  # the domain's members
+    # candidates: two near-copies of member 2, one of member 4, one of a public image (7), and noise
+    candidates = torch.stack([training[2] + 0.01, training[2] - 0.01, training[4], training[7], images(1, 9)[0]]).clamp(0, 1)
+    result = match_candidates(candidates, training, copies, members, ExtractionConfig(candidates=5))
+    assert result.hits.tolist()[:4] == [2, 2, 4, 7] and result.hits[4] == -1
+    assert result.extracted == [2, 4]  # distinct members of the domain; the public match does not count
+    assert result.matched_candidates == 4
+    assert result.to_dict()["extracted_images"] == 2
+
+
+def test_eidetic_k_excludes_images_seen_too_often():
+    training = images(3, 1)
+    result = match_candidates(training.clone(), training, [1, 11, 10], [0, 1, 2], ExtractionConfig(max_copies=10))
+    assert result.hits.tolist() == [0, -1, 2] and result.extracted == [0, 2]
+
+
+def test_flagging_and_precision():
+    training = images(4, 2)
+    duplicated = training[0:1].repeat(4, 1, 1, 1)  # the model keeps generating member 0
+    unrelated = images(3, 3).repeat_interleave(4, 0) * 0.5 + 0.5  # near-duplicate clusters that match nothing
+    candidates = torch.cat([duplicated, unrelated, images(5, 4)])
+    settings = ExtractionConfig(flag_neighbours=3, flag_delta=0.05)
+    result = match_candidates(candidates, training, [1] * 4, [0, 1, 2, 3], settings)
+    assert result.flagged[:4].all() and result.flagged[4:16].all() and not result.flagged[16:].any()
+    assert result.precision == pytest.approx(4 / 16)
+
+
+def test_matching_is_chunk_independent():
+    training, candidates = images(40, 5), images(30, 6)
+    a = match_candidates(candidates, training, [1] * 40, list(range(10)), ExtractionConfig(delta=0.35, chunk=7))
+    b = match_candidates(candidates, training, [1] * 40, list(range(10)), ExtractionConfig(delta=0.35, chunk=1000))
+    assert np.array_equal(a.hits, b.hits) and np.array_equal(a.flagged, b.flagged) and a.extracted == b.extracted
+
+
+def test_no_flag_means_no_precision():
+    training = images(3, 7)
+    result = match_candidates(images(2, 8), training, [1] * 3, [0], ExtractionConfig())
+    assert result.precision is None and not flag_near_duplicates(images(2, 8), ExtractionConfig(), 1).any()

@@ -1,0 +1,93 @@
+"""The S2L pipeline end to end on the smoke profile (tiny model, a few steps per method)."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from attacks.base import SHAKERS
+from s2l_guard.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+SMOKE = ROOT / "configs" / "smoke.toml"
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("attack")
+    cwd = Path.cwd()
+    import os
+
+    os.chdir(folder)
+    try:
+        assert main(["attack", "--config", str(SMOKE)]) == 0
+    finally:
+        os.chdir(cwd)
+    [run] = (folder / "runs").iterdir()
+    return folder, json.loads((run / "results.json").read_text()), (run / "table.txt").read_text()
+
+
+def test_every_method_and_attack_ran(smoke_run):
+    _, results, table = smoke_run
+    assert results["schema"] == "s2l-guard/attack-results/1"
+    labels = [row["row"] for row in results["table"]]
+    assert labels[:2] == ["pretrained", "end2end-ood"]
+    assert set(SHAKERS.names()) - {"gaussian"} <= set(labels)
+    assert all(row["status"] == "ok" for row in results["table"]), [r for r in results["table"] if r["status"] != "ok"]
+    for domain in results["domains"].values():
+        for label, row in domain["rows"].items():
+            assert set(row["mia"]) == {"secmi", "pia", "pian", "loss"}
+            roc = row["mia"]["secmi"]["roc"]
+            assert 0 <= roc["auc"]["value"] <= 1 and roc["auc"]["n"] == domain["members"] + domain["nonmembers"]
+            assert "optimistic_fit_on_test" in row["mia"]["secmi"]["thresholds"]
+            assert row["extraction"]["candidates"] == 8
+            if label != "pretrained":
+                assert "vs_pretrained" in row["mia"]["secmi"] and "vs_pretrained" in row["extraction"]
+    assert "textual_inversion" in table and "dAUC vs pre-trained" in table
+
+
+def test_textual_inversion_is_attacked_through_its_token(smoke_run):
+    _, results, _ = smoke_run
+    row = results["domains"]["digit7"]["rows"]["textual_inversion"]
+    assert "<s2l>" in row["prompt"] and row["trainable_parameters"] == 32  # one vector of the 32-wide text encoder
+
+
+def test_trajectories_are_recorded(smoke_run):
+    _, results, _ = smoke_run
+    trajectory = results["domains"]["digit8"]["rows"]["lora"]["trajectory"]
+    assert [point["step"] for point in trajectory] == [2]  # every 2 of 3 steps
+
+
+def test_rerun_reuses_every_cell(smoke_run, capsys):
+    folder, _, _ = smoke_run
+    import os
+
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        assert main(["attack", "--config", str(SMOKE)]) == 0
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    assert out.count("(cached)") == 22
+
+
+def test_a_crashing_cell_is_reported_failed_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "one.toml"
+    config.write_text(
+        f'extends = "{SMOKE}"\n[attack]\ndomains = ["digit7"]\nshakers = ["lora", "end2end"]\n'
+        "ood_control = false\ngaussian_sigmas = []\nmia = ['loss']\n"
+    )
+
+    def broken(self, *args, **kwargs):
+        raise RuntimeError("GPU on fire")
+
+    monkeypatch.setattr(SHAKERS.get("lora"), "shake", broken)
+    monkeypatch.chdir(tmp_path)
+    assert main(["attack", "--config", str(config)]) == 0
+    [run] = (tmp_path / "runs").iterdir()
+    results = json.loads((run / "results.json").read_text())
+    rows = {row["row"]: row for row in results["table"]}
+    assert rows["lora"]["status"] == "failed" and rows["end2end"]["status"] == "ok"
+    cell = results["domains"]["digit7"]["rows"]["lora"]
+    assert cell["status"] == "failed" and "RuntimeError: GPU on fire" in cell["reason"]
