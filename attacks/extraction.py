@@ -42,10 +42,16 @@ def auto_grid(size: int) -> int:
 
 @dataclass
 class ExtractionResult:
-    """One domain's extraction outcome; ``hits[i]`` is the training index candidate i extracted, or -1."""
+    """One domain's extraction outcome.
+
+    ``hits[i]`` is the training index of the domain member candidate i extracted, or -1;
+    ``any_hits[i]`` the same for any training image (a generation of the domain's prompt
+    that copies a public image is an extraction too, but not of the private domain).
+    """
 
     candidates: int
     hits: np.ndarray
+    any_hits: np.ndarray
     flagged: np.ndarray
     nearest_distance: np.ndarray
     extracted: list[int] = field(default_factory=list)  # distinct domain members extracted (training indices)
@@ -56,16 +62,17 @@ class ExtractionResult:
 
     @property
     def precision(self) -> float | None:
-        """Share of flagged candidates that are real extractions; None when nothing was flagged."""
+        """Share of flagged candidates that really copy a training image; None when nothing was flagged."""
         if not self.flagged.any():
             return None
-        return float((self.hits[self.flagged] >= 0).mean())
+        return float((self.any_hits[self.flagged] >= 0).mean())
 
     def to_dict(self) -> dict:
         return {
             "candidates": self.candidates,
             "extracted_images": len(self.extracted),
             "matched_candidates": self.matched_candidates,
+            "matched_any_training_image": int((self.any_hits >= 0).sum()),
             "flagged_candidates": int(self.flagged.sum()),
             "precision": self.precision,
             "nearest_distance_median": float(np.median(self.nearest_distance)) if len(self.nearest_distance) else None,
@@ -91,10 +98,12 @@ def match_candidates(
     distance, index = nearest(candidates, training_images, grid=grid, chunk=settings.chunk)
     copies = torch.as_tensor(list(training_copies))
     eidetic = (distance <= settings.delta) & (copies[index] <= settings.max_copies)
-    hits = torch.where(eidetic, index, torch.full_like(index, -1)).numpy()
-    members = set(int(i) for i in domain_members)
-    extracted = sorted({int(i) for i in hits if i in members})
-    return ExtractionResult(len(candidates), hits, flag_near_duplicates(candidates, settings, grid), distance.numpy(), extracted)
+    any_hits = torch.where(eidetic, index, torch.full_like(index, -1)).numpy()
+    members = np.isin(any_hits, np.asarray(list(domain_members), dtype=np.int64))
+    hits = np.where(members, any_hits, -1)
+    extracted = sorted({int(i) for i in hits if i >= 0})
+    flagged = flag_near_duplicates(candidates, settings, grid)
+    return ExtractionResult(len(candidates), hits, any_hits, flagged, distance.numpy(), extracted)
 
 
 def flag_near_duplicates(candidates: torch.Tensor, settings: ExtractionConfig, grid: int) -> np.ndarray:

@@ -46,6 +46,7 @@ from .extraction import generate_candidates, match_candidates
 from .sp_set import generate_sp_set
 
 SCHEMA = "s2l-guard/attack-results/1"
+CELL_FORMAT = 3  # bump when what a cell stores changes, so cached cells are recomputed
 FPRS = (0.01, 0.001)
 
 
@@ -89,8 +90,7 @@ class Row:
 def plan_rows(config: Config) -> list[Row]:
     a = config.attack
     rows = [Row("pretrained", None, "-")]
-    if a.ood_control:
-        rows.append(Row("end2end-ood", "end2end", "OoD"))
+    rows += [Row(f"{name}-ood", name, "OoD") for name in a.ood_shakers]
     rows += [Row(name, name, "SP") for name in a.shakers]
     rows += [Row(f"gaussian-{s:g}-draw{d}", "gaussian", "-", s, d) for s in a.gaussian_sigmas for d in range(a.gaussian_draws)]
     return rows
@@ -135,7 +135,8 @@ def measure(bundle: Bundle, domain: Domain, prompt: str, training: TrainingSet, 
     candidates = generate_candidates(bundle, prompt, config.extraction, seed=seed)
     result = match_candidates(candidates, training.images, training.copies, domain.member_index, config.extraction)
     out["extraction"] = {
-        "hits": result.hits.tolist(),
+        "hits": result.hits.tolist(),  # domain members only: what "extracted" counts
+        "any_hits": result.any_hits.tolist(),
         "flagged": result.flagged.tolist(),
         "nearest_distance": result.nearest_distance.tolist(),
         "extracted": [training.files[i] for i in result.extracted],
@@ -174,7 +175,7 @@ class S2LRun:
                 settings = type(settings)(**{**settings.__dict__, "sigma": row.sigma})
             shaker = {"name": row.shaker, "settings": json.loads(json.dumps(settings.__dict__, default=list))}
         return {
-            "bundle": self.bundle_art.key, "data": self.data_art.key, "domain": domain.name, "row": row.label,
+            "format": CELL_FORMAT, "bundle": self.bundle_art.key, "data": self.data_art.key, "domain": domain.name, "row": row.label,
             "shaker": shaker, "sp_set": sp.key if sp else None, "seed": c.run.seed,
             "mia": {name: json.loads(json.dumps(c.mia_settings(name).__dict__, default=list)) for name in c.attack.mia},
             "extraction": c.section("extraction"), "trajectory_every": c.attack.trajectory_every,
@@ -248,6 +249,13 @@ def _as_fields(cls: type, values: dict) -> dict:
 # ---------------------------------------------------------------- summaries
 
 
+def ood_control(cells: dict[str, dict], cell: dict) -> dict | None:
+    """The control an SP row is compared with: the same method on OoD data, else End-to-End on OoD data."""
+    if cell.get("data") != "SP":
+        return None
+    return cells.get(f"{cell['shaker']}-ood") or cells.get("end2end-ood")
+
+
 def summarize_mia(cell: dict, base: dict, config: Config, seed: int, control: dict | None) -> dict:
     out = {}
     for name, scores in cell["mia"].items():
@@ -264,7 +272,7 @@ def summarize_mia(cell: dict, base: dict, config: Config, seed: int, control: di
                 "auc_delong": delong_test(bm, bn, m, n).to_dict(),
                 "tpr@0.01_paired_bootstrap": paired_bootstrap_delta(bm, bn, m, n, statistic="tpr@0.01", resamples=b, seed=seed).to_dict(),
             }  # fmt: skip
-            if control is not None and control is not cell and control.get("status", "ok") == "ok":
+            if control is not None and control.get("status", "ok") == "ok":
                 cm, cn = np.asarray(control["mia"][name]["members"]), np.asarray(control["mia"][name]["nonmembers"])
                 entry["vs_ood_control"] = {"auc_delong": delong_test(cm, cn, m, n).to_dict()}
         out[name] = entry
@@ -278,17 +286,26 @@ def summarize_cell(cell: dict, base: dict, config: Config, seed: int, control: d
     summary["status"] = "ok"
     summary["mia"] = summarize_mia(cell, base, config, seed, control)
     ext = dict(cell["extraction"]["summary"], extracted_files=cell["extraction"]["extracted"])
+    b = config.attack.bootstrap
     if cell is not base:
-        ext["vs_pretrained"] = extraction_delta(base["extraction"]["hits"], cell["extraction"]["hits"], resamples=config.attack.bootstrap, seed=seed).to_dict()
+        ext["vs_pretrained"] = extraction_delta(base["extraction"]["hits"], cell["extraction"]["hits"], resamples=b, seed=seed).to_dict()
+    if control is not None and control.get("status", "ok") == "ok":
+        ext["vs_ood_control"] = extraction_delta(control["extraction"]["hits"], cell["extraction"]["hits"], resamples=b, seed=seed).to_dict()
     summary["extraction"] = ext
     return summary
 
 
 def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str, config: Config, seed: int) -> dict:
-    """One table row over all domains: scores pooled for MIA, extractions averaged per domain."""
+    """One table row over all domains: scores pooled for MIA, extractions averaged per domain.
+
+    An SP row is also compared with its out-of-domain control (see :func:`ood_control`).
+    """
     usable = [cells for cells in cells_by_domain.values() if cells[row]["status"] == "ok" and cells[base_row]["status"] == "ok"]
     cells = [c[row] for c in usable]
     bases = [c[base_row] for c in usable]
+    controls = [ood_control(c, c[row]) for c in usable]
+    if not all(ctl is not None and ctl["status"] == "ok" for ctl in controls):
+        controls = []
     if not cells:
         statuses = sorted({c[row]["status"] for c in cells_by_domain.values()})
         return {"row": row, "status": "failed" if "failed" in statuses else "not-run"}
@@ -301,16 +318,41 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
         entry = {"roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed))}
         if row != base_row:
             entry["auc_delta"] = paired_bootstrap_delta(bm, bn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
+        if controls:
+            cm, cn = join(controls, mia, "members"), join(controls, mia, "nonmembers")
+            entry["auc_delta_vs_ood"] = paired_bootstrap_delta(cm, cn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
         out["mia"][mia] = entry
     counts = [distinct_extracted(c["extraction"]["hits"]) for c in cells]
     flagged = sum(sum(c["extraction"]["flagged"]) for c in cells)
-    true_flagged = sum(sum(1 for h, f in zip(c["extraction"]["hits"], c["extraction"]["flagged"]) if f and h >= 0) for c in cells)
+    true_flagged = sum(sum(1 for h, f in zip(c["extraction"]["any_hits"], c["extraction"]["flagged"]) if f and h >= 0) for c in cells)
     out["extraction"] = {
         "extracted_per_domain_mean": float(np.mean(counts)),
         "extracted_per_domain": counts,
         "candidates_per_domain": cells[0]["extraction"]["summary"]["candidates"],
         "precision": true_flagged / flagged if flagged else None,
     }
+    return out
+
+
+def gaussian_means(table: list[dict], rows: list[Row], config: Config) -> list[dict]:
+    """Per sigma, the mean over Gaussian draws: one draw is too noisy to read (the paper's rise
+    at s = 8e-4 needs several draws to tell from chance)."""
+    by_label = {entry["row"]: entry for entry in table}
+    out = []
+    for sigma in config.attack.gaussian_sigmas:
+        draws = [by_label[r.label] for r in rows if r.sigma == sigma and by_label[r.label]["status"] == "ok"]
+        if not draws:
+            continue
+        entry: dict[str, Any] = {"row": f"gaussian-{sigma:g}-mean", "status": "ok", "draws": len(draws), "sigma": sigma,
+                                 "trainable_parameters": draws[0]["trainable_parameters"], "mia": {}}  # fmt: skip
+        for mia in config.attack.mia:
+            aucs = [d["mia"][mia]["roc"]["auc"]["value"] for d in draws]
+            deltas = [d["mia"][mia]["auc_delta"]["delta"] for d in draws]
+            entry["mia"][mia] = {"auc_mean": float(np.mean(aucs)), "auc_draws": aucs,
+                                 "auc_delta_mean": float(np.mean(deltas)), "auc_delta_draws": deltas}  # fmt: skip
+        counts = [d["extraction"]["extracted_per_domain_mean"] for d in draws]
+        entry["extraction"] = {"extracted_per_domain_mean": float(np.mean(counts)), "draws": counts}
+        out.append(entry)
     return out
 
 
@@ -340,12 +382,13 @@ def run_attack(config: Config) -> dict:
     domains_out = {}
     for domain in run.domains:
         cells = cells_by_domain[domain.name]
-        base, control = cells["pretrained"], cells.get("end2end-ood")
+        base = cells["pretrained"]
         domains_out[domain.name] = {
             "prompt": domain.prompt, "members": len(domain.members), "nonmembers": len(domain.nonmembers),
-            "rows": {label: summarize_cell(cell, base, config, seed, control) for label, cell in cells.items()},
+            "rows": {label: summarize_cell(cell, base, config, seed, ood_control(cells, cell)) for label, cell in cells.items()},
         }  # fmt: skip
     table = [pooled(cells_by_domain, row.label, "pretrained", config, seed) for row in rows]
+    table += gaussian_means(table, rows, config)
     results = {
         "schema": SCHEMA,
         "s2l_guard_version": __version__,
@@ -388,6 +431,11 @@ def format_table(results: dict) -> str:
             lines.append(f"{label:<28} {data:<4} {row['status']}")
             continue
         params = row.get("trainable_parameters") or 0
+        if "draws" in row and primary:
+            stats = row["mia"][primary]
+            lines.append(f"{label:<28} {'-':<4} {_short(params):>9} {stats['auc_mean']:>9.3f} (mean of {row['draws']} draws)"
+                         f"{'':>9} {row['extraction']['extracted_per_domain_mean']:>9.1f} {'-':>5}  {stats['auc_delta_mean']:+.3f} (mean)")  # fmt: skip
+            continue
         auc = tpr = delta = ""
         if primary:
             roc = row["mia"][primary]["roc"]
@@ -397,6 +445,9 @@ def format_table(results: dict) -> str:
             d = row["mia"][primary].get("auc_delta")
             if d:
                 delta = f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] p={d['p_value']:.2f}"
+            ood = row["mia"][primary].get("auc_delta_vs_ood")
+            if ood:
+                delta += f"  vs OoD {ood['delta']:+.3f} [{ood['ci95'][0]:+.3f}, {ood['ci95'][1]:+.3f}]"
         ext = row["extraction"]
         precision = "-" if ext["precision"] is None else f"{ext['precision']:.2f}"
         lines.append(

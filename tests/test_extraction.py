@@ -21,16 +21,17 @@ def test_copies_near_training_images_are_extracted_and_counted_once():
     # candidates: two near-copies of member 2, one of member 4, one of a public image (7), and noise
     candidates = torch.stack([training[2] + 0.01, training[2] - 0.01, training[4], training[7], images(1, 9)[0]]).clamp(0, 1)
     result = match_candidates(candidates, training, copies, members, ExtractionConfig(candidates=5))
-    assert result.hits.tolist()[:4] == [2, 2, 4, 7] and result.hits[4] == -1
-    assert result.extracted == [2, 4]  # distinct members of the domain; the public match does not count
-    assert result.matched_candidates == 4
+    assert result.any_hits.tolist() == [2, 2, 4, 7, -1]
+    assert result.hits.tolist() == [2, 2, 4, -1, -1]  # the public image is not a member of the domain
+    assert result.extracted == [2, 4]
+    assert result.matched_candidates == 3 and result.to_dict()["matched_any_training_image"] == 4
     assert result.to_dict()["extracted_images"] == 2
 
 
 def test_eidetic_k_excludes_images_seen_too_often():
     training = images(3, 1)
     result = match_candidates(training.clone(), training, [1, 11, 10], [0, 1, 2], ExtractionConfig(max_copies=10))
-    assert result.hits.tolist() == [0, -1, 2] and result.extracted == [0, 2]
+    assert result.any_hits.tolist() == [0, -1, 2] and result.extracted == [0, 2]
 
 
 def test_flagging_and_precision():

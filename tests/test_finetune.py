@@ -278,3 +278,18 @@ def test_bad_settings_and_missing_data_are_named():
         quick(Lora).shake(tiny_bundle(), None, seed=0)
     with pytest.raises(S2LError, match="has no layer named"):
         quick(Lora, unet_targets=("to_nothing",)).shake(tiny_bundle(), data_for(tiny_bundle()), seed=0)
+
+
+@pytest.mark.parametrize("name", ["lora", "hypernetwork", "textual_inversion+lora"])
+def test_methods_that_add_layers_are_reproducible_from_the_seed(name):
+    """New layers are initialised from the seed, not from whatever the global RNG holds."""
+    cls = SHAKERS.get(name)
+    settings = cls.Settings(steps=2, batch_size=2)
+    bundle = tiny_bundle()
+    data = data_for(bundle)
+    runs = []
+    for noise in (1, 2):
+        torch.manual_seed(noise)  # a different global RNG state before each run
+        runs.append(cls(settings).shake(bundle, data, seed=3).bundle)
+    for (n, a), (_, b) in zip(runs[0].named_parameters(), runs[1].named_parameters()):
+        assert torch.equal(a, b), n

@@ -195,7 +195,9 @@ class FinetuneMethod(Shaker):
         shaken = bundle.clone()
         target = self.rewrite(data)
         prior = self.prior(shaken, data, seed=seed)  # sampled from the pre-trained weights
-        adaptation = self.adapt(shaken, data)
+        with torch.random.fork_rng(devices=[]):  # new layers (LoRA A, hypernetwork MLPs) draw from the global RNG
+            torch.manual_seed(seed)
+            adaptation = self.adapt(shaken, data)
         optimizer = torch.optim.AdamW(adaptation.trainable.values(), lr=s.learning_rate, weight_decay=s.weight_decay)
         settings = TrainSettings(
             steps=s.steps, batch_size=s.batch_size, caption_dropout=s.caption_dropout, grad_clip=s.grad_clip or None, seed=seed
