@@ -82,17 +82,24 @@ class Row:
 
     label: str
     shaker: str | None
-    data: str  # "-", "SP" or "OoD"
-    sigma: float | None = None
+    # "-" (no data), "SP" (the domain's SP set), "OoD" (real images of a public domain)
+    # or "OoD-gen" (the model's own generations of a public domain's prompt)
+    data: str
+    overrides: tuple[tuple[str, Any], ...] = ()  # settings changed from the config's (Gaussian sigma, ablated rank)
     draw: int = 0
+
+    @property
+    def sigma(self) -> float | None:
+        return dict(self.overrides).get("sigma")
 
 
 def plan_rows(config: Config) -> list[Row]:
     a = config.attack
     rows = [Row("pretrained", None, "-")]
     rows += [Row(f"{name}-ood", name, "OoD") for name in a.ood_shakers]
+    rows += [Row(f"{name}-ood-gen", name, "OoD-gen") for name in a.ood_generated_shakers]
     rows += [Row(name, name, "SP") for name in a.shakers]
-    rows += [Row(f"gaussian-{s:g}-draw{d}", "gaussian", "-", s, d) for s in a.gaussian_sigmas for d in range(a.gaussian_draws)]
+    rows += [Row(f"gaussian-{s:g}-draw{d}", "gaussian", "-", (("sigma", s),), d) for s in a.gaussian_sigmas for d in range(a.gaussian_draws)]
     return rows
 
 
@@ -114,12 +121,18 @@ def split_domains(dataset: ImageDataset, names: tuple[str, ...]) -> tuple[list[D
     return domains, training
 
 
-def ood_data(dataset: ImageDataset, config: Config, domain: Domain) -> FinetuneData | None:
+def ood_domain(dataset: ImageDataset) -> str | None:
+    """The public domain whose data serves as the out-of-domain control (the first one)."""
+    public = sorted({r.domain for r in dataset.records if r.membership == "public"})
+    return public[0] if public else None
+
+
+def ood_data(dataset: ImageDataset, config: Config) -> FinetuneData | None:
     """Real images of a public domain: the paper's out-of-domain control."""
-    public = sorted({r.domain for r in dataset.records if r.membership == "public"} - {domain.name})
-    if not public:
+    name = ood_domain(dataset)
+    if name is None:
         return None
-    chosen = dataset.select(membership="public", domain=public[0])
+    chosen = dataset.select(membership="public", domain=name)
     take = min(len(chosen), config.sp_set.images)
     return FinetuneData(chosen.images[:take], [r.text for r in chosen.records[:take]], chosen.records[0].text)
 
@@ -158,21 +171,31 @@ class S2LRun:
         self.bundle = load_bundle(self.bundle_art.path, device=self.device)
         self.domains, self.training = split_domains(self.dataset, config.attack.domains)
 
-    def sp_set(self, domain: Domain) -> Artifact:
-        spec = {"bundle": self.bundle_art.key, "domain": domain.name, "prompt": domain.prompt,
+    def sp_set(self, name: str, prompt: str) -> Artifact:
+        """The model's own generations of a domain's prompt (the domain's SP set), cached."""
+        spec = {"bundle": self.bundle_art.key, "domain": name, "prompt": prompt,
                 "sp_set": self.config.section("sp_set"), "seed": self.config.run.seed}  # fmt: skip
-        seed = derive_seed(self.config.run.seed, "sp", domain.name)
+        seed = derive_seed(self.config.run.seed, "sp", name)
         return self.store.get_or_build(
-            "sp_set", spec, lambda folder, key: generate_sp_set(folder, self.bundle, domain.prompt, domain.name, self.config.sp_set, seed=seed)
+            "sp_set", spec, lambda folder, key: generate_sp_set(folder, self.bundle, prompt, name, self.config.sp_set, seed=seed)
         )
+
+    def generated_data(self, domain: Domain, row: Row) -> Artifact | None:
+        """The self-generated images a row trains on: its domain's SP set, or a public domain's."""
+        if row.data == "SP":
+            return self.sp_set(domain.name, domain.prompt)
+        if row.data == "OoD-gen":
+            name = ood_domain(self.dataset)
+            return self.sp_set(name, self.dataset.domain_caption(name)) if name else None
+        return None
 
     def cell_spec(self, domain: Domain, row: Row, sp: Artifact | None) -> dict:
         c = self.config
         shaker = None
         if row.shaker:
             settings = c.shaker_settings(row.shaker)
-            if row.sigma is not None:
-                settings = type(settings)(**{**settings.__dict__, "sigma": row.sigma})
+            if row.overrides:
+                settings = type(settings)(**{**settings.__dict__, **dict(row.overrides)})
             shaker = {"name": row.shaker, "settings": json.loads(json.dumps(settings.__dict__, default=list))}
         return {
             "format": CELL_FORMAT, "bundle": self.bundle_art.key, "data": self.data_art.key, "domain": domain.name, "row": row.label,
@@ -182,7 +205,7 @@ class S2LRun:
         }  # fmt: skip
 
     def run_cell(self, domain: Domain, row: Row) -> dict:
-        sp = self.sp_set(domain) if row.data == "SP" else None
+        sp = self.generated_data(domain, row)
         spec = self.cell_spec(domain, row, sp)
         seed = derive_seed(self.config.run.seed, domain.name, row.label)
 
@@ -208,11 +231,14 @@ class S2LRun:
         return cell
 
     def _finetune_data(self, domain: Domain, row: Row, sp: Artifact | None) -> FinetuneData | None:
-        if row.data == "SP":
+        if row.data in ("SP", "OoD-gen"):
+            if sp is None:
+                return None
             images = load_imagefolder(sp.path, channels=self.bundle.image_channels)
-            return FinetuneData(images.images, [r.text for r in images.records], domain.prompt)
+            captions = [r.text for r in images.records]
+            return FinetuneData(images.images, captions, domain.prompt if row.data == "SP" else captions[0])
         if row.data == "OoD":
-            return ood_data(self.dataset, self.config, domain)
+            return ood_data(self.dataset, self.config)
         return FinetuneData(torch.empty(0), [], domain.prompt)  # Gaussian shaking uses no data
 
     def _shake_and_measure(self, domain: Domain, row: Row, data: FinetuneData, seed: int, shaker_spec: dict) -> dict:
@@ -249,19 +275,36 @@ def _as_fields(cls: type, values: dict) -> dict:
 # ---------------------------------------------------------------- summaries
 
 
-def ood_control(cells: dict[str, dict], cell: dict) -> dict | None:
-    """The control an SP row is compared with: the same method on OoD data, else End-to-End on OoD data."""
+CONTROLS = {  # key in results.json -> (row suffix, what the control isolates)
+    "vs_ood_control": "-ood",  # real images of a public domain: fine-tuning as such
+    "vs_generated_ood_control": "-ood-gen",  # the model's own images of a public domain: self-generated data as such
+}
+
+
+def controls_for(cells: dict[str, dict], cell: dict) -> dict[str, dict]:
+    """The controls an SP row is compared with: the same method on that data, else End-to-End on it.
+
+    Only controls that ran are returned; non-SP rows have none.
+    """
     if cell.get("data") != "SP":
-        return None
-    return cells.get(f"{cell['shaker']}-ood") or cells.get("end2end-ood")
+        return {}
+    found = {}
+    for key, suffix in CONTROLS.items():
+        control = cells.get(f"{cell['shaker']}{suffix}") or cells.get(f"end2end{suffix}")
+        if control is not None and control.get("status", "ok") == "ok":
+            found[key] = control
+    return found
 
 
-def summarize_mia(cell: dict, base: dict, config: Config, seed: int, control: dict | None) -> dict:
+def _scores(cell: dict, mia: str) -> tuple[np.ndarray, np.ndarray]:
+    return np.asarray(cell["mia"][mia]["members"]), np.asarray(cell["mia"][mia]["nonmembers"])
+
+
+def summarize_mia(cell: dict, base: dict, config: Config, seed: int, controls: dict[str, dict]) -> dict:
     out = {}
-    for name, scores in cell["mia"].items():
-        m, n = np.asarray(scores["members"]), np.asarray(scores["nonmembers"])
-        bm, bn = np.asarray(base["mia"][name]["members"]), np.asarray(base["mia"][name]["nonmembers"])
-        b = config.attack.bootstrap
+    b = config.attack.bootstrap
+    for name in cell["mia"]:
+        (m, n), (bm, bn) = _scores(cell, name), _scores(base, name)
         entry = {
             "roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed)),
             "thresholds": metrics_to_dict(threshold_protocol(m, n, fprs=FPRS, calibration_share=config.attack.calibration_share, seed=seed, resamples=b)),
@@ -272,25 +315,25 @@ def summarize_mia(cell: dict, base: dict, config: Config, seed: int, control: di
                 "auc_delong": delong_test(bm, bn, m, n).to_dict(),
                 "tpr@0.01_paired_bootstrap": paired_bootstrap_delta(bm, bn, m, n, statistic="tpr@0.01", resamples=b, seed=seed).to_dict(),
             }  # fmt: skip
-            if control is not None and control.get("status", "ok") == "ok":
-                cm, cn = np.asarray(control["mia"][name]["members"]), np.asarray(control["mia"][name]["nonmembers"])
-                entry["vs_ood_control"] = {"auc_delong": delong_test(cm, cn, m, n).to_dict()}
+        for key, control in controls.items():
+            entry[key] = {"auc_delong": delong_test(*_scores(control, name), m, n).to_dict()}
         out[name] = entry
     return out
 
 
-def summarize_cell(cell: dict, base: dict, config: Config, seed: int, control: dict | None) -> dict:
+def summarize_cell(cell: dict, base: dict, config: Config, seed: int, controls: dict[str, dict]) -> dict:
     if cell.get("status", "ok") != "ok" or base.get("status", "ok") != "ok":
         return {k: cell.get(k) for k in ("row", "shaker", "data", "status", "reason")}
     summary = {k: cell.get(k) for k in ("row", "shaker", "data", "sigma", "prompt", "trainable_parameters", "final_loss", "seconds", "cached", "trajectory")}
     summary["status"] = "ok"
-    summary["mia"] = summarize_mia(cell, base, config, seed, control)
+    summary["mia"] = summarize_mia(cell, base, config, seed, controls)
     ext = dict(cell["extraction"]["summary"], extracted_files=cell["extraction"]["extracted"])
     b = config.attack.bootstrap
+    hits = cell["extraction"]["hits"]
     if cell is not base:
-        ext["vs_pretrained"] = extraction_delta(base["extraction"]["hits"], cell["extraction"]["hits"], resamples=b, seed=seed).to_dict()
-    if control is not None and control.get("status", "ok") == "ok":
-        ext["vs_ood_control"] = extraction_delta(control["extraction"]["hits"], cell["extraction"]["hits"], resamples=b, seed=seed).to_dict()
+        ext["vs_pretrained"] = extraction_delta(base["extraction"]["hits"], hits, resamples=b, seed=seed).to_dict()
+    for key, control in controls.items():
+        ext[key] = extraction_delta(control["extraction"]["hits"], hits, resamples=b, seed=seed).to_dict()
     summary["extraction"] = ext
     return summary
 
@@ -298,29 +341,29 @@ def summarize_cell(cell: dict, base: dict, config: Config, seed: int, control: d
 def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str, config: Config, seed: int) -> dict:
     """One table row over all domains: scores pooled for MIA, extractions averaged per domain.
 
-    An SP row is also compared with its out-of-domain control (see :func:`ood_control`).
+    An SP row is also compared with its out-of-domain controls (see :func:`controls_for`),
+    where every domain has them.
     """
     usable = [cells for cells in cells_by_domain.values() if cells[row]["status"] == "ok" and cells[base_row]["status"] == "ok"]
-    cells = [c[row] for c in usable]
-    bases = [c[base_row] for c in usable]
-    controls = [ood_control(c, c[row]) for c in usable]
-    if not all(ctl is not None and ctl["status"] == "ok" for ctl in controls):
-        controls = []
-    if not cells:
+    if not usable:
         statuses = sorted({c[row]["status"] for c in cells_by_domain.values()})
         return {"row": row, "status": "failed" if "failed" in statuses else "not-run"}
-    join = lambda cs, mia, part: np.concatenate([c["mia"][mia][part] for c in cs])  # noqa: E731
-    out: dict[str, Any] = {"row": row, "status": "ok", "domains": len(cells),
+    cells = [c[row] for c in usable]
+    bases = [c[base_row] for c in usable]
+    found = [controls_for(c, c[row]) for c in usable]
+    controls = {key: [f[key] for f in found] for key in CONTROLS if all(key in f for f in found)}
+    join = lambda cs, mia: tuple(np.concatenate([_scores(c, mia)[i] for c in cs]) for i in (0, 1))  # noqa: E731
+    out: dict[str, Any] = {"row": row, "status": "ok", "domains": len(cells), "data": cells[0].get("data"),
                            "trainable_parameters": cells[0].get("trainable_parameters"), "mia": {}}  # fmt: skip
     b = config.attack.bootstrap
     for mia in config.attack.mia:
-        m, n, bm, bn = join(cells, mia, "members"), join(cells, mia, "nonmembers"), join(bases, mia, "members"), join(bases, mia, "nonmembers")
+        (m, n), (bm, bn) = join(cells, mia), join(bases, mia)
         entry = {"roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed))}
         if row != base_row:
             entry["auc_delta"] = paired_bootstrap_delta(bm, bn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
-        if controls:
-            cm, cn = join(controls, mia, "members"), join(controls, mia, "nonmembers")
-            entry["auc_delta_vs_ood"] = paired_bootstrap_delta(cm, cn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
+        for key, control_cells in controls.items():
+            cm, cn = join(control_cells, mia)
+            entry[f"auc_delta_{key}"] = paired_bootstrap_delta(cm, cn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
         out["mia"][mia] = entry
     counts = [distinct_extracted(c["extraction"]["hits"]) for c in cells]
     flagged = sum(sum(c["extraction"]["flagged"]) for c in cells)
@@ -385,7 +428,7 @@ def run_attack(config: Config) -> dict:
         base = cells["pretrained"]
         domains_out[domain.name] = {
             "prompt": domain.prompt, "members": len(domain.members), "nonmembers": len(domain.nonmembers),
-            "rows": {label: summarize_cell(cell, base, config, seed, ood_control(cells, cell)) for label, cell in cells.items()},
+            "rows": {label: summarize_cell(cell, base, config, seed, controls_for(cells, cell)) for label, cell in cells.items()},
         }  # fmt: skip
     table = [pooled(cells_by_domain, row.label, "pretrained", config, seed) for row in rows]
     table += gaussian_means(table, rows, config)
@@ -417,46 +460,67 @@ def _method(config: Config) -> str:
     )
 
 
-def format_table(results: dict) -> str:
-    """The paper's table: one row per method, pooled over the attacked domains."""
-    config = results["config"]
-    primary = config["attack"]["mia"][0] if config["attack"]["mia"] else None
-    head = f"{'method':<28} {'data':<4} {'params':>9} {primary or 'mia':>6} AUC [95% CI]       {'TPR@1%':>7} {'extracted':>9} {'prec.':>5}  dAUC vs pre-trained [95% CI]"
-    lines = [head, "-" * len(head)]
+def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """The paper's table as strings: one row per method, pooled over the attacked domains."""
+    primary = results["config"]["attack"]["mia"][0] if results["config"]["attack"]["mia"] else "mia"
+    header = ["method", "data", "trainable params", f"{primary} AUC [95% CI]", "TPR@1%FPR", "extracted / domain",
+              "precision", "dAUC vs pre-trained [95% CI], p", "dAUC vs OoD", "dAUC vs OoD-gen"]  # fmt: skip
+    out = []
     for row in results["table"]:
-        label = row["row"]
-        cell0 = next(iter(results["domains"].values()))["rows"].get(label, {})
-        data = cell0.get("data") or "-"
+        line = [row["row"], row.get("data") or "-"]
         if row["status"] != "ok":
-            lines.append(f"{label:<28} {data:<4} {row['status']}")
+            out.append(line + [row["status"]] + [""] * (len(header) - 3))
             continue
-        params = row.get("trainable_parameters") or 0
-        if "draws" in row and primary:
-            stats = row["mia"][primary]
-            lines.append(f"{label:<28} {'-':<4} {_short(params):>9} {stats['auc_mean']:>9.3f} (mean of {row['draws']} draws)"
-                         f"{'':>9} {row['extraction']['extracted_per_domain_mean']:>9.1f} {'-':>5}  {stats['auc_delta_mean']:+.3f} (mean)")  # fmt: skip
+        line.append(_short(row.get("trainable_parameters") or 0))
+        stats = row["mia"].get(primary, {})
+        if "draws" in row:  # a Gaussian mean row
+            line += [f"{stats.get('auc_mean', float('nan')):.3f} (mean of {row['draws']} draws)", "",
+                     f"{row['extraction']['extracted_per_domain_mean']:.1f}", "", f"{stats.get('auc_delta_mean', float('nan')):+.3f} (mean)", "", ""]  # fmt: skip
+            out.append(line)
             continue
-        auc = tpr = delta = ""
-        if primary:
-            roc = row["mia"][primary]["roc"]
-            a = roc["auc"]
-            auc = f"{a['value']:.3f} [{a['ci95'][0]:.3f}, {a['ci95'][1]:.3f}]"
-            tpr = f"{roc['tpr_at_fpr']['0.01']['value']:.3f}"
-            d = row["mia"][primary].get("auc_delta")
-            if d:
-                delta = f"{d['delta']:+.3f} [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}] p={d['p_value']:.2f}"
-            ood = row["mia"][primary].get("auc_delta_vs_ood")
-            if ood:
-                delta += f"  vs OoD {ood['delta']:+.3f} [{ood['ci95'][0]:+.3f}, {ood['ci95'][1]:+.3f}]"
-        ext = row["extraction"]
-        precision = "-" if ext["precision"] is None else f"{ext['precision']:.2f}"
-        lines.append(
-            f"{label:<28} {data:<4} {_short(params):>9} {auc:>28} {tpr:>7} {ext['extracted_per_domain_mean']:>9.1f} {precision:>5}  {delta}"
-        )
-    lines.append(f"domains: {', '.join(results['domains'])}; extracted = mean distinct members per domain "
-                 f"of {results['table'][0].get('extraction', {}).get('candidates_per_domain', '?')} candidates")  # fmt: skip
-    lines.append(f"method: {results['method']}")
-    return "\n".join(lines)
+        roc = stats.get("roc")
+        line.append(_interval(roc["auc"]["value"], roc["auc"]["ci95"]) if roc else "")
+        line.append(f"{roc['tpr_at_fpr']['0.01']['value']:.3f}" if roc else "")
+        precision = row["extraction"]["precision"]
+        line += [f"{row['extraction']['extracted_per_domain_mean']:.1f}", "-" if precision is None else f"{precision:.2f}"]
+        delta = stats.get("auc_delta")
+        line.append(f"{_interval(delta['delta'], delta['ci95'], signed=True)}, p={delta['p_value']:.2f}" if delta else "")
+        for key in ("auc_delta_vs_ood_control", "auc_delta_vs_generated_ood_control"):
+            control = stats.get(key)
+            line.append(_interval(control["delta"], control["ci95"], signed=True) if control else "")
+        out.append(line)
+    return header, out
+
+
+def _interval(value: float, ci: list[float], signed: bool = False) -> str:
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f"{f.format(value)} [{f.format(ci[0])}, {f.format(ci[1])}]"
+
+
+def _footer(results: dict) -> list[str]:
+    first = results["table"][0].get("extraction", {})
+    return [
+        f"domains: {', '.join(results['domains'])}; extracted = mean distinct members per domain "
+        f"of {first.get('candidates_per_domain', '?')} candidates",
+        f"method: {results['method']}",
+    ]
+
+
+def format_table(results: dict) -> str:
+    """The table as aligned plain text, for the terminal."""
+    header, rows = table_rows(results)
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    render = lambda r: "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()  # noqa: E731
+    lines = [render(header), "-" * len(render(header))] + [render(r) for r in rows]
+    return "\n".join(lines + _footer(results))
+
+
+def format_markdown(results: dict) -> str:
+    """The table as Markdown, for reports."""
+    header, rows = table_rows(results)
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines + [""] + _footer(results)) + "\n"
 
 
 def _short(n: int) -> str:
@@ -467,7 +531,7 @@ def _short(n: int) -> str:
 
 
 def write_results(config: Config, results: dict) -> Path:
-    """Write results.json, table.txt and the resolved config into the run folder."""
+    """Write results.json, table.txt, table.md and the resolved config into the run folder."""
     from s2l_guard.cache import content_key
 
     run_dir = Path(config.run.out_dir) / f"{config.name}-{content_key('run', config.to_dict())[:8]}"
@@ -475,4 +539,5 @@ def write_results(config: Config, results: dict) -> Path:
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     (run_dir / "config.toml").write_text(config.to_toml())
     (run_dir / "table.txt").write_text(config.to_toml() + "\n" + format_table(results) + "\n")
+    (run_dir / "table.md").write_text(f"# S2L table ({config.name} profile)\n\n" + format_markdown(results))
     return run_dir

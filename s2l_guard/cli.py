@@ -85,7 +85,7 @@ def _cmd_attack(args) -> int:
     results = run_attack(config)
     run_dir = write_results(config, results)
     print(format_table(results))
-    log(f"outputs in {run_dir}/ (results.json, table.txt, config.toml); took {results['wall_seconds']:.1f} s")
+    log(f"outputs in {run_dir}/ (results.json, table.txt, table.md, config.toml); took {results['wall_seconds']:.1f} s")
     return 0
 
 

@@ -115,6 +115,7 @@ class AttackConfig:
     domains: tuple[str, ...] = ()  # private domains to attack; empty = every private domain
     shakers: tuple[str, ...] = ALL_SHAKERS  # fine-tune methods run on each domain's SP set
     ood_shakers: tuple[str, ...] = ("end2end",)  # run on real out-of-domain images too (the paper's control)
+    ood_generated_shakers: tuple[str, ...] = ("end2end",)  # run on the model's own generations of a public domain
     mia: tuple[str, ...] = ("secmi", "pia", "pian", "loss")
     gaussian_sigmas: tuple[float, ...] = _opt((2e-4, 8e-4, 3.2e-3), each_ge=0.0)  # empty: no Gaussian shaking
     gaussian_draws: int = _opt(3, ge=1)  # Gaussian shaking is averaged over this many draws
@@ -461,7 +462,7 @@ def _check_cross_section(config: Config) -> None:
     unknown = [d for d in config.attack.domains if d not in private]
     if unknown:
         problems.append(f"[attack] domains {unknown} are not private testbed domains; choose from {private}")
-    for table, names in (("shakers", config.attack.shakers + config.attack.ood_shakers), ("mia", config.attack.mia)):
+    for table, names in (("shakers", config.attack.shakers + config.attack.ood_shakers + config.attack.ood_generated_shakers), ("mia", config.attack.mia)):
         for name in names:
             try:
                 _registry(table).get(name)

@@ -31,7 +31,7 @@ def test_every_method_and_attack_ran(smoke_run):
     _, results, table = smoke_run
     assert results["schema"] == "s2l-guard/attack-results/1"
     labels = [row["row"] for row in results["table"]]
-    assert labels[:2] == ["pretrained", "end2end-ood"]
+    assert labels[:3] == ["pretrained", "end2end-ood", "end2end-ood-gen"]
     assert set(SHAKERS.names()) - {"gaussian"} <= set(labels)
     assert all(row["status"] == "ok" for row in results["table"]), [r for r in results["table"] if r["status"] != "ok"]
     for domain in results["domains"].values():
@@ -44,6 +44,9 @@ def test_every_method_and_attack_ran(smoke_run):
             if label != "pretrained":
                 assert "vs_pretrained" in row["mia"]["secmi"] and "vs_pretrained" in row["extraction"]
     assert "textual_inversion" in table and "dAUC vs pre-trained" in table
+    sp_row = next(r for r in results["table"] if r["row"] == "lora")
+    assert {"auc_delta", "auc_delta_vs_ood_control", "auc_delta_vs_generated_ood_control"} <= set(sp_row["mia"]["secmi"])
+    assert "vs_generated_ood_control" in results["domains"]["digit7"]["rows"]["lora"]["extraction"]
 
 
 def test_textual_inversion_is_attacked_through_its_token(smoke_run):
@@ -69,14 +72,14 @@ def test_rerun_reuses_every_cell(smoke_run, capsys):
     finally:
         os.chdir(cwd)
     out = capsys.readouterr().out
-    assert out.count("(cached)") == 24
+    assert out.count("(cached)") == 26
 
 
 def test_a_crashing_cell_is_reported_failed_and_the_rest_still_run(tmp_path, monkeypatch, capsys):
     config = tmp_path / "one.toml"
     config.write_text(
         f'extends = "{SMOKE}"\n[attack]\ndomains = ["digit7"]\nshakers = ["lora", "end2end"]\n'
-        "ood_shakers = []\ngaussian_sigmas = []\nmia = ['loss']\n"
+        "ood_shakers = []\nood_generated_shakers = []\ngaussian_sigmas = []\nmia = ['loss']\n"
     )
 
     def broken(self, *args, **kwargs):
@@ -100,7 +103,7 @@ def test_results_are_reproducible_from_config_and_seed(tmp_path, monkeypatch):
     config = tmp_path / "repro.toml"
     config.write_text(
         f'extends = "{SMOKE}"\n[attack]\ndomains = ["digit7"]\nshakers = ["lora", "hypernetwork", "textual_inversion"]\n'
-        "ood_shakers = []\ngaussian_sigmas = [1e-3]\ngaussian_draws = 1\nmia = ['secmi', 'pia']\n"
+        "ood_shakers = []\nood_generated_shakers = []\ngaussian_sigmas = [1e-3]\ngaussian_draws = 1\nmia = ['secmi', 'pia']\n"
     )
     tables = []
     for run in ("a", "b"):
