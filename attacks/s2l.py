@@ -38,7 +38,7 @@ from s2l_guard.data import ImageDataset, load_imagefolder
 from s2l_guard.errors import ConfigError, DataError
 from s2l_guard.metrics import metrics_to_dict, roc_metrics, threshold_protocol
 from s2l_guard.model import Bundle, load_bundle
-from s2l_guard.pipeline import log, pretrain_stage, resolve_device, testbed_stage
+from s2l_guard.pipeline import log, pretrain_stage, resolve_device, run_folder, testbed_stage
 from s2l_guard.stats import delong_test, distinct_extracted, extraction_delta, paired_bootstrap_delta
 
 from .base import MIA, SHAKERS, FinetuneData
@@ -399,11 +399,8 @@ def gaussian_means(table: list[dict], rows: list[Row], config: Config) -> list[d
     return out
 
 
-def run_attack(config: Config) -> dict:
-    """Run the S2L table for every attacked domain; return (and write) results.json."""
-    start = time.perf_counter()
-    run = S2LRun(config)
-    rows = plan_rows(config)
+def run_cells(run: S2LRun, rows: list[Row]) -> dict[str, dict[str, dict]]:
+    """Every (domain, row) cell, logged as it finishes; a crashing cell is recorded as failed."""
     total = len(rows) * len(run.domains)
     cells_by_domain: dict[str, dict[str, dict]] = {}
     done = 0
@@ -421,6 +418,15 @@ def run_attack(config: Config) -> dict:
             done += 1
             took = "cached" if cell["cached"] else cell["status"] if cell["status"] != "ok" else f"{cell['seconds']:.1f} s"
             log(f"cell {done}/{total}: {domain.name} {row.label} ({took})")
+    return cells_by_domain
+
+
+def run_attack(config: Config) -> dict:
+    """Run the S2L table for every attacked domain; return (and write) results.json."""
+    start = time.perf_counter()
+    run = S2LRun(config)
+    rows = plan_rows(config)
+    cells_by_domain = run_cells(run, rows)
     seed = config.run.seed
     domains_out = {}
     for domain in run.domains:
@@ -532,10 +538,7 @@ def _short(n: int) -> str:
 
 def write_results(config: Config, results: dict) -> Path:
     """Write results.json, table.txt, table.md and the resolved config into the run folder."""
-    from s2l_guard.cache import content_key
-
-    run_dir = Path(config.run.out_dir) / f"{config.name}-{content_key('run', config.to_dict())[:8]}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_folder(config)
     (run_dir / "results.json").write_text(json.dumps(results, indent=1))
     (run_dir / "config.toml").write_text(config.to_toml())
     (run_dir / "table.txt").write_text(config.to_toml() + "\n" + format_table(results) + "\n")

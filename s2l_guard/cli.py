@@ -89,6 +89,26 @@ def _cmd_attack(args) -> int:
     return 0
 
 
+def _cmd_ablate(args) -> int:
+    from attacks.ablation import format_ablation, run_ablation, write_ablation
+    from attacks.s2l import S2LRun
+
+    from .config import load_config
+    from .pipeline import log, run_folder
+
+    config = load_config(args.config)
+    if args.device:
+        config = config.replace(run={"device": args.device})
+    print(config.to_toml())
+    run = S2LRun(config)
+    for name in args.ablations:
+        results = run_ablation(run, name)
+        files = write_ablation(run_folder(config), results)
+        print(f"\n{name}\n{format_ablation(results)}")
+        log(f"ablation {name}: {', '.join(str(f) for f in files)}; took {results['wall_seconds']:.1f} s")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="s2l-guard",
@@ -119,6 +139,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(attack)
     attack.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
     attack.set_defaults(func=_cmd_attack)
+
+    from attacks.ablation import ABLATIONS
+
+    ablate = commands.add_parser("ablate", help="sweep LoRA rank, TI tokens or Gaussian sigma (table + plot)")
+    ablate.add_argument("ablations", nargs="+", choices=sorted(ABLATIONS), metavar="ABLATION",
+                        help=f"one or more of: {', '.join(sorted(ABLATIONS))}")  # fmt: skip
+    _add_config(ablate)
+    ablate.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
+    ablate.set_defaults(func=_cmd_ablate)
     return parser
 
 

@@ -125,6 +125,16 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
+class AblationConfig:
+    """The swept values of `s2l-guard ablate` (the paper's parameter-count and Gaussian figures)."""
+
+    lora_ranks: tuple[int, ...] = _opt((1, 2, 4, 8, 16, 32), each_ge=1)
+    ti_tokens: tuple[int, ...] = _opt((1, 2, 4, 8), each_ge=1)
+    gaussian_sigmas: tuple[float, ...] = _opt((2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3), each_ge=0.0)
+    gaussian_draws: int = _opt(3, ge=1)
+
+
+@dataclass(frozen=True)
 class SPSetConfig:
     """The synthetic private set each domain's fine-tuning uses (S2L step 1)."""
 
@@ -166,6 +176,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     report: ReportConfig = field(default_factory=ReportConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
     sp_set: SPSetConfig = field(default_factory=SPSetConfig)
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
     shakers: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -232,6 +243,7 @@ SECTIONS: dict[str, type] = {
     "pretrain": PretrainConfig,
     "report": ReportConfig,
     "attack": AttackConfig,
+    "ablation": AblationConfig,
     "sp_set": SPSetConfig,
     "extraction": ExtractionConfig,
 }

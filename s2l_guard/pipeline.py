@@ -123,6 +123,13 @@ def memorization_stage(store: Store, config: Config, data: Artifact, bundle_art:
     return artifact
 
 
+def run_folder(config: Config) -> Path:
+    """``runs/<profile>-<hash of the resolved config>/``: one folder per experiment, reused by reruns."""
+    folder = Path(config.run.out_dir) / f"{config.name}-{content_key('run', config.to_dict())[:8]}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 @dataclass(frozen=True)
 class PretrainOutputs:
     run_dir: Path
@@ -142,8 +149,7 @@ def run_pretrain(config: Config) -> PretrainOutputs:
     report = json.loads((memo.path / "memorization.json").read_text())
     training = json.loads((bundle_art.path / "training.json").read_text())
 
-    run_dir = Path(config.run.out_dir) / f"{config.name}-{content_key('run', config.to_dict())[:8]}"
-    run_dir.mkdir(parents=True, exist_ok=True)
+    run_dir = run_folder(config)
     table = format_report(report)
     results = {
         "s2l_guard_version": __version__,

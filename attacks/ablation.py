@@ -1,0 +1,152 @@
+"""Ablations of the S2L paper: leakage against LoRA rank, Textual Inversion tokens and Gaussian sigma.
+
+Li et al., "Shake to Leak" (SaTML 2024), sec. "How the leakage amplification
+happens?": with LoRA, leakage rises as the rank falls, then drops sharply
+below a threshold; with Textual Inversion, more learned tokens help up to a
+point; Gaussian perturbation amplifies MIA in small models, rising then
+falling as sigma grows. Each ablation runs the same cells as the S2L table
+(cached in the same store), one row per swept value, and writes a table and a
+plot of leakage against the value.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from s2l_guard.config import Config
+
+from .s2l import Row, S2LRun, _interval, _short, pooled, run_cells
+
+
+@dataclass(frozen=True)
+class Ablation:
+    shaker: str
+    setting: str  # the shaker setting that is swept
+    data: str  # "SP" (fine-tuning on the SP set) or "-" (Gaussian: no data)
+    values: Callable[[Config], tuple]
+    draws: Callable[[Config], int]
+    axis: str  # x-axis label
+    log_x: bool
+
+
+ABLATIONS = {
+    "lora-rank": Ablation("lora", "rank", "SP", lambda c: c.ablation.lora_ranks, lambda c: 1, "LoRA rank", True),
+    "ti-tokens": Ablation("textual_inversion", "num_vectors", "SP", lambda c: c.ablation.ti_tokens, lambda c: 1,
+                          "learned TI vectors", True),  # fmt: skip
+    "gaussian": Ablation("gaussian", "sigma", "-", lambda c: c.ablation.gaussian_sigmas, lambda c: c.ablation.gaussian_draws,
+                         "Gaussian sigma", True),  # fmt: skip
+}
+
+
+def ablation_rows(ablation: Ablation, config: Config) -> list[Row]:
+    rows = [Row("pretrained", None, "-")]
+    for value in ablation.values(config):
+        for draw in range(ablation.draws(config)):
+            label = f"gaussian-{value:g}-draw{draw}" if ablation.shaker == "gaussian" else f"{ablation.shaker}-{ablation.setting}{value:g}"
+            rows.append(Row(label, ablation.shaker, ablation.data, ((ablation.setting, value),), draw))
+    return rows
+
+
+def run_ablation(run: S2LRun, name: str) -> dict[str, Any]:
+    """Run one ablation; return its results (per value: leakage pooled over domains, mean over draws)."""
+    ablation = ABLATIONS[name]
+    config = run.config
+    start = time.perf_counter()
+    rows = ablation_rows(ablation, config)
+    cells = run_cells(run, rows)
+    seed = config.run.seed
+    entries = {row.label: pooled(cells, row.label, "pretrained", config, seed) for row in rows}
+    primary = config.attack.mia[0]
+    points = []
+    for value in ablation.values(config):
+        draws = [entries[r.label] for r in rows if r.overrides and r.overrides[0][1] == value and entries[r.label]["status"] == "ok"]
+        if not draws:
+            points.append({"value": value, "status": "failed"})
+            continue
+        deltas = [d["mia"][primary]["auc_delta"] for d in draws]
+        points.append({
+            "value": value, "status": "ok", "draws": len(draws),
+            "trainable_parameters": draws[0]["trainable_parameters"],
+            "auc": float(np.mean([d["mia"][primary]["roc"]["auc"]["value"] for d in draws])),
+            "auc_delta": float(np.mean([d["delta"] for d in deltas])),
+            # one draw: its paired-bootstrap interval; several: the spread of the draws' deltas
+            "auc_delta_ci95": deltas[0]["ci95"] if len(draws) == 1 else [min(d["delta"] for d in deltas), max(d["delta"] for d in deltas)],
+            "extracted_per_domain": float(np.mean([d["extraction"]["extracted_per_domain_mean"] for d in draws])),
+        })  # fmt: skip
+    base = entries["pretrained"]
+    return {
+        "ablation": name, "shaker": ablation.shaker, "setting": ablation.setting, "mia": primary,
+        "config": config.to_dict(), "seed": seed, "domains": list(cells),
+        "pretrained": {"auc": base["mia"][primary]["roc"]["auc"]["value"], "extracted_per_domain": base["extraction"]["extracted_per_domain_mean"]},
+        "points": points,
+        "interval": "one draw: paired-bootstrap 95% interval of the AUC change; several draws: min and max over draws",
+        "wall_seconds": round(time.perf_counter() - start, 2),
+    }  # fmt: skip
+
+
+def format_ablation(results: dict) -> str:
+    """A Markdown table: one row per swept value."""
+    lines = [
+        f"| {results['setting']} | trainable params | {results['mia']} AUC | dAUC vs pre-trained | extracted / domain |",
+        "|---|---|---|---|---|",
+    ]
+    for p in results["points"]:
+        if p["status"] != "ok":
+            lines.append(f"| {p['value']:g} | {p['status']} | | | |")
+            continue
+        draws = f" (mean of {p['draws']})" if p["draws"] > 1 else ""
+        lines.append(f"| {p['value']:g} | {_short(p['trainable_parameters'])} | {p['auc']:.3f}{draws} | "
+                     f"{_interval(p['auc_delta'], p['auc_delta_ci95'], signed=True)} | {p['extracted_per_domain']:.1f} |")  # fmt: skip
+    pre = results["pretrained"]
+    lines.append(f"\npre-trained: AUC {pre['auc']:.3f}, extracted / domain {pre['extracted_per_domain']:.1f}; "
+                 f"domains {', '.join(results['domains'])}; interval: {results['interval']}")  # fmt: skip
+    return "\n".join(lines) + "\n"
+
+
+def plot_ablation(results: dict, path: Path) -> Path:
+    """Leakage against the swept value: AUC change (with its interval) and extracted images."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ablation = ABLATIONS[results["ablation"]]
+    ok = [p for p in results["points"] if p["status"] == "ok"]
+    x = [p["value"] for p in ok]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(8, 3.2))
+    delta = np.array([p["auc_delta"] for p in ok])
+    ci = np.array([p["auc_delta_ci95"] for p in ok]).reshape(-1, 2)
+    left.errorbar(x, delta, yerr=[delta - ci[:, 0], ci[:, 1] - delta], marker="o", capsize=3)
+    left.axhline(0, color="grey", lw=0.8)
+    left.set_ylabel(f"{results['mia']} AUC change vs pre-trained")
+    right.plot(x, [p["extracted_per_domain"] for p in ok], marker="o")
+    right.axhline(results["pretrained"]["extracted_per_domain"], color="grey", lw=0.8, ls="--", label="pre-trained")
+    right.set_ylabel("extracted members / domain")
+    right.legend(fontsize=7)
+    from matplotlib.ticker import NullFormatter
+
+    for ax in (left, right):
+        ax.set_xlabel(ablation.axis)
+        if ablation.log_x:
+            ax.set_xscale("log")
+        ax.set_xticks(x, [f"{v:g}" for v in x])  # label the swept values only; log minor labels collide
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    fig.suptitle(f"S2L ablation: {results['ablation']} ({', '.join(results['domains'])})", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_ablation(run_dir: Path, results: dict) -> list[Path]:
+    name = results["ablation"]
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / f"ablation-{name}.json").write_text(json.dumps(results, indent=1))
+    (run_dir / f"ablation-{name}.md").write_text(f"# S2L ablation: {name}\n\n" + format_ablation(results))
+    return [run_dir / f"ablation-{name}.json", run_dir / f"ablation-{name}.md", plot_ablation(results, run_dir / f"ablation-{name}.png")]

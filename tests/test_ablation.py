@@ -1,0 +1,42 @@
+import json
+from pathlib import Path
+
+import pytest
+
+from attacks.ablation import ABLATIONS, ablation_rows
+from s2l_guard.cli import main
+from s2l_guard.config import load_config
+
+SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
+
+
+def test_rows_sweep_the_setting_and_repeat_gaussian_draws():
+    config = load_config(SMOKE)
+    lora = ablation_rows(ABLATIONS["lora-rank"], config)
+    assert [r.label for r in lora] == ["pretrained", "lora-rank1", "lora-rank4"]
+    assert lora[1].overrides == (("rank", 1),) and lora[1].data == "SP"
+    gaussian = ablation_rows(ABLATIONS["gaussian"], config)
+    assert len(gaussian) == 1 + 2 * 2 and {r.draw for r in gaussian[1:]} == {0, 1}
+
+
+def test_ablate_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "one.toml"
+    config.write_text(f'extends = "{SMOKE}"\n[attack]\ndomains = ["digit7"]\nmia = ["loss"]\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["ablate", "lora-rank", "gaussian", "--config", str(config)]) == 0
+    [run] = (tmp_path / "runs").iterdir()
+    lora = json.loads((run / "ablation-lora-rank.json").read_text())
+    points = lora["points"]
+    assert [p["value"] for p in points] == [1, 4] and all(p["status"] == "ok" for p in points)
+    assert points[0]["trainable_parameters"] < points[1]["trainable_parameters"]  # rank sets the parameter count
+    gaussian = json.loads((run / "ablation-gaussian.json").read_text())
+    assert all(p["draws"] == 2 for p in gaussian["points"])
+    for name, column in (("lora-rank", "| rank |"), ("gaussian", "| sigma |")):
+        assert (run / f"ablation-{name}.png").stat().st_size > 5000
+        assert column in (run / f"ablation-{name}.md").read_text()
+
+
+def test_unknown_ablation_is_refused(capsys):
+    with pytest.raises(SystemExit):
+        main(["ablate", "lora-alpha", "--config", str(SMOKE)])
+    assert "invalid choice" in capsys.readouterr().err
