@@ -60,28 +60,30 @@ def _cmd_testbed_build(args) -> int:
     return 0
 
 
-def _cmd_pretrain(args) -> int:
+def _run_config(args):
+    """The config a run command works on (``--device`` applied), printed first as every output is."""
     from .config import load_config
-    from .pipeline import run_pretrain
 
     config = load_config(args.config)
     if args.device:
         config = config.replace(run={"device": args.device})
     print(config.to_toml())
-    run_pretrain(config)
+    return config
+
+
+def _cmd_pretrain(args) -> int:
+    from .pipeline import run_pretrain
+
+    run_pretrain(_run_config(args))
     return 0
 
 
 def _cmd_attack(args) -> int:
     from attacks.s2l import format_table, run_attack, write_results
 
-    from .config import load_config
     from .pipeline import log
 
-    config = load_config(args.config)
-    if args.device:
-        config = config.replace(run={"device": args.device})
-    print(config.to_toml())
+    config = _run_config(args)
     results = run_attack(config)
     run_dir = write_results(config, results)
     print(format_table(results))
@@ -93,13 +95,9 @@ def _cmd_ablate(args) -> int:
     from attacks.ablation import format_ablation, run_ablation, write_ablation
     from attacks.s2l import S2LRun
 
-    from .config import load_config
     from .pipeline import log, run_folder
 
-    config = load_config(args.config)
-    if args.device:
-        config = config.replace(run={"device": args.device})
-    print(config.to_toml())
+    config = _run_config(args)
     run = S2LRun(config)
     for name in args.ablations:
         results = run_ablation(run, name)

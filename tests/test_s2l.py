@@ -1,6 +1,8 @@
 """The S2L pipeline end to end on the smoke profile (tiny model, a few steps per method)."""
 
+import contextlib
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -12,17 +14,22 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = ROOT / "configs" / "smoke.toml"
 
 
+@contextlib.contextmanager
+def inside(folder: Path):
+    """Run in ``folder`` (module fixtures cannot use monkeypatch.chdir)."""
+    cwd = Path.cwd()
+    os.chdir(folder)
+    try:
+        yield
+    finally:
+        os.chdir(cwd)
+
+
 @pytest.fixture(scope="module")
 def smoke_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("attack")
-    cwd = Path.cwd()
-    import os
-
-    os.chdir(folder)
-    try:
+    with inside(folder):
         assert main(["attack", "--config", str(SMOKE)]) == 0
-    finally:
-        os.chdir(cwd)
     [run] = (folder / "runs").iterdir()
     return folder, json.loads((run / "results.json").read_text()), (run / "table.txt").read_text()
 
@@ -63,14 +70,8 @@ def test_trajectories_are_recorded(smoke_run):
 
 def test_rerun_reuses_every_cell(smoke_run, capsys):
     folder, _, _ = smoke_run
-    import os
-
-    cwd = Path.cwd()
-    os.chdir(folder)
-    try:
+    with inside(folder):
         assert main(["attack", "--config", str(SMOKE)]) == 0
-    finally:
-        os.chdir(cwd)
     out = capsys.readouterr().out
     assert out.count("(cached)") == 26
 
