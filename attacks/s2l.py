@@ -46,7 +46,7 @@ from .extraction import generate_candidates, match_candidates
 from .sp_set import generate_sp_set
 
 SCHEMA = "s2l-guard/attack-results/1"
-CELL_FORMAT = 3  # bump when what a cell stores changes, so cached cells are recomputed
+CELL_FORMAT = 4  # bump when what a cell stores changes, so cached cells are recomputed
 FPRS = (0.01, 0.001)
 
 
@@ -247,10 +247,14 @@ class S2LRun:
         trajectory: list[dict] = []
         primary = self.config.attack.mia[0] if self.config.attack.mia else None
 
+        # Mid-training the domain is reached through the method's prompt too (TI's token).
+        prompt = shaker.target_prompt(data) if row.data == "SP" and hasattr(shaker, "target_prompt") else domain.prompt
+        captions = lambda part: [r.text.replace(domain.prompt, prompt) for r in part.records]  # noqa: E731
+
         def on_step(step: int, bundle: Bundle) -> None:
             attack = MIA.get(primary)(self.config.mia_settings(primary))
-            m = attack.score(bundle, domain.members.images, [r.text for r in domain.members.records], seed=seed)
-            n = attack.score(bundle, domain.nonmembers.images, [r.text for r in domain.nonmembers.records], seed=seed)
+            m = attack.score(bundle, domain.members.images, captions(domain.members), seed=seed)
+            n = attack.score(bundle, domain.nonmembers.images, captions(domain.nonmembers), seed=seed)
             trajectory.append({"step": step, "mia": primary, "auc": float(roc_metrics(m, n, resamples=100)["auc"].value)})
 
         every = self.config.attack.trajectory_every if primary else 0

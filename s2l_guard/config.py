@@ -300,11 +300,23 @@ def _read_chain(path: Path, origins: dict, seen: tuple[Path, ...]) -> dict[str, 
                 origins[(section, key)] = path
             base.setdefault(section, {})
             if isinstance(base[section], dict):
-                base[section] = {**base[section], **values}
+                base[section] = _merge(base[section], values, depth=2 if section in PLUGIN_TABLES else 1)
                 continue
         origins[(section, "")] = path
         base[section] = values
     return base
+
+
+def _merge(base: dict, override: dict, *, depth: int) -> dict:
+    """Keys of ``override`` win; at depth 2 a method table ([shakers.lora]) merges key by key,
+    so a profile that sets one key of a method keeps the keys its base set."""
+    out = dict(base)
+    for key, value in override.items():
+        if depth > 1 and isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value, depth=depth - 1)
+        else:
+            out[key] = value
+    return out
 
 
 def _where(origins: dict, section: str, key: str, default: str) -> str:

@@ -127,3 +127,11 @@ def test_attack_config_errors_name_the_problem(tmp_path, text, fragment):
     with pytest.raises(ConfigError) as err:
         load_config(write(tmp_path, text))
     assert fragment in str(err.value)
+
+
+def test_method_tables_merge_key_by_key_across_extends(tmp_path):
+    """A profile that changes one setting of a method keeps the others its base set."""
+    write(tmp_path, "[shakers.lora]\nsteps = 7\nrank = 2\n", "base.toml")
+    config = load_config(write(tmp_path, 'extends = "base.toml"\n[shakers.lora]\nlearning_rate = 0.5\n'))
+    lora = config.shaker_settings("lora")
+    assert (lora.steps, lora.rank, lora.learning_rate) == (7, 2, 0.5)
