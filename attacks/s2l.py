@@ -201,7 +201,9 @@ class S2LRun:
             "format": CELL_FORMAT, "bundle": self.bundle_art.key, "data": self.data_art.key, "domain": domain.name, "row": row.label,
             "shaker": shaker, "sp_set": sp.key if sp else None, "seed": c.run.seed,
             "mia": {name: json.loads(json.dumps(c.mia_settings(name).__dict__, default=list)) for name in c.attack.mia},
-            "extraction": c.section("extraction"), "trajectory_every": c.attack.trajectory_every,
+            "extraction": c.section("extraction"),
+            # only training rows record a trajectory; the others must not be recomputed when it changes
+            "trajectory_every": c.attack.trajectory_every if row.shaker and row.data != "-" else 0,
         }  # fmt: skip
 
     def run_cell(self, domain: Domain, row: Row) -> dict:
