@@ -25,6 +25,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
+from diffusers.optimization import get_scheduler
 from tqdm.auto import tqdm
 
 from .cache import atomic_write_bytes
@@ -44,6 +45,8 @@ class TrainSettings:
     grad_clip: float | None = 1.0  # max global gradient norm; None disables clipping
     seed: int = 0
     checkpoint_every: int = 0  # 0: never checkpoint
+    lr_schedule: str = "constant"  # a diffusers.optimization schedule name ("cosine", "linear", ...)
+    warmup_steps: int = 0
 
 
 @dataclass(frozen=True)
@@ -134,7 +137,8 @@ def train(
         contexts = None if text_trained else bundle.encode_prompts(prompts)
 
     result = TrainResult()
-    start = _resume(checkpoint_dir, trainable, optimizer, result)
+    schedule = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps)
+    start = _resume(checkpoint_dir, trainable, optimizer, schedule, result)
     _set_train_mode(bundle, trainable, True)
     bar = tqdm(range(start, settings.steps), desc=description, initial=start, total=settings.steps, leave=False, disable=None)
     try:
@@ -162,13 +166,14 @@ def train(
             if settings.grad_clip:
                 torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
             optimizer.step()
+            schedule.step()
             if after_step:
                 after_step()
             result.losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.4f}")
             done = step + 1
             if checkpoint_dir and settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
-                _save_checkpoint(Path(checkpoint_dir), done, trainable, optimizer, result)
+                _save_checkpoint(Path(checkpoint_dir), done, trainable, optimizer, schedule, result)
             if on_step:
                 on_step(done, loss.item())
     finally:
@@ -206,12 +211,13 @@ def _in_batches(fn: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, siz
     return torch.cat([fn(x[i : i + size]) for i in range(0, len(x), size)])
 
 
-def _save_checkpoint(folder: Path, step: int, trainable, optimizer, result: TrainResult) -> None:
+def _save_checkpoint(folder: Path, step: int, trainable, optimizer, schedule, result: TrainResult) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     state = {
         "step": step,
         "params": {name: p.detach().cpu() for name, p in trainable.items()},
         "optimizer": optimizer.state_dict(),
+        "lr_schedule": schedule.state_dict(),
         "losses": torch.tensor(result.losses),
     }
     buffer = io.BytesIO()
@@ -219,7 +225,7 @@ def _save_checkpoint(folder: Path, step: int, trainable, optimizer, result: Trai
     atomic_write_bytes(folder / CHECKPOINT, buffer.getvalue())
 
 
-def _resume(folder, trainable, optimizer, result: TrainResult) -> int:
+def _resume(folder, trainable, optimizer, schedule, result: TrainResult) -> int:
     path = Path(folder) / CHECKPOINT if folder else None
     if path is None or not path.is_file():
         return 0
@@ -230,6 +236,8 @@ def _resume(folder, trainable, optimizer, result: TrainResult) -> int:
         for name, param in trainable.items():
             param.copy_(state["params"][name])
     optimizer.load_state_dict(state["optimizer"])
+    if "lr_schedule" in state:  # checkpoints from before schedules existed ran a constant rate
+        schedule.load_state_dict(state["lr_schedule"])
     result.losses = state["losses"].tolist()
     result.resumed_from = int(state["step"])
     return result.resumed_from

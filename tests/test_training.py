@@ -13,11 +13,11 @@ def toy_data(n=16):
     return images, captions
 
 
-def run(bundle, steps, names=("unet.",), checkpoint_dir=None, on_step=None, lr=1e-3):
+def run(bundle, steps, names=("unet.",), checkpoint_dir=None, on_step=None, lr=1e-3, lr_schedule="constant"):
     images, captions = toy_data()
     trainable = {n: p for n, p in bundle.named_parameters() if n.startswith(names)}
     optimizer = torch.optim.AdamW(trainable.values(), lr=lr)
-    settings = TrainSettings(steps=steps, batch_size=8, seed=5, checkpoint_every=3)
+    settings = TrainSettings(steps=steps, batch_size=8, seed=5, checkpoint_every=3, lr_schedule=lr_schedule, warmup_steps=2)
     return train(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings,
                  checkpoint_dir=checkpoint_dir, on_step=on_step)  # fmt: skip
 
@@ -45,9 +45,10 @@ def test_only_trainable_parameters_change(names):
     assert not any(p.requires_grad for _, p in bundle.named_parameters())  # frozen again afterwards
 
 
-def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path, schedule):
     straight = tiny_bundle()
-    full = run(straight, 10)
+    full = run(straight, 10, lr_schedule=schedule)
 
     class Killed(Exception):
         pass
@@ -58,13 +59,26 @@ def test_resume_after_interruption_matches_an_uninterrupted_run(tmp_path):
 
     interrupted = tiny_bundle()
     with pytest.raises(Killed):
-        run(interrupted, 10, checkpoint_dir=tmp_path, on_step=die_at_7)
+        run(interrupted, 10, checkpoint_dir=tmp_path, on_step=die_at_7, lr_schedule=schedule)
     resumed = tiny_bundle()  # a fresh process would start from the initial weights
-    result = run(resumed, 10, checkpoint_dir=tmp_path)
+    result = run(resumed, 10, checkpoint_dir=tmp_path, lr_schedule=schedule)
     assert result.resumed_from == 6  # last checkpoint before the crash
     assert result.losses == full.losses
     for (name, a), (_, b) in zip(straight.named_parameters(), resumed.named_parameters()):
         assert torch.equal(a, b), name
+
+
+def test_cosine_schedule_decays_the_rate_to_zero():
+    bundle = tiny_bundle()
+    images, captions = toy_data()
+    trainable = dict(bundle.named_parameters())
+    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3)
+    rates = []
+    settings = TrainSettings(steps=8, batch_size=4, lr_schedule="cosine", warmup_steps=2)
+    train(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings,
+          on_step=lambda step, loss: rates.append(optimizer.param_groups[0]["lr"]))  # fmt: skip
+    assert rates[1] == pytest.approx(1e-3)  # after the warm-up
+    assert rates[1] > rates[4] > rates[-1] and rates[-1] == pytest.approx(0.0)
 
 
 def test_bad_inputs_are_errors():
