@@ -44,13 +44,21 @@ ABLATIONS = {
 }
 
 
-def ablation_rows(ablation: Ablation, config: Config) -> list[Row]:
-    rows = [Row("pretrained", None, "-")]
+def ablation_rows(ablation: Ablation, config: Config) -> list[tuple[Any, Row]]:
+    """(swept value, row) pairs. The configured value of a fine-tune setting is the S2L
+    table's own row, so the ablation reuses that cached cell instead of training it again."""
+    pairs = []
+    configured = None if ablation.shaker == "gaussian" else getattr(config.shaker_settings(ablation.shaker), ablation.setting)
     for value in ablation.values(config):
         for draw in range(ablation.draws(config)):
-            label = f"gaussian-{value:g}-draw{draw}" if ablation.shaker == "gaussian" else f"{ablation.shaker}-{ablation.setting}{value:g}"
-            rows.append(Row(label, ablation.shaker, ablation.data, ((ablation.setting, value),), draw))
-    return rows
+            if ablation.shaker == "gaussian":  # the same labels as the table's Gaussian rows
+                row = Row(f"gaussian-{value:g}-draw{draw}", "gaussian", "-", (("sigma", value),), draw)
+            elif value == configured:
+                row = Row(ablation.shaker, ablation.shaker, ablation.data)
+            else:
+                row = Row(f"{ablation.shaker}-{ablation.setting}{value:g}", ablation.shaker, ablation.data, ((ablation.setting, value),), draw)
+            pairs.append((value, row))
+    return pairs
 
 
 def run_ablation(run: S2LRun, name: str) -> dict[str, Any]:
@@ -58,14 +66,15 @@ def run_ablation(run: S2LRun, name: str) -> dict[str, Any]:
     ablation = ABLATIONS[name]
     config = run.config
     start = time.perf_counter()
-    rows = ablation_rows(ablation, config)
+    pairs = ablation_rows(ablation, config)
+    rows = [Row("pretrained", None, "-")] + [row for _, row in pairs]
     cells = run_cells(run, rows)
     seed = config.run.seed
     entries = {row.label: pooled(cells, row.label, "pretrained", config, seed) for row in rows}
     primary = config.attack.mia[0]
     points = []
     for value in ablation.values(config):
-        draws = [entries[r.label] for r in rows if r.overrides and r.overrides[0][1] == value and entries[r.label]["status"] == "ok"]
+        draws = [entries[r.label] for v, r in pairs if v == value and entries[r.label]["status"] == "ok"]
         if not draws:
             points.append({"value": value, "status": "failed"})
             continue

@@ -12,11 +12,13 @@ SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 
 def test_rows_sweep_the_setting_and_repeat_gaussian_draws():
     config = load_config(SMOKE)
+    assert config.shaker_settings("lora").rank == 2
     lora = ablation_rows(ABLATIONS["lora-rank"], config)
-    assert [r.label for r in lora] == ["pretrained", "lora-rank1", "lora-rank4"]
-    assert lora[1].overrides == (("rank", 1),) and lora[1].data == "SP"
+    assert [(v, r.label) for v, r in lora] == [(1, "lora-rank1"), (2, "lora")]  # rank 2 is the S2L table's row
+    assert lora[0][1].overrides == (("rank", 1),) and lora[0][1].data == "SP" and lora[1][1].overrides == ()
     gaussian = ablation_rows(ABLATIONS["gaussian"], config)
-    assert len(gaussian) == 1 + 2 * 2 and {r.draw for r in gaussian[1:]} == {0, 1}
+    assert len(gaussian) == 2 * 2 and {r.draw for _, r in gaussian} == {0, 1}
+    assert gaussian[0][1].label == "gaussian-0.0002-draw0"  # as in the S2L table, so its cells are shared
 
 
 def test_ablate_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
@@ -27,7 +29,7 @@ def test_ablate_writes_table_json_and_plot(tmp_path, monkeypatch, capsys):
     [run] = (tmp_path / "runs").iterdir()
     lora = json.loads((run / "ablation-lora-rank.json").read_text())
     points = lora["points"]
-    assert [p["value"] for p in points] == [1, 4] and all(p["status"] == "ok" for p in points)
+    assert [p["value"] for p in points] == [1, 2] and all(p["status"] == "ok" for p in points)
     assert points[0]["trainable_parameters"] < points[1]["trainable_parameters"]  # rank sets the parameter count
     gaussian = json.loads((run / "ablation-gaussian.json").read_text())
     assert all(p["draws"] == 2 for p in gaussian["points"])
