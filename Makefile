@@ -14,8 +14,12 @@ $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 
 install: $(BIN)/.installed
 
+# Pre-training, then the S2L table, then the paper's ablations; every stage is cached,
+# so a second run (or one resumed after an interruption) only does what is missing.
 run: $(BIN)/.installed
 	$(BIN)/s2l-guard pretrain --config $(CONFIG)
+	$(BIN)/s2l-guard attack --config $(CONFIG)
+	$(BIN)/s2l-guard ablate lora-rank ti-tokens gaussian --config $(CONFIG)
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

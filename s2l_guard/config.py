@@ -78,12 +78,16 @@ class ModelConfig:
 class PretrainConfig:
     """The denoising-loss training run that makes the testbed model."""
 
-    steps: int = _opt(2000, ge=1)
+    steps: int = _opt(1000, ge=1)
     batch_size: int = _opt(128, ge=1)
     learning_rate: float = _opt(1e-3, gt=0.0)
     weight_decay: float = _opt(0.0, ge=0.0)
     caption_dropout: float = _opt(0.1, ge=0.0, le=1.0)  # enables classifier-free guidance
     grad_clip: float = _opt(1.0, gt=0.0)
+    # Decaying the rate at the end, as real pre-training runs do, keeps a later gentle
+    # fine-tune from acting as the missing decay (which raises MIA for any data).
+    lr_schedule: str = _opt("cosine", choices=("constant", "cosine", "linear"))
+    warmup_steps: int = _opt(0, ge=0)
     checkpoint_every: int = _opt(250, ge=1)
     train_text_encoder: bool = False  # SD kept its CLIP encoder frozen; so do we by default
 
@@ -114,14 +118,17 @@ class AttackConfig:
 
     domains: tuple[str, ...] = ()  # private domains to attack; empty = every private domain
     shakers: tuple[str, ...] = ALL_SHAKERS  # fine-tune methods run on each domain's SP set
-    ood_shakers: tuple[str, ...] = ("end2end",)  # run on real out-of-domain images too (the paper's control)
-    ood_generated_shakers: tuple[str, ...] = ("end2end",)  # run on the model's own generations of a public domain
+    # Controls: these methods also train on real out-of-domain images (the paper's control) and on the
+    # model's own generations of a public domain. An SP row is compared with its own method's control
+    # where one ran (else End-to-End's): full and parameter-efficient fine-tuning forget differently.
+    ood_shakers: tuple[str, ...] = ("end2end", "lora")
+    ood_generated_shakers: tuple[str, ...] = ("end2end", "lora")
     mia: tuple[str, ...] = ("secmi", "pia", "pian", "loss")
     gaussian_sigmas: tuple[float, ...] = _opt((2e-4, 8e-4, 3.2e-3), each_ge=0.0)  # empty: no Gaussian shaking
     gaussian_draws: int = _opt(3, ge=1)  # Gaussian shaking is averaged over this many draws
     calibration_share: float = _opt(0.5, gt=0.0, lt=1.0)  # members/non-members used to fit thresholds
     bootstrap: int = _opt(1000, ge=100)
-    trajectory_every: int = _opt(0, ge=0)  # > 0: measure leakage every N fine-tuning steps
+    trajectory_every: int = _opt(25, ge=0)  # > 0: measure leakage every N fine-tuning steps
 
 
 @dataclass(frozen=True)
@@ -138,7 +145,7 @@ class AblationConfig:
 class SPSetConfig:
     """The synthetic private set each domain's fine-tuning uses (S2L step 1)."""
 
-    images: int = _opt(200, ge=1)
+    images: int = _opt(100, ge=1)
     prompt_templates: tuple[str, ...] = ("{prompt}",)  # {prompt}: the domain's prompt; cycled over the images
     negative_prompt: str = ""
     guidance_scale: float = _opt(3.0, ge=1.0)
@@ -150,7 +157,7 @@ class SPSetConfig:
 class ExtractionConfig:
     """Candidate generation and (k, l2, delta)-eidetic matching (Carlini et al. 2023)."""
 
-    candidates: int = _opt(200, ge=1)  # generations per domain and model
+    candidates: int = _opt(100, ge=1)  # generations per domain and model
     delta: float = _opt(0.1, gt=0.0)  # match radius (tiled normalized L2)
     max_copies: int = _opt(10, ge=1)  # k: only images seen at most k times count
     grid: int = _opt(0, ge=0)  # tile grid; 0 = auto: clamp(image size // 128, 1, 4)
@@ -193,6 +200,15 @@ class Config:
         from attacks.base import MIA
 
         return _settings(MIA.get(name).Settings, self.mia.get(name, {}))
+
+    def method_settings(self) -> dict[str, dict[str, dict[str, Any]]]:
+        """Every setting of every method the attack runs, defaults included: the method
+        tables in a profile only state what differs, and defaults can change between versions."""
+        a = self.attack
+        shakers = dict.fromkeys(a.shakers + a.ood_shakers + a.ood_generated_shakers + (("gaussian",) if a.gaussian_sigmas else ()))
+        resolve = lambda settings: json.loads(json.dumps(dataclasses.asdict(settings), default=list))  # noqa: E731
+        return {"shakers": {name: resolve(self.shaker_settings(name)) for name in shakers},
+                "mia": {name: resolve(self.mia_settings(name)) for name in a.mia}}  # fmt: skip
 
     @property
     def name(self) -> str:

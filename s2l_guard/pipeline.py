@@ -77,7 +77,8 @@ def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.d
         p = config.pretrain
         trainable = {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") or (p.train_text_encoder and n.startswith("text_encoder."))}
         optimizer = torch.optim.AdamW(trainable.values(), lr=p.learning_rate, weight_decay=p.weight_decay)
-        settings = TrainSettings(p.steps, p.batch_size, p.caption_dropout, p.grad_clip, config.run.seed, p.checkpoint_every)
+        settings = TrainSettings(p.steps, p.batch_size, p.caption_dropout, p.grad_clip, config.run.seed, p.checkpoint_every,
+                                 lr_schedule=p.lr_schedule, warmup_steps=p.warmup_steps)  # fmt: skip
         log(f"pre-training {sum(bundle.num_parameters().values()):,} parameters on {len(images)} images "
             f"({len(set(captions))} captions) for {p.steps} steps at batch {p.batch_size} on {device}")  # fmt: skip
         start = time.perf_counter()

@@ -38,7 +38,7 @@ def test_every_method_and_attack_ran(smoke_run):
     _, results, table = smoke_run
     assert results["schema"] == "s2l-guard/attack-results/1"
     labels = [row["row"] for row in results["table"]]
-    assert labels[:3] == ["pretrained", "end2end-ood", "end2end-ood-gen"]
+    assert labels[:5] == ["pretrained", "end2end-ood", "lora-ood", "end2end-ood-gen", "lora-ood-gen"]
     assert set(SHAKERS.names()) - {"gaussian"} <= set(labels)
     assert all(row["status"] == "ok" for row in results["table"]), [r for r in results["table"] if r["status"] != "ok"]
     for domain in results["domains"].values():
@@ -51,7 +51,12 @@ def test_every_method_and_attack_ran(smoke_run):
             if label != "pretrained":
                 assert "vs_pretrained" in row["mia"]["secmi"] and "vs_pretrained" in row["extraction"]
     assert "textual_inversion" in table and "dAUC vs pre-trained" in table
+    lora = results["method_settings"]["shakers"]["lora"]  # every setting, defaults included
+    assert (lora["rank"], lora["steps"], lora["learning_rate"]) == (2, 3, 1e-4)
     sp_row = next(r for r in results["table"] if r["row"] == "lora")
+    assert sp_row["controls"] == {"vs_ood_control": "lora-ood", "vs_generated_ood_control": "lora-ood-gen"}
+    dreambooth = next(r for r in results["table"] if r["row"] == "dreambooth")  # no DreamBooth control: End-to-End's
+    assert dreambooth["controls"] == {"vs_ood_control": "end2end-ood", "vs_generated_ood_control": "end2end-ood-gen"}
     assert {"auc_delta", "auc_delta_vs_ood_control", "auc_delta_vs_generated_ood_control"} <= set(sp_row["mia"]["secmi"])
     assert "vs_generated_ood_control" in results["domains"]["digit7"]["rows"]["lora"]["extraction"]
 
@@ -66,6 +71,25 @@ def test_trajectories_are_recorded(smoke_run):
     _, results, _ = smoke_run
     trajectory = results["domains"]["digit8"]["rows"]["lora"]["trajectory"]
     assert [point["step"] for point in trajectory] == [2]  # every 2 of 3 steps
+    best = next(r for r in results["table"] if r["row"] == "lora")["best_checkpoint"]
+    assert best["step"] in (2, 3) and best["uses_membership_labels"]
+    assert [p["step"] for p in best["curve"]] == [2, 3]  # the trajectory point and the final model
+
+
+def test_best_checkpoint_is_the_step_with_the_highest_mean_domain_auc():
+    from attacks.s2l import best_checkpoint
+
+    def cell(members, nonmembers, trajectory):
+        return {"mia": {"secmi": {"members": members, "nonmembers": nonmembers}},
+                "trajectory": [{"step": s, "auc": a} for s, a in trajectory]}  # fmt: skip
+
+    perfect, chance = ([1.0, 2.0], [0.0, 0.5]), ([0.0, 1.0], [0.0, 1.0])
+    cells = [cell(*chance, [(10, 0.9), (20, 0.6)]), cell(*chance, [(10, 0.7), (20, 0.8)])]
+    bases = [cell(*perfect, []), cell(*chance, [])]
+    best = best_checkpoint(cells, bases, "secmi", final_step=30)
+    assert best["step"] == 10 and best["mean_domain_auc"] == pytest.approx(0.8)
+    assert best["pretrained_mean_domain_auc"] == pytest.approx(0.75) and best["delta"] == pytest.approx(0.05)
+    assert [p["step"] for p in best["curve"]] == [10, 20, 30] and best["curve"][-1]["mean_domain_auc"] == pytest.approx(0.5)
 
 
 def test_rerun_reuses_every_cell(smoke_run, capsys):
@@ -73,7 +97,7 @@ def test_rerun_reuses_every_cell(smoke_run, capsys):
     with inside(folder):
         assert main(["attack", "--config", str(SMOKE)]) == 0
     out = capsys.readouterr().out
-    assert out.count("(cached)") == 26
+    assert out.count("(cached)") == 30
 
 
 def test_a_crashing_cell_is_reported_failed_and_the_rest_still_run(tmp_path, monkeypatch, capsys):

@@ -50,7 +50,7 @@ class DreamBooth(FinetuneMethod):
     class Settings(DreamBoothRecipe):
         """DreamBooth settings: the recipe, plus whether the text encoder trains too."""
 
-        learning_rate: float = setting(1e-4, gt=0.0)
+        learning_rate: float = setting(1e-5, gt=0.0)
         train_text_encoder: bool = False  # diffusers' --train_text_encoder
 
     def rewrite(self, data: FinetuneData) -> FinetuneData:

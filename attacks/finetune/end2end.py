@@ -31,7 +31,7 @@ class EndToEnd(FinetuneMethod):
     class Settings(FinetuneSettings):
         """End-to-end settings; the loop encodes images through the VAE every step when it trains."""
 
-        learning_rate: float = setting(1e-4, gt=0.0)
+        learning_rate: float = setting(1e-5, gt=0.0)
         train_vae_encoder: bool = True  # the paper's End-to-End trains it; no effect without a VAE
 
     def adapt(self, bundle: Bundle, data: FinetuneData) -> Adaptation:

@@ -145,7 +145,7 @@ class HypernetworkShaker(FinetuneMethod):
     class Settings(FinetuneSettings):
         """Hypernetwork settings (the web UI's defaults: structure 1, 2, 1, linear activation)."""
 
-        learning_rate: float = setting(1e-3, gt=0.0)
+        learning_rate: float = setting(1e-4, gt=0.0)
         layer_structure: tuple[float, ...] = setting((1.0, 2.0, 1.0), each_gt=0.0)  # widths in units of the context width
         activation: str = setting("linear", choices=tuple(ACTIVATIONS))
 

@@ -44,7 +44,7 @@ class Lora(FinetuneMethod):
     class Settings(FinetuneSettings):
         """LoRA settings (S2L's reference: rank 8, alpha 32, UNet and text-encoder q/v)."""
 
-        learning_rate: float = setting(1e-3, gt=0.0)
+        learning_rate: float = setting(1e-4, gt=0.0)
         rank: int = setting(8, ge=1)
         alpha: float = setting(32.0, gt=0.0)  # the update is scaled by alpha / rank
         unet_targets: tuple[str, ...] = setting(("to_q", "to_v"), nonempty=True)  # self- and cross-attention

@@ -42,7 +42,7 @@ class TextualInversion(FinetuneMethod):
     class Settings(FinetuneSettings):
         """Textual Inversion settings (the paper: one vector; diffusers' script: lr 5e-4 x batch)."""
 
-        learning_rate: float = setting(5e-3, gt=0.0)
+        learning_rate: float = setting(5e-4, gt=0.0)
         placeholder: str = "<s2l>"  # extra vectors are named <s2l>_1, <s2l>_2, ... (diffusers' convention)
         num_vectors: int = setting(1, ge=1)  # learned embeddings standing for the word
         initializer_token: str = ""  # the word replaced and copied; "": the domain prompt's last word
