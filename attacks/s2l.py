@@ -138,6 +138,14 @@ def ood_data(dataset: ImageDataset, config: Config) -> FinetuneData | None:
     return FinetuneData(chosen.images[:take], [r.text for r in chosen.records[:take]], chosen.records[0].text)
 
 
+def ood_spec(dataset: ImageDataset, config: Config) -> dict | None:
+    """What identifies :func:`ood_data` in a cell's cache key (the data set key covers the pixels)."""
+    name = ood_domain(dataset)
+    if name is None:
+        return None
+    return {"domain": name, "images": min(len(dataset.select(membership="public", domain=name)), config.sp_set.images)}
+
+
 def measure(bundle: Bundle, domain: Domain, prompt: str, training: TrainingSet, config: Config, seed: int) -> dict:
     """Raw leakage of one model on one domain: per-sample MIA scores and per-candidate extraction hits."""
     out: dict[str, Any] = {"prompt": prompt, "mia": {}}
@@ -201,6 +209,8 @@ class S2LRun:
         return {
             "format": CELL_FORMAT, "bundle": self.bundle_art.key, "data": self.data_art.key, "domain": domain.name, "row": row.label,
             "shaker": shaker, "sp_set": sp.key if sp else None, "seed": c.run.seed,
+            # the real out-of-domain images a row trains on (their number follows [sp_set] images)
+            "ood_data": ood_spec(self.dataset, c) if row.data == "OoD" else None,
             "mia": {name: json.loads(json.dumps(c.mia_settings(name).__dict__, default=list)) for name in c.attack.mia},
             "extraction": c.section("extraction"),
             # only training rows record a trajectory; the others must not be recomputed when it changes

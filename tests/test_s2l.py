@@ -150,3 +150,19 @@ def without_timings(value):
         return [without_timings(v) for v in value]
     return value
 
+
+
+def test_the_out_of_domain_cell_key_follows_the_number_of_its_images(tmp_path, monkeypatch):
+    """The real-image control trains on min(public images, [sp_set] images): a new count is a new cell."""
+    from attacks.s2l import Row, S2LRun
+    from s2l_guard.config import load_config
+
+    monkeypatch.chdir(tmp_path)
+    config = load_config(SMOKE)
+    row = Row("end2end-ood", "end2end", "OoD")
+    specs = []
+    for images in (4, 8, 8):
+        run = S2LRun(config.replace(sp_set={"images": images}))
+        specs.append(run.cell_spec(run.domains[0], row, None))
+    assert specs[0]["ood_data"] == {"domain": "digit0", "images": 4}
+    assert specs[0] != specs[1] and specs[1] == specs[2]
