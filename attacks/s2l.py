@@ -47,7 +47,7 @@ from .extraction import generate_candidates, match_candidates
 from .sp_set import generate_sp_set
 
 SCHEMA = "s2l-guard/attack-results/1"
-CELL_FORMAT = 4  # bump when what a cell stores changes, so cached cells are recomputed
+CELL_FORMAT = 5  # bump when what a cell stores changes, so cached cells are recomputed
 FPRS = (0.01, 0.001)
 
 
@@ -220,14 +220,14 @@ class S2LRun:
     def run_cell(self, domain: Domain, row: Row) -> dict:
         sp = self.generated_data(domain, row)
         spec = self.cell_spec(domain, row, sp)
-        seed = derive_seed(self.config.run.seed, domain.name, row.label)
+        seed = derive_seed(self.config.run.seed, domain.name, row.label)  # the row's own training noise
 
         def build(folder: Path, key: str) -> None:
             start = time.perf_counter()
             cell: dict[str, Any] = {"row": row.label, "shaker": row.shaker, "data": row.data, "sigma": row.sigma}
             if row.shaker is None:
                 cell["trainable_parameters"] = 0
-                cell.update(measure(self.bundle, domain, domain.prompt, self.training, self.config, seed))
+                cell.update(measure(self.bundle, domain, domain.prompt, self.training, self.config, self.measure_seed(domain)))
             else:
                 data = self._finetune_data(domain, row, sp)
                 if data is None:
@@ -242,6 +242,12 @@ class S2LRun:
         cell.setdefault("status", "ok")
         cell["cached"] = artifact.reused
         return cell
+
+    def measure_seed(self, domain: Domain) -> int:
+        """One seed per domain for every model's attacks: the loss attack's noise and the
+        extraction candidates' starting noise are then the same for the pre-trained and the
+        shaken model (common random numbers), so the paired tests compare models, not draws."""
+        return derive_seed(self.config.run.seed, "measure", domain.name)
 
     def _finetune_data(self, domain: Domain, row: Row, sp: Artifact | None) -> FinetuneData | None:
         if row.data in ("SP", "OoD-gen"):
@@ -266,8 +272,8 @@ class S2LRun:
 
         def on_step(step: int, bundle: Bundle) -> None:
             attack = MIA.get(primary)(self.config.mia_settings(primary))
-            m = attack.score(bundle, domain.members.images, captions(domain.members), seed=seed)
-            n = attack.score(bundle, domain.nonmembers.images, captions(domain.nonmembers), seed=seed)
+            m = attack.score(bundle, domain.members.images, captions(domain.members), seed=self.measure_seed(domain))
+            n = attack.score(bundle, domain.nonmembers.images, captions(domain.nonmembers), seed=self.measure_seed(domain))
             trajectory.append({"step": step, "mia": primary, "auc": float(roc_metrics(m, n, resamples=100)["auc"].value)})
 
         every = self.config.attack.trajectory_every if primary else 0
@@ -275,7 +281,7 @@ class S2LRun:
         # The domain's prompt in the shaken model (Textual Inversion's token for an SP row;
         # the OoD control is attacked with the domain's own prompt).
         prompt = result.prompt if row.data == "SP" else domain.prompt
-        out = measure(result.bundle, domain, prompt, self.training, self.config, seed)
+        out = measure(result.bundle, domain, prompt, self.training, self.config, self.measure_seed(domain))
         out.update(trainable_parameters=result.trainable_parameters, trajectory=trajectory,
                    final_loss=float(np.mean(result.losses[-10:])) if result.losses else None)  # fmt: skip
         return out
@@ -547,6 +553,26 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, out
 
 
+def attack_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Every MIA side by side: per row, each attack's AUC and its paired change vs the pre-trained model.
+
+    The paper's table shows one attack; which attack is strongest differs between
+    models, and a verdict should not rest on the one that happens to be printed.
+    """
+    mias = results["config"]["attack"]["mia"]
+    header = ["method", "data"] + [f"{m} AUC, dAUC [95% CI]" for m in mias]
+    out = []
+    for row in results["table"]:
+        if row["status"] != "ok" or "draws" in row:  # Gaussian means: see the main table
+            continue
+        line = [row["row"], row.get("data") or "-"]
+        for m in mias:
+            auc, delta = row["mia"][m]["roc"]["auc"]["value"], row["mia"][m].get("auc_delta")
+            line.append(f"{auc:.3f}" + (f", {_interval(delta['delta'], delta['ci95'], signed=True)}" if delta else ""))
+        out.append(line)
+    return header, out
+
+
 def _interval(value: float, ci: list[float], signed: bool = False) -> str:
     f = "{:+.3f}" if signed else "{:.3f}"
     return f"{f.format(value)} [{f.format(ci[0])}, {f.format(ci[1])}]"
@@ -565,21 +591,27 @@ def _footer(results: dict) -> list[str]:
     ]
 
 
-def format_table(results: dict) -> str:
-    """The table as aligned plain text, for the terminal."""
-    header, rows = table_rows(results)
+def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     render = lambda r: "  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()  # noqa: E731
-    lines = [render(header), "-" * len(render(header))] + [render(r) for r in rows]
-    return "\n".join(lines + _footer(results))
+    return [render(header), "-" * len(render(header))] + [render(r) for r in rows]
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def format_table(results: dict) -> str:
+    """The table as aligned plain text, for the terminal, then every attack side by side."""
+    lines = _aligned(*table_rows(results)) + _footer(results)
+    return "\n".join(lines + ["", "every membership inference attack, paired vs pre-trained:"] + _aligned(*attack_rows(results)))
 
 
 def format_markdown(results: dict) -> str:
     """The table as Markdown, for reports."""
-    header, rows = table_rows(results)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines + [""] + _footer(results)) + "\n"
+    lines = _markdown(*table_rows(results)) + [""] + _footer(results)
+    lines += ["", "## Every membership inference attack (paired change vs the pre-trained model)", ""] + _markdown(*attack_rows(results))
+    return "\n".join(lines) + "\n"
 
 
 def _short(n: int) -> str:

@@ -166,3 +166,23 @@ def test_the_out_of_domain_cell_key_follows_the_number_of_its_images(tmp_path, m
         specs.append(run.cell_spec(run.domains[0], row, None))
     assert specs[0]["ood_data"] == {"domain": "digit0", "images": 4}
     assert specs[0] != specs[1] and specs[1] == specs[2]
+
+
+def test_an_unchanged_model_measures_exactly_as_the_pretrained_one(tmp_path, monkeypatch):
+    """Gaussian shaking with sigma 0 leaves the model as it was; with common random numbers
+    for the attacks (the loss attack's noise, the extraction candidates' starting noise) every
+    paired change is then exactly 0, not the difference of two noise draws."""
+    config = tmp_path / "zero.toml"
+    config.write_text(
+        f'extends = "{SMOKE}"\n[attack]\ndomains = ["digit7"]\nshakers = []\nood_shakers = []\n'
+        "ood_generated_shakers = []\ngaussian_sigmas = [0.0]\ngaussian_draws = 1\nmia = ['loss', 'secmi']\n"
+    )
+    monkeypatch.chdir(tmp_path)
+    assert main(["attack", "--config", str(config)]) == 0
+    [run] = (tmp_path / "runs").iterdir()
+    rows = json.loads((run / "results.json").read_text())["domains"]["digit7"]["rows"]
+    base, same = rows["pretrained"], rows["gaussian-0-draw0"]
+    assert same["extraction"]["nearest_distance_median"] == base["extraction"]["nearest_distance_median"]
+    for mia in ("loss", "secmi"):
+        assert same["mia"][mia]["roc"]["auc"] == base["mia"][mia]["roc"]["auc"]
+        assert same["mia"][mia]["vs_pretrained"]["auc_paired_bootstrap"]["delta"] == pytest.approx(0.0, abs=1e-12)
