@@ -76,7 +76,9 @@ def run_ablation(run: S2LRun, name: str) -> dict[str, Any]:
     for value in ablation.values(config):
         draws = [entries[r.label] for v, r in pairs if v == value and entries[r.label]["status"] == "ok"]
         if not draws:
-            points.append({"value": value, "status": "failed"})
+            labels = {r.label for v, r in pairs if v == value}
+            reasons = sorted({c[label].get("reason") or c[label]["status"] for c in cells.values() for label in labels if label in c})
+            points.append({"value": value, "status": "failed", "reasons": reasons})
             continue
         deltas = [d["mia"][primary]["auc_delta"] for d in draws]
         points.append({
@@ -107,7 +109,7 @@ def format_ablation(results: dict) -> str:
     ]
     for p in results["points"]:
         if p["status"] != "ok":
-            lines.append(f"| {p['value']:g} | {p['status']} | | | |")
+            lines.append(f"| {p['value']:g} | {p['status']}: {'; '.join(p.get('reasons', []))} | | | |")
             continue
         draws = f" (mean of {p['draws']})" if p["draws"] > 1 else ""
         lines.append(f"| {p['value']:g} | {_short(p['trainable_parameters'])} | {p['auc']:.3f}{draws} | "

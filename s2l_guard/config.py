@@ -136,7 +136,7 @@ class AblationConfig:
     """The swept values of `s2l-guard ablate` (the paper's parameter-count and Gaussian figures)."""
 
     lora_ranks: tuple[int, ...] = _opt((1, 2, 4, 8, 16, 32), each_ge=1)
-    ti_tokens: tuple[int, ...] = _opt((1, 2, 4, 8), each_ge=1)
+    ti_tokens: tuple[int, ...] = _opt((1, 2, 3), each_ge=1)  # "a handwritten digit" + 3 vectors fill 8 tokens
     gaussian_sigmas: tuple[float, ...] = _opt((2e-4, 4e-4, 8e-4, 1.6e-3, 3.2e-3), each_ge=0.0)
     gaussian_draws: int = _opt(3, ge=1)
 

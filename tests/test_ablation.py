@@ -42,3 +42,16 @@ def test_unknown_ablation_is_refused(capsys):
     with pytest.raises(SystemExit):
         main(["ablate", "lora-alpha", "--config", str(SMOKE)])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_a_value_that_cannot_run_is_reported_with_its_reason(tmp_path, monkeypatch, capsys):
+    """Eight learned vectors do not fit the testbed's 8-token prompts: the point says why."""
+    config = tmp_path / "long.toml"
+    config.write_text(f'extends = "{SMOKE}"\n[attack]\ndomains = ["digit7"]\nmia = ["loss"]\n[ablation]\nti_tokens = [1, 8]\n')
+    monkeypatch.chdir(tmp_path)
+    assert main(["ablate", "ti-tokens", "--config", str(config)]) == 0
+    [run] = (tmp_path / "runs").iterdir()
+    ok, failed = json.loads((run / "ablation-ti-tokens.json").read_text())["points"]
+    assert ok["status"] == "ok" and failed["status"] == "failed"
+    assert "exceeds the tokenizer's 8 tokens" in failed["reasons"][0]
+    assert "exceeds the tokenizer's 8 tokens" in (run / "ablation-ti-tokens.md").read_text()
