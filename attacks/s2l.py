@@ -140,10 +140,8 @@ def ood_data(dataset: ImageDataset, config: Config) -> FinetuneData | None:
 
 def ood_spec(dataset: ImageDataset, config: Config) -> dict | None:
     """What identifies :func:`ood_data` in a cell's cache key (the data set key covers the pixels)."""
-    name = ood_domain(dataset)
-    if name is None:
-        return None
-    return {"domain": name, "images": min(len(dataset.select(membership="public", domain=name)), config.sp_set.images)}
+    data = ood_data(dataset, config)
+    return None if data is None else {"domain": ood_domain(dataset), "images": len(data.images)}
 
 
 def measure(bundle: Bundle, domain: Domain, prompt: str, training: TrainingSet, config: Config, seed: int) -> dict:
@@ -265,6 +263,7 @@ class S2LRun:
         shaker = cls(cls.Settings(**_as_fields(cls.Settings, shaker_spec["settings"])))
         trajectory: list[dict] = []
         primary = self.config.attack.mia[0] if self.config.attack.mia else None
+        measure_seed = self.measure_seed(domain)
 
         # Mid-training the domain is reached through the method's prompt too (TI's token).
         prompt = shaker.target_prompt(data) if row.data == "SP" and hasattr(shaker, "target_prompt") else domain.prompt
@@ -272,8 +271,8 @@ class S2LRun:
 
         def on_step(step: int, bundle: Bundle) -> None:
             attack = MIA.get(primary)(self.config.mia_settings(primary))
-            m = attack.score(bundle, domain.members.images, captions(domain.members), seed=self.measure_seed(domain))
-            n = attack.score(bundle, domain.nonmembers.images, captions(domain.nonmembers), seed=self.measure_seed(domain))
+            m = attack.score(bundle, domain.members.images, captions(domain.members), seed=measure_seed)
+            n = attack.score(bundle, domain.nonmembers.images, captions(domain.nonmembers), seed=measure_seed)
             trajectory.append({"step": step, "mia": primary, "auc": float(roc_metrics(m, n, resamples=100)["auc"].value)})
 
         every = self.config.attack.trajectory_every if primary else 0
@@ -281,7 +280,7 @@ class S2LRun:
         # The domain's prompt in the shaken model (Textual Inversion's token for an SP row;
         # the OoD control is attacked with the domain's own prompt).
         prompt = result.prompt if row.data == "SP" else domain.prompt
-        out = measure(result.bundle, domain, prompt, self.training, self.config, self.measure_seed(domain))
+        out = measure(result.bundle, domain, prompt, self.training, self.config, measure_seed)
         out.update(trainable_parameters=result.trainable_parameters, trajectory=trajectory,
                    final_loss=float(np.mean(result.losses[-10:])) if result.losses else None)  # fmt: skip
         return out
