@@ -1,0 +1,189 @@
+import pytest
+import torch
+from opacus import GradSampleModule
+from opacus.accountants import create_accountant
+
+from s2l_guard.errors import ConfigError, S2LError
+from s2l_guard.model import load_bundle
+from s2l_guard.privacy import DenoisingLossModule, PrivacySettings, train_private
+from s2l_guard.sampling import sample
+from s2l_guard.testing import tiny_bundle
+from s2l_guard.training import TrainSettings, denoising_losses
+
+from test_training import snapshot, toy_data
+
+BOTH = ("unet.", "text_encoder.")
+LOOSE = 1e4  # an epsilon so large the noise is small: for tests about what training does
+
+
+def run(bundle, *, steps=3, names=BOTH, epsilon=LOOSE, accountant="rdp", physical=64, seed=5, lr=1e-3, batch_size=8,
+        images=None, captions=None, optimizer=None, on_step=None, **privacy):  # fmt: skip
+    if images is None:
+        images, captions = toy_data()
+    trainable = {n: p for n, p in bundle.named_parameters() if n.startswith(names)}
+    optimizer = optimizer or torch.optim.AdamW(trainable.values(), lr=lr)
+    return train_private(
+        bundle, images, captions, trainable=trainable, optimizer=optimizer,
+        settings=TrainSettings(steps=steps, batch_size=batch_size, seed=seed),
+        privacy=PrivacySettings(target_epsilon=epsilon, accountant=accountant, physical_batch_size=physical, **privacy),
+        on_step=on_step,
+    )  # fmt: skip
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook is firing")
+@pytest.mark.parametrize("names", [BOTH, ("unet.up_blocks.", "text_encoder.encoder.", "unet.conv_out.")])
+def test_per_sample_gradients_match_one_example_at_a_time(names):
+    bundle = tiny_bundle()
+    bundle.unet.double().train()
+    bundle.text_encoder.double().train()
+    for name, p in bundle.named_parameters():
+        p.requires_grad_(name.startswith(names))
+    trainable = {n: p for n, p in bundle.named_parameters() if p.requires_grad}
+    module = DenoisingLossModule(bundle, train_text_encoder=True)
+    g = torch.Generator().manual_seed(0)
+    z0 = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
+    noise = torch.randn(3, 1, 8, 8, generator=g, dtype=torch.float64)
+    t = torch.tensor([3, 50, 97])
+    tokens = bundle.tokenize(["a digit seven", "", "a digit eight"])  # one dropped caption
+
+    wrapped = GradSampleModule(module, loss_reduction="mean")  # what PrivacyEngine.make_private builds
+    wrapped(z0, t, noise, tokens).mean().backward()
+    per_sample = {n: p.grad_sample.clone() for n, p in bundle.named_parameters() if getattr(p, "grad_sample", None) is not None}
+    wrapped.to_standard_module()
+    assert set(per_sample) == set(trainable)  # every trainable parameter, no frozen one
+
+    for i in range(3):
+        for p in trainable.values():
+            p.grad = None
+        module(z0[i : i + 1], t[i : i + 1], noise[i : i + 1], tokens[i : i + 1]).sum().backward()
+        expected = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in trainable.items()}
+        scale = max(g.abs().max().item() for g in expected.values())  # some are 0 up to rounding (CLIP's k_proj.bias)
+        for name in trainable:
+            assert torch.allclose(per_sample[name][i], expected[name], rtol=1e-7, atol=1e-12 * scale), name
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_reported_epsilon_is_the_accountants(accountant):
+    result = run(tiny_bundle(), steps=3, epsilon=4.0, accountant=accountant, names=("unet.conv_out.",))
+    assert result.steps == 3 and len(result.losses) == 3
+    assert result.sample_rate == 8 / 16 and result.expected_batch_size == 8
+    assert result.delta == pytest.approx(1 / (10 * 16))
+    assert result.accountant_history == [(result.noise_multiplier, result.sample_rate, 3)]
+    fresh = create_accountant(accountant)
+    for _ in range(result.steps):
+        fresh.step(noise_multiplier=result.noise_multiplier, sample_rate=result.sample_rate)
+    assert fresh.get_epsilon(result.delta) == pytest.approx(result.epsilon, rel=1e-9)
+    assert 4.0 - 0.05 <= result.epsilon <= 4.0
+
+
+def test_dp_training_learns_and_leaves_frozen_weights_alone():
+    bundle = tiny_bundle()
+    images, captions = toy_data()
+    names = ("unet.down_blocks.", "unet.mid_block.", "unet.up_blocks.", "unet.conv_out.")  # unet.conv_in etc. frozen
+    before = snapshot(bundle)
+    loss_before = denoising_losses(bundle, images, captions, timesteps=[10, 50, 90], draws=2, seed=0).mean()
+    result = run(bundle, steps=40, names=names, lr=1e-2)
+    loss_after = denoising_losses(bundle, images, captions, timesteps=[10, 50, 90], draws=2, seed=0).mean()
+    assert loss_after < 0.9 * loss_before
+    assert all(torch.isfinite(torch.tensor(result.losses)))
+    changed = {n for n, p in bundle.named_parameters() if not torch.equal(p, before[n])}
+    trained = {n for n, _ in bundle.named_parameters() if n.startswith(names)}
+    assert changed == trained  # every trained tensor moved (opacus issue 820: it silently did not)
+    assert not any(p.requires_grad for _, p in bundle.named_parameters())
+
+
+def test_same_seed_same_run_and_physical_batches_do_not_change_it():
+    first, second, split = tiny_bundle(), tiny_bundle(), tiny_bundle()
+    a = run(first, steps=3, batch_size=4)
+    b = run(second, steps=3, batch_size=4)
+    c = run(split, steps=3, batch_size=4, physical=2)  # 4-ish examples per logical batch, in chunks of 2
+    assert a.losses == b.losses
+    for (name, p), (_, q), (_, r) in zip(first.named_parameters(), second.named_parameters(), split.named_parameters()):
+        assert torch.equal(p, q), name
+        assert torch.allclose(p, r, atol=1e-6), name
+    assert c.losses == pytest.approx(a.losses, rel=1e-5)
+    assert run(tiny_bundle(), steps=3, batch_size=4, seed=6).losses != a.losses
+
+
+def test_empty_poisson_batches_still_count_as_steps():
+    # An expected batch of 1 out of 16 rows leaves about a third of the logical batches empty.
+    bundle = tiny_bundle()
+    seen = []
+    result = run(bundle, steps=8, batch_size=1, on_step=lambda step, loss: seen.append((step, loss)))
+    assert result.steps == 8 and [step for step, _ in seen] == list(range(1, 9))
+    assert [loss for _, loss in seen] == pytest.approx(result.losses, nan_ok=True)
+    empty = [loss for loss in result.losses if loss != loss]
+    assert 0 < len(empty) < 8  # nan marks an empty batch; opacus still noised and counted it
+    assert all(torch.isfinite(p).all() for _, p in bundle.named_parameters())
+
+
+def test_bad_input_is_a_one_line_error():
+    def error(exc_type, match, fn):
+        with pytest.raises(exc_type, match=match) as info:
+            fn()
+        assert "\n" not in str(info.value)
+
+    error(ConfigError, "accountant 'gdp' is unknown", lambda: PrivacySettings(accountant="gdp"))
+    error(ConfigError, "target_epsilon must be > 0", lambda: PrivacySettings(target_epsilon=0))
+    error(ConfigError, "PRV accountant", lambda: PrivacySettings(target_epsilon=1e4, accountant="prv"))
+    error(ConfigError, "physical_batch_size", lambda: PrivacySettings(physical_batch_size=0))
+    error(ConfigError, r"delta = 0.1 is not below 1 / N = 0.0625", lambda: run(tiny_bundle(), delta=0.1))
+    error(S2LError, "training set is empty", lambda: run(tiny_bundle(), images=torch.zeros(0, 1, 8, 8), captions=[]))
+    images, captions = toy_data()
+    error(S2LError, "one caption per image", lambda: run(tiny_bundle(), images=images, captions=captions[:3]))
+    error(S2LError, "unet.\\* and text_encoder.\\* parameters only", lambda: _train_vae())
+    bundle = tiny_bundle()
+    copy = torch.nn.Parameter(bundle.unet.conv_out.bias.detach().clone())
+    error(S2LError, "not the bundle's own parameters", lambda: train_private(
+        bundle, images, captions, trainable={"unet.conv_out.bias": copy}, optimizer=torch.optim.SGD([copy], lr=0.1),
+        settings=TrainSettings(steps=1, batch_size=8), privacy=PrivacySettings()))  # fmt: skip
+    error(S2LError, "optimizer must be built over exactly",
+          lambda: run(bundle, optimizer=torch.optim.SGD(bundle.unet.conv_in.parameters(), lr=0.1)))  # fmt: skip
+    error(S2LError, "lower the learning rate", _diverge)
+
+
+def _diverge():
+    bundle = tiny_bundle()
+    trainable = {n: p for n, p in bundle.named_parameters() if n.startswith("unet.")}
+    run(bundle, steps=30, names=("unet.",), optimizer=torch.optim.SGD(trainable.values(), lr=1e12))
+
+
+def _train_vae():
+    from s2l_guard.testing import tiny_latent_bundle
+
+    bundle = tiny_latent_bundle()
+    images = torch.rand(4, 3, 16, 16)
+    run(bundle, names=("vae.",), images=images, captions=["a digit one"] * 4)
+
+
+def test_a_module_opacus_cannot_handle_is_named_and_the_bundle_stays_clean():
+    bundle = tiny_bundle()
+    bundle.unet.conv_out.register_buffer("scale", torch.ones(1))  # opacus refuses trainable layers with buffers
+    with pytest.raises(S2LError, match=r"per-sample gradients for unet\.conv_out \(Conv2d\).*leave those parameters out") as info:
+        run(bundle)
+    assert "\n" not in str(info.value)
+    assert_plain(bundle)
+
+
+def assert_plain(bundle):
+    for prefix, module in bundle.modules().items():
+        for name, sub in module.named_modules():
+            where = f"{prefix}.{name}"
+            assert not (sub._forward_hooks or sub._backward_hooks or sub._forward_pre_hooks or sub._backward_pre_hooks), where
+            assert not {"activations", "max_batch_len", "ft_compute_sample_grad", "autograd_grad_sample_hooks"} & set(vars(sub)), where
+            assert not sub.training, where
+    for name, p in bundle.named_parameters():
+        assert not p.requires_grad and p.grad is None, name
+        assert not {"grad_sample", "_forward_counter", "summed_grad", "_current_grad_sample"} & set(vars(p)), name
+
+
+def test_after_dp_training_the_bundle_is_plain_and_saves_loads_and_samples(tmp_path):
+    bundle = tiny_bundle()
+    run(bundle, steps=2)
+    assert_plain(bundle)
+    loaded = load_bundle(bundle.save(tmp_path / "dp"))
+    for (name, p), (_, q) in zip(bundle.named_parameters(), loaded.named_parameters()):
+        assert torch.equal(p, q), name
+    a = sample(bundle.clone(), ["a digit seven"], steps=2, seed=0)
+    b = sample(loaded, ["a digit seven"], steps=2, seed=0)
+    assert torch.equal(a, b)
