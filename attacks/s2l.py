@@ -40,10 +40,15 @@ from s2l_guard.errors import ConfigError, DataError
 from s2l_guard.metrics import metrics_to_dict, roc_metrics, threshold_protocol
 from s2l_guard.model import Bundle, load_bundle
 from s2l_guard.pipeline import log, pretrain_stage, resolve_device, run_folder, testbed_stage
+from s2l_guard.provider import FinetuneRequest, Provider
+from s2l_guard.utility import model_utility
 from s2l_guard.stats import delong_test, distinct_extracted, extraction_delta, paired_bootstrap_delta
 
+from defenses.base import DEFENSES
+from defenses.report import defense_lines
+
 from .base import MIA, SHAKERS, FinetuneData
-from .extraction import generate_candidates, match_candidates
+from .extraction import match_candidates
 from .sp_set import generate_sp_set
 
 SCHEMA = "s2l-guard/attack-results/1"
@@ -88,18 +93,22 @@ class Row:
     data: str
     overrides: tuple[tuple[str, Any], ...] = ()  # settings changed from the config's (Gaussian sigma, ablated rank)
     draw: int = 0
+    variant: str = ""  # an adaptive attacker's change to the SP request ([adaptive] variants)
 
     @property
     def sigma(self) -> float | None:
         return dict(self.overrides).get("sigma")
 
 
-def plan_rows(config: Config) -> list[Row]:
+def plan_rows(config: Config, *, adaptive: bool = False) -> list[Row]:
+    """The table's rows; ``adaptive`` adds the requests of an attacker who knows a fine-tune filter."""
     a = config.attack
     rows = [Row("pretrained", None, "-")]
     rows += [Row(f"{name}-ood", name, "OoD") for name in a.ood_shakers]
     rows += [Row(f"{name}-ood-gen", name, "OoD-gen") for name in a.ood_generated_shakers]
     rows += [Row(name, name, "SP") for name in a.shakers]
+    if adaptive:
+        rows += [Row(f"{name}-{v}", name, "SP", variant=v) for name in config.adaptive.shakers for v in config.adaptive.variants]
     rows += [Row(f"gaussian-{s:g}-draw{d}", "gaussian", "-", (("sigma", s),), d) for s in a.gaussian_sigmas for d in range(a.gaussian_draws)]
     return rows
 
@@ -144,47 +153,98 @@ def ood_spec(dataset: ImageDataset, config: Config) -> dict | None:
     return None if data is None else {"domain": ood_domain(dataset), "images": len(data.images)}
 
 
-def measure(bundle: Bundle, domain: Domain, prompt: str, training: TrainingSet, config: Config, seed: int) -> dict:
-    """Raw leakage of one model on one domain: per-sample MIA scores and per-candidate extraction hits."""
+def measure(provider: Provider, domain: Domain, prompt: str, training: TrainingSet, config: Config, seed: int) -> dict:
+    """Raw leakage of one model on one domain: per-sample MIA scores and per-candidate extraction hits.
+
+    Membership inference needs the weights (open-weights only); extraction uses generations,
+    and a candidate the provider withholds counts as no hit (its position keeps the pairing).
+    """
     out: dict[str, Any] = {"prompt": prompt, "mia": {}}
     captions = lambda part: [r.text.replace(domain.prompt, prompt) for r in part.records]  # noqa: E731
     for name in config.attack.mia:
         attack = MIA.get(name)(config.mia_settings(name))
-        score = lambda part: attack.score(bundle, part.images, captions(part), seed=seed).tolist()  # noqa: E731
+        score = lambda part: attack.score(provider.weights(), part.images, captions(part), seed=seed).tolist()  # noqa: E731
         out["mia"][name] = {"members": score(domain.members), "nonmembers": score(domain.nonmembers)}
-    candidates = generate_candidates(bundle, prompt, config.extraction, seed=seed)
-    result = match_candidates(candidates, training.images, training.copies, domain.member_index, config.extraction)
+    e = config.extraction
+    generated = provider.generate([prompt] * e.candidates, steps=e.sampler_steps, guidance_scale=e.guidance_scale, seed=seed, batch_size=e.batch_size)
+    served = generated.served.numpy()
+    result = match_candidates(generated.images, training.images, training.copies, domain.member_index, e)
     out["extraction"] = {
-        "hits": result.hits.tolist(),  # domain members only: what "extracted" counts
-        "any_hits": result.any_hits.tolist(),
-        "flagged": result.flagged.tolist(),
-        "nearest_distance": result.nearest_distance.tolist(),
+        "hits": _spread(result.hits, served, -1),  # domain members only: what "extracted" counts
+        "any_hits": _spread(result.any_hits, served, -1),
+        "flagged": _spread(result.flagged, served, False),
+        "nearest_distance": _spread(result.nearest_distance, served, None),
+        "withheld": int((~served).sum()),
         "extracted": [training.files[i] for i in result.extracted],
-        "summary": result.to_dict(),
+        "summary": dict(result.to_dict(), candidates=len(served), withheld=int((~served).sum())),
     }
     return out
 
 
+def _spread(values: np.ndarray, served: np.ndarray, missing: Any) -> list:
+    """Per requested candidate: the served candidates' values in order, ``missing`` where withheld."""
+    out = [missing] * len(served)
+    for position, value in zip(np.flatnonzero(served), values.tolist()):
+        out[position] = value
+    return out
+
+
+def resolve_threat_model(name: str, defense) -> str:
+    """``auto``: an API defense is attacked through its API (finetune-api), any other under open-weights."""
+    if name != "auto":
+        return name
+    return "finetune-api" if {"finetune", "generate"} & set(defense.points) else "open-weights"
+
+
 class S2LRun:
-    """Runs the cells of one config; keeps the pre-trained model and data in memory."""
+    """Runs the cells of one config against the provider its defense deploys.
+
+    Attacks hold ``self.provider`` only; ``self.deployed`` is the auditor's own handle on the
+    deployed model, for utility and filter reports, never for an attack.
+    """
 
     def __init__(self, config: Config):
+        self.defense = DEFENSES.get(config.defense.name)(config.defense_settings(config.defense.name))
+        self.threat_model = resolve_threat_model(config.defense.threat_model, self.defense)
+        # Membership inference needs what the threat model gives; the others are left out and listed.
+        self.unavailable_mia = [m for m in config.attack.mia if self.threat_model not in MIA.get(m).threat_models]
+        if self.unavailable_mia:
+            config = config.replace(attack={"mia": [m for m in config.attack.mia if m not in self.unavailable_mia]})
         self.config = config
         self.device = resolve_device(config.run.device)
         self.store = Store(config.run.store)
         self.data_art = testbed_stage(self.store, config)
-        self.bundle_art = pretrain_stage(self.store, config, self.data_art, self.device)
+        self.bundle_art = pretrain_stage(self.store, config, self.data_art, self.device, self.defense)
         self.dataset = load_imagefolder(self.data_art.path)
-        self.bundle = load_bundle(self.bundle_art.path, device=self.device)
+        self.deployed = load_bundle(self.bundle_art.path, device=self.device)
+        self.defense.prepare(self.deployed, self.dataset, config)
+        self.provider = Provider(self.deployed, self.threat_model, self.defense)
         self.domains, self.training = split_domains(self.dataset, config.attack.domains)
+        log(f"defense {self.defense.name}, threat model {self.threat_model}"
+            + (f" (no {', '.join(self.unavailable_mia)}: they need the weights)" if self.unavailable_mia else ""))  # fmt: skip
+
+    @property
+    def filters_finetune(self) -> bool:
+        """Whether fine-tune requests pass a defense (then adaptive requests are worth running)."""
+        return self.provider.behind_api and "finetune" in self.defense.points
+
+    def api_spec(self) -> dict | None:
+        """What the provider adds to a cell's key: nothing under open-weights, where the attacker
+        works on its own copy of the weights and cells are shared with the undefended run."""
+        if not self.provider.behind_api:
+            return None
+        acts = {"finetune", "generate"} & set(self.defense.points)
+        return {"threat_model": self.threat_model, "defense": self.defense.spec() if acts else None}
 
     def sp_set(self, name: str, prompt: str) -> Artifact:
         """The model's own generations of a domain's prompt (the domain's SP set), cached."""
         spec = {"bundle": self.bundle_art.key, "domain": name, "prompt": prompt,
                 "sp_set": self.config.section("sp_set"), "seed": self.config.run.seed}  # fmt: skip
+        if self.api_spec() is not None:
+            spec["provider"] = self.api_spec()
         seed = derive_seed(self.config.run.seed, "sp", name)
         return self.store.get_or_build(
-            "sp_set", spec, lambda folder, key: generate_sp_set(folder, self.bundle, prompt, name, self.config.sp_set, seed=seed)
+            "sp_set", spec, lambda folder, key: generate_sp_set(folder, self.provider, prompt, name, self.config.sp_set, seed=seed)
         )
 
     def generated_data(self, domain: Domain, row: Row) -> Artifact | None:
@@ -204,7 +264,12 @@ class S2LRun:
             if row.overrides:
                 settings = type(settings)(**{**settings.__dict__, **dict(row.overrides)})
             shaker = {"name": row.shaker, "settings": json.loads(json.dumps(settings.__dict__, default=list))}
-        return {
+        extra = {}
+        if self.api_spec() is not None:
+            extra["provider"] = self.api_spec()
+        if row.variant:
+            extra["variant"] = {"name": row.variant, "adaptive": c.section("adaptive"), "ood_data": ood_spec(self.dataset, c)}
+        return extra | {
             "format": CELL_FORMAT, "bundle": self.bundle_art.key, "data": self.data_art.key, "domain": domain.name, "row": row.label,
             "shaker": shaker, "sp_set": sp.key if sp else None, "seed": c.run.seed,
             # the real out-of-domain images a row trains on (their number follows [sp_set] images)
@@ -216,16 +281,19 @@ class S2LRun:
         }  # fmt: skip
 
     def run_cell(self, domain: Domain, row: Row) -> dict:
+        if row.shaker and self.threat_model not in SHAKERS.get(row.shaker).threat_models:
+            return {"row": row.label, "shaker": row.shaker, "data": row.data, "status": "not-run", "cached": False,
+                    "reason": f"{row.shaker} needs what {self.threat_model} does not give"}  # fmt: skip
         sp = self.generated_data(domain, row)
         spec = self.cell_spec(domain, row, sp)
         seed = derive_seed(self.config.run.seed, domain.name, row.label)  # the row's own training noise
 
         def build(folder: Path, key: str) -> None:
             start = time.perf_counter()
-            cell: dict[str, Any] = {"row": row.label, "shaker": row.shaker, "data": row.data, "sigma": row.sigma}
+            cell: dict[str, Any] = {"row": row.label, "shaker": row.shaker, "data": row.data, "sigma": row.sigma, "variant": row.variant}
             if row.shaker is None:
                 cell["trainable_parameters"] = 0
-                cell.update(measure(self.bundle, domain, domain.prompt, self.training, self.config, self.measure_seed(domain)))
+                cell.update(measure(self.provider, domain, domain.prompt, self.training, self.config, self.measure_seed(domain)))
             else:
                 data = self._finetune_data(domain, row, sp)
                 if data is None:
@@ -241,6 +309,58 @@ class S2LRun:
         cell["cached"] = artifact.reused
         return cell
 
+    def utility(self) -> dict:
+        """Utility of the deployed model as users get it (see :func:`s2l_guard.utility.model_utility`), cached."""
+        spec = {"format": 1, "bundle": self.bundle_art.key, "data": self.data_art.key, "utility": self.config.section("utility"),
+                "loss": [self.config.report.loss_timesteps, self.config.report.loss_draws], "seed": self.config.run.seed,
+                "provider": self.api_spec()}  # fmt: skip
+
+        def build(folder: Path, key: str) -> None:
+            start = time.perf_counter()
+            log("measuring utility (generations of every domain, held-out denoising loss)")
+            result = model_utility(self.provider, self.deployed, self.dataset, self.config, seed=derive_seed(self.config.run.seed, "utility"))
+            result["seconds"] = round(time.perf_counter() - start, 2)
+            (folder / "utility.json").write_text(json.dumps(result, indent=1))
+
+        return json.loads((self.store.get_or_build("utility", spec, build).path / "utility.json").read_text())
+
+    def defense_report(self) -> dict:
+        """What the defense did, beyond the table: its pre-training summary (epsilon, images
+        removed) and, for a fine-tune filter, its detection and false-rejection rates."""
+        training = json.loads((self.bundle_art.path / "training.json").read_text())
+        report: dict[str, Any] = {"name": self.defense.name, "points": list(self.defense.points), "threat_model": self.threat_model,
+                                  "settings": self.defense.spec()["settings"], "unavailable_mia": self.unavailable_mia,
+                                  "pretraining": training}  # fmt: skip
+        if hasattr(self.defense, "detection"):
+            report["filter"] = self.filter_report()
+        return report
+
+    def filter_report(self) -> dict:
+        """Detection rates of the fine-tune filter on bootstrap sets of each domain's SP set and of
+        the adaptive requests built from it, pooled over domains, beside its false-rejection rate
+        on held-out benign sets of the same sizes."""
+        f, a = self.defense, self.config.adaptive
+        counts: dict[str, list[int]] = {}
+        sizes: dict[str, int] = {}
+        for domain in self.domains:
+            sp = self._finetune_data(domain, Row(domain.name, None, "SP"), self.sp_set(domain.name, domain.prompt))
+            for variant in ("",) + a.variants:
+                seed = derive_seed(self.config.run.seed, "adaptive", domain.name, f"report-{variant}")
+                data = adapt_request(sp, variant, self.config, ood_data(self.dataset, self.config), seed) if variant else sp
+                found = f.detection(f.image_losses(self.deployed, data.images, list(data.captions)), len(data.images))
+                hits, n = counts.setdefault(variant or "sp", [0, 0])
+                counts[variant or "sp"] = [hits + round(found["rate"] * found["n"]), n + found["n"]]
+                sizes[variant or "sp"] = len(data.images)
+        from defenses.finetune_filter import rate_with_interval
+
+        return {
+            "detection": {k: {"size": sizes[k], **rate_with_interval(h, n)} for k, (h, n) in counts.items()},
+            "false_rejection_heldout": {str(size): f.heldout_false_rejection(size) for size in sorted(set(sizes.values()))},
+            "method": "per-request statistic: mean denoising loss of the request's images under the deployed model; "
+                      f"bootstrap sets (with replacement) of the request's size, {f.settings.calibration_sets} benign calibration "
+                      "sets per size; Wilson 95% intervals",
+        }  # fmt: skip
+
     def measure_seed(self, domain: Domain) -> int:
         """One seed per domain for every model's attacks: the loss attack's noise and the
         extraction candidates' starting noise are then the same for the pre-trained and the
@@ -251,9 +371,10 @@ class S2LRun:
         if row.data in ("SP", "OoD-gen"):
             if sp is None:
                 return None
-            images = load_imagefolder(sp.path, channels=self.bundle.image_channels)
+            images = load_imagefolder(sp.path, channels=self.dataset.images.shape[1])
             captions = [r.text for r in images.records]
-            return FinetuneData(images.images, captions, domain.prompt if row.data == "SP" else captions[0])
+            data = FinetuneData(images.images, captions, domain.prompt if row.data == "SP" else captions[0])
+            return adapt_request(data, row.variant, self.config, ood_data(self.dataset, self.config), derive_seed(self.config.run.seed, "adaptive", domain.name, row.label)) if row.variant else data
         if row.data == "OoD":
             return ood_data(self.dataset, self.config)
         return FinetuneData(torch.empty(0), [], domain.prompt)  # Gaussian shaking uses no data
@@ -269,21 +390,46 @@ class S2LRun:
         prompt = shaker.target_prompt(data) if row.data == "SP" and hasattr(shaker, "target_prompt") else domain.prompt
         captions = lambda part: [r.text.replace(domain.prompt, prompt) for r in part.records]  # noqa: E731
 
-        def on_step(step: int, bundle: Bundle) -> None:
+        def on_step(step: int, bundle: Bundle) -> None:  # open-weights only: the attacker trains locally
             attack = MIA.get(primary)(self.config.mia_settings(primary))
             m = attack.score(bundle, domain.members.images, captions(domain.members), seed=measure_seed)
             n = attack.score(bundle, domain.nonmembers.images, captions(domain.nonmembers), seed=measure_seed)
             trajectory.append({"step": step, "mia": primary, "auc": float(roc_metrics(m, n, resamples=100)["auc"].value)})
 
         every = self.config.attack.trajectory_every if primary else 0
-        result = shaker.shake(self.bundle, data, seed=seed, callback=on_step if every else None, callback_every=every)
+        request = FinetuneRequest(shaker, data, seed)
+        outcome = self.provider.finetune(request, callback=on_step if every else None, callback_every=every)
+        if not outcome.admitted:
+            return {"status": "refused", "reason": outcome.reason, "evidence": outcome.evidence, "images": len(data.images)}
         # The domain's prompt in the shaken model (Textual Inversion's token for an SP row;
         # the OoD control is attacked with the domain's own prompt).
-        prompt = result.prompt if row.data == "SP" else domain.prompt
-        out = measure(result.bundle, domain, prompt, self.training, self.config, measure_seed)
-        out.update(trainable_parameters=result.trainable_parameters, trajectory=trajectory,
-                   final_loss=float(np.mean(result.losses[-10:])) if result.losses else None)  # fmt: skip
+        prompt = outcome.prompt if row.data == "SP" else domain.prompt
+        out = measure(outcome.provider, domain, prompt, self.training, self.config, measure_seed)
+        out.update(trainable_parameters=outcome.trainable_parameters, trajectory=trajectory, evidence=outcome.evidence,
+                   images=len(data.images), final_loss=float(np.mean(outcome.losses[-10:])) if outcome.losses else None)  # fmt: skip
         return out
+
+
+def adapt_request(data: FinetuneData, variant: str, config: Config, real: FinetuneData | None, seed: int) -> FinetuneData:
+    """An attacker who knows the fine-tune filter changes its SP request ([adaptive]):
+
+    ``perturb`` adds Gaussian pixel noise, ``mix`` swaps a share of the SP images for real
+    public images (with their own captions), ``subset`` sends only a few SP images.
+    """
+    a = config.adaptive
+    if variant == "perturb":
+        g = torch.Generator().manual_seed(seed)
+        noisy = (data.images + a.noise * torch.randn(data.images.shape, generator=g)).clamp(0, 1)
+        return FinetuneData(noisy, data.captions, data.prompt)
+    if variant == "mix":
+        if real is None:
+            raise DataError("the mix variant needs real public images; the data set has no public domain")
+        n_real = min(len(real.images), round(a.real_share * len(data.images)))
+        keep = len(data.images) - n_real
+        return FinetuneData(torch.cat([data.images[:keep], real.images[:n_real]]), data.captions[:keep] + real.captions[:n_real], data.prompt)
+    if variant == "subset":
+        return FinetuneData(data.images[: a.images], data.captions[: a.images], data.prompt)
+    raise ConfigError(f"unknown adaptive variant {variant!r}; use perturb, mix or subset")
 
 
 def _as_fields(cls: type, values: dict) -> dict:
@@ -345,8 +491,9 @@ def summarize_mia(cell: dict, base: dict, config: Config, seed: int, controls: d
 
 def summarize_cell(cell: dict, base: dict, config: Config, seed: int, controls: dict[str, dict]) -> dict:
     if cell.get("status", "ok") != "ok" or base.get("status", "ok") != "ok":
-        return {k: cell.get(k) for k in ("row", "shaker", "data", "status", "reason")}
-    summary = {k: cell.get(k) for k in ("row", "shaker", "data", "sigma", "prompt", "trainable_parameters", "final_loss", "seconds", "cached", "trajectory")}
+        return {k: cell.get(k) for k in ("row", "shaker", "data", "variant", "status", "reason", "evidence", "images")}
+    summary = {k: cell.get(k) for k in ("row", "shaker", "data", "variant", "sigma", "prompt", "trainable_parameters", "final_loss",
+                                        "seconds", "cached", "trajectory", "evidence", "images")}  # fmt: skip
     summary["status"] = "ok"
     summary["mia"] = summarize_mia(cell, base, config, seed, controls)
     ext = dict(cell["extraction"]["summary"], extracted_files=cell["extraction"]["extracted"])
@@ -367,15 +514,19 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
     where every domain has them.
     """
     usable = [cells for cells in cells_by_domain.values() if cells[row]["status"] == "ok" and cells[base_row]["status"] == "ok"]
+    refused = sorted(name for name, cells in cells_by_domain.items() if cells[row]["status"] == "refused")
     if not usable:
         statuses = sorted({c[row]["status"] for c in cells_by_domain.values()})
-        return {"row": row, "status": "failed" if "failed" in statuses else "not-run"}
+        status = next((s for s in ("failed", "refused") if s in statuses), "not-run")
+        reasons = sorted({c[row].get("reason") for c in cells_by_domain.values() if c[row].get("reason")})
+        return {"row": row, "status": status, "reasons": reasons, "refused_domains": refused}
     cells = [c[row] for c in usable]
     bases = [c[base_row] for c in usable]
     found = [controls_for(c, c[row]) for c in usable]
     controls = {key: [f[key] for f in found] for key in CONTROLS if all(key in f for f in found)}
     join = lambda cs, mia: tuple(np.concatenate([_scores(c, mia)[i] for c in cs]) for i in (0, 1))  # noqa: E731
-    out: dict[str, Any] = {"row": row, "status": "ok", "domains": len(cells), "data": cells[0].get("data"),
+    data = cells[0].get("data") + (f"+{cells[0]['variant']}" if cells[0].get("variant") else "")
+    out: dict[str, Any] = {"row": row, "status": "ok", "domains": len(cells), "data": data, "refused_domains": refused,
                            "trainable_parameters": cells[0].get("trainable_parameters"), "mia": {},
                            "controls": {key: control_cells[0]["row"] for key, control_cells in controls.items()}}  # fmt: skip
     b = config.attack.bootstrap
@@ -398,8 +549,12 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
         "extracted_per_domain_mean": float(np.mean(counts)),
         "extracted_per_domain": counts,
         "candidates_per_domain": cells[0]["extraction"]["summary"]["candidates"],
+        "withheld": sum(c["extraction"].get("withheld", 0) for c in cells),  # by a generate API
         "precision": true_flagged / flagged if flagged else None,
     }
+    if row != base_row:  # domains' members are distinct images, so their hits pool into one count
+        pool = lambda cs: np.concatenate([c["extraction"]["hits"] for c in cs]).astype(np.int64)  # noqa: E731
+        out["extraction"]["delta_total_vs_pretrained"] = extraction_delta(pool(bases), pool(cells), resamples=b, seed=seed).to_dict()
     return out
 
 
@@ -475,7 +630,8 @@ def run_attack(config: Config) -> dict:
     """Run the S2L table for every attacked domain; return (and write) results.json."""
     start = time.perf_counter()
     run = S2LRun(config)
-    rows = plan_rows(config)
+    config = run.config  # without the attacks the threat model rules out
+    rows = plan_rows(config, adaptive=run.filters_finetune)
     cells_by_domain = run_cells(run, rows)
     seed = config.run.seed
     domains_out = {}
@@ -497,6 +653,8 @@ def run_attack(config: Config) -> dict:
         "seed": seed,
         "artifacts": {"testbed": str(run.data_art.path), "bundle": str(run.bundle_art.path)},
         "method": _method(config),
+        "defense": run.defense_report(),
+        "utility": run.utility(),
         "table": table,
         "domains": domains_out,
         "wall_seconds": round(time.perf_counter() - start, 2),
@@ -521,26 +679,28 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """The paper's table as strings: one row per method, pooled over the attacked domains."""
     primary = results["config"]["attack"]["mia"][0] if results["config"]["attack"]["mia"] else "mia"
     header = ["method", "data", "trainable params", f"{primary} AUC [95% CI]", "TPR@1%FPR", "extracted / domain",
-              "precision", "dAUC vs pre-trained [95% CI], p", "dAUC vs OoD", "dAUC vs OoD-gen",
+              "d extracted, all domains [95% CI]", "precision", "dAUC vs pre-trained [95% CI], p", "dAUC vs OoD", "dAUC vs OoD-gen",
               "best step: dAUC (oracle)"]  # fmt: skip
     out = []
     for row in results["table"]:
         line = [row["row"], row.get("data") or "-"]
         if row["status"] != "ok":
-            out.append(line + [row["status"]] + [""] * (len(header) - 3))
+            out.append(line + [row["status"], (row.get("reasons") or [""])[0][:90]] + [""] * (len(header) - 4))
             continue
         line.append(_short(row.get("trainable_parameters") or 0))
         stats = row["mia"].get(primary, {})
         if "draws" in row:  # a Gaussian mean row
             line += [f"{stats.get('auc_mean', float('nan')):.3f} (mean of {row['draws']} draws)", "",
-                     f"{row['extraction']['extracted_per_domain_mean']:.1f}", "", f"{stats.get('auc_delta_mean', float('nan')):+.3f} (mean)", "", "", ""]  # fmt: skip
+                     f"{row['extraction']['extracted_per_domain_mean']:.1f}", "", "", f"{stats.get('auc_delta_mean', float('nan')):+.3f} (mean)", "", "", ""]  # fmt: skip
             out.append(line)
             continue
         roc = stats.get("roc")
         line.append(_interval(roc["auc"]["value"], roc["auc"]["ci95"]) if roc else "")
         line.append(f"{roc['tpr_at_fpr']['0.01']['value']:.3f}" if roc else "")
         precision = row["extraction"]["precision"]
-        line += [f"{row['extraction']['extracted_per_domain_mean']:.1f}", "-" if precision is None else f"{precision:.2f}"]
+        moved = row["extraction"].get("delta_total_vs_pretrained")
+        line += [f"{row['extraction']['extracted_per_domain_mean']:.1f}", _interval(moved["delta"], moved["ci95"], signed=True, digits=1) if moved else "",
+                 "-" if precision is None else f"{precision:.2f}"]  # fmt: skip
         delta = stats.get("auc_delta")
         line.append(f"{_interval(delta['delta'], delta['ci95'], signed=True)}, p={delta['p_value']:.2f}" if delta else "")
         for key in ("auc_delta_vs_ood_control", "auc_delta_vs_generated_ood_control"):
@@ -572,8 +732,8 @@ def attack_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, out
 
 
-def _interval(value: float, ci: list[float], signed: bool = False) -> str:
-    f = "{:+.3f}" if signed else "{:.3f}"
+def _interval(value: float, ci: list[float], signed: bool = False, digits: int = 3) -> str:
+    f = f"{{:{'+' if signed else ''}.{digits}f}}"
     return f"{f.format(value)} [{f.format(ci[0])}, {f.format(ci[1])}]"
 
 
@@ -587,7 +747,7 @@ def _footer(results: dict) -> list[str]:
         "of a public digit (rows <method>-ood, <method>-ood-gen) where they ran, else against End-to-End's",
         "best step: the fine-tuning step (trajectory or final) with the highest mean per-domain AUC, minus the "
         "pre-trained model's; choosing it needs membership labels, so it bounds the worst case and is no attack",
-    ]
+    ] + defense_lines(results)
 
 
 def _aligned(header: list[str], rows: list[list[str]]) -> list[str]:
@@ -603,12 +763,16 @@ def _markdown(header: list[str], rows: list[list[str]]) -> list[str]:
 def format_table(results: dict) -> str:
     """The table as aligned plain text, for the terminal, then every attack side by side."""
     lines = _aligned(*table_rows(results)) + _footer(results)
+    if not results["config"]["attack"]["mia"]:
+        return "\n".join(lines)
     return "\n".join(lines + ["", "every membership inference attack, paired vs pre-trained:"] + _aligned(*attack_rows(results)))
 
 
 def format_markdown(results: dict) -> str:
     """The table as Markdown, for reports."""
     lines = _markdown(*table_rows(results)) + [""] + _footer(results)
+    if not results["config"]["attack"]["mia"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "## Every membership inference attack (paired change vs the pre-trained model)", ""] + _markdown(*attack_rows(results))
     return "\n".join(lines) + "\n"
 

@@ -80,14 +80,27 @@ def _cmd_pretrain(args) -> int:
 
 def _cmd_attack(args) -> int:
     from attacks.s2l import format_table, run_attack, write_results
+    from defenses.base import DEFENSES
+    from defenses.report import format_defense_summary
 
     from .pipeline import log
 
     config = _run_config(args)
-    results = run_attack(config)
-    run_dir = write_results(config, results)
-    print(format_table(results))
-    log(f"outputs in {run_dir}/ (results.json, table.txt, table.md, config.toml); took {results['wall_seconds']:.1f} s")
+    names = [config.defense.name] if args.defense is None else DEFENSES.names() if args.defense == "all" else [args.defense]
+    if args.defense not in (None, "all"):
+        DEFENSES.get(args.defense)  # an unknown name fails here, with the list of known ones
+    summaries = []
+    for name in names:
+        defended = config.replace(defense={"name": name, "threat_model": args.threat_model or config.defense.threat_model})
+        if len(names) > 1:
+            log(f"defense {name} ({names.index(name) + 1}/{len(names)})")
+        results = run_attack(defended)
+        run_dir = write_results(defended, results)
+        print(format_table(results))
+        log(f"outputs in {run_dir}/ (results.json, table.txt, table.md, config.toml); took {results['wall_seconds']:.1f} s")
+        summaries.append(results)
+    if len(summaries) > 1:
+        print("\n" + format_defense_summary(summaries))
     return 0
 
 
@@ -136,6 +149,9 @@ def build_parser() -> argparse.ArgumentParser:
     attack = commands.add_parser("attack", help="run the S2L attack table on the pre-trained model (writes results.json)")
     _add_config(attack)
     attack.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
+    attack.add_argument("--defense", metavar="NAME", help="override [defense] name: a registered defense, or 'all' to run each in turn")
+    attack.add_argument("--threat-model", choices=("auto", "open-weights", "finetune-api", "generate-api"),
+                        help="override [defense] threat_model (auto: weights for training-recipe defenses, the API for API ones)")  # fmt: skip
     attack.set_defaults(func=_cmd_attack)
 
     from attacks.ablation import ABLATIONS

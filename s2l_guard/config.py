@@ -169,6 +169,38 @@ class ExtractionConfig:
     chunk: int = _opt(1024, ge=1)  # candidates compared at once (memory bound)
 
 
+THREAT_MODEL_CHOICES = ("auto", "open-weights", "finetune-api", "generate-api")
+
+
+@dataclass(frozen=True)
+class DefenseConfig:
+    """Which defense the provider deploys, and what the attacker may touch (docs/defenses.md)."""
+
+    name: str = "none"  # a registered defense; its settings live in [defenses.<name>]
+    # auto: open-weights for a defense of the training recipe (or none), finetune-api for an API defense
+    threat_model: str = _opt("auto", choices=THREAT_MODEL_CHOICES)
+
+
+@dataclass(frozen=True)
+class AdaptiveConfig:
+    """Fine-tune requests of an attacker who knows the fine-tune API filter (run only against one)."""
+
+    variants: tuple[str, ...] = _opt(("perturb", "mix", "subset"), choices_each=("perturb", "mix", "subset"))
+    shakers: tuple[str, ...] = ("end2end", "lora")
+    noise: float = _opt(0.1, gt=0.0)  # perturb: std of Gaussian pixel noise added to the SP images (images in [0, 1])
+    real_share: float = _opt(0.5, gt=0.0, lt=1.0)  # mix: share of the request that is real public images
+    images: int = _opt(10, ge=1)  # subset: how many SP images the request sends
+
+
+@dataclass(frozen=True)
+class UtilityConfig:
+    """What the model is still good for, measured beside leakage (testbed: digits evaluator)."""
+
+    samples_per_domain: int = _opt(100, ge=1)
+    sampler_steps: int = _opt(50, ge=1)
+    guidance_scale: float = _opt(3.0, ge=1.0)
+
+
 @dataclass(frozen=True)
 class Config:
     """The resolved configuration: every section, plus the file it came from.
@@ -186,8 +218,12 @@ class Config:
     ablation: AblationConfig = field(default_factory=AblationConfig)
     sp_set: SPSetConfig = field(default_factory=SPSetConfig)
     extraction: ExtractionConfig = field(default_factory=ExtractionConfig)
+    defense: DefenseConfig = field(default_factory=DefenseConfig)
+    adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
+    utility: UtilityConfig = field(default_factory=UtilityConfig)
     shakers: dict[str, dict[str, Any]] = field(default_factory=dict)
     mia: dict[str, dict[str, Any]] = field(default_factory=dict)
+    defenses: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = field(default="<defaults>", compare=False)
 
     def shaker_settings(self, name: str):
@@ -200,6 +236,11 @@ class Config:
         from attacks.base import MIA
 
         return _settings(MIA.get(name).Settings, self.mia.get(name, {}))
+
+    def defense_settings(self, name: str):
+        from defenses.base import DEFENSES
+
+        return _settings(DEFENSES.get(name).Settings, self.defenses.get(name, {}))
 
     def method_settings(self) -> dict[str, dict[str, dict[str, Any]]]:
         """Every setting of every method the attack runs, defaults included: the method
@@ -262,14 +303,18 @@ SECTIONS: dict[str, type] = {
     "ablation": AblationConfig,
     "sp_set": SPSetConfig,
     "extraction": ExtractionConfig,
+    "defense": DefenseConfig,
+    "adaptive": AdaptiveConfig,
+    "utility": UtilityConfig,
 }
-PLUGIN_TABLES = ("shakers", "mia")  # [shakers.<name>] / [mia.<name>]: one table per method
+PLUGIN_TABLES = ("shakers", "mia", "defenses")  # [shakers.<name>] / [mia.<name>] / [defenses.<name>]: one table each
 
 
 def _registry(table: str):
     from attacks.base import MIA, SHAKERS
+    from defenses.base import DEFENSES
 
-    return {"shakers": SHAKERS, "mia": MIA}[table]
+    return {"shakers": SHAKERS, "mia": MIA, "defenses": DEFENSES}[table]
 
 
 def _settings(cls: type, values: dict[str, Any]):
@@ -447,6 +492,8 @@ def _check_value(value: Any, hint: Any, checks: typing.Mapping) -> tuple[Any, st
                 return value, f"every item must be >= {checks['each_ge']}"
             if "each_le" in checks and item > checks["each_le"]:
                 return value, f"every item must be <= {checks['each_le']}"
+            if "choices_each" in checks and item not in checks["choices_each"]:
+                return value, f"every item must be one of {', '.join(map(repr, checks['choices_each']))}"
         return tuple(items), None
     return _check_scalar(value, hint, checks)
 
@@ -502,12 +549,13 @@ def _check_cross_section(config: Config) -> None:
     unknown = [d for d in config.attack.domains if d not in private]
     if unknown:
         problems.append(f"[attack] domains {unknown} are not private testbed domains; choose from {private}")
-    for table, names in (("shakers", config.attack.shakers + config.attack.ood_shakers + config.attack.ood_generated_shakers), ("mia", config.attack.mia)):
+    shakers = config.attack.shakers + config.attack.ood_shakers + config.attack.ood_generated_shakers + config.adaptive.shakers
+    for section, table, names in (("attack", "shakers", shakers), ("attack", "mia", config.attack.mia), ("defense", "defenses", (config.defense.name,))):
         for name in names:
             try:
                 _registry(table).get(name)
             except ConfigError as exc:
-                problems.append(f"[attack] {table}: {exc}")
+                problems.append(f"[{section}] {table}: {exc}")
     bad_templates = [tpl for tpl in config.sp_set.prompt_templates if "{prompt}" not in tpl]
     if bad_templates or not config.sp_set.prompt_templates:
         problems.append(f"[sp_set] every prompt template needs '{{prompt}}', got {list(config.sp_set.prompt_templates)}")

@@ -67,44 +67,70 @@ def _progress_lines(total: int, start: float):
     return report
 
 
-def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.device) -> Artifact:
+def pretrain_settings(config: Config) -> TrainSettings:
+    p = config.pretrain
+    return TrainSettings(p.steps, p.batch_size, p.caption_dropout, p.grad_clip, config.run.seed, p.checkpoint_every,
+                         lr_schedule=p.lr_schedule, warmup_steps=p.warmup_steps)  # fmt: skip
+
+
+def fresh_bundle(config: Config, dataset, device: torch.device):
+    """The untrained testbed model [model] describes, shaped for ``dataset``'s images."""
+    shape = dataset.images.shape
+    return build_testbed_bundle(config.model, image_size=shape[-1], channels=shape[1], seed=config.run.seed).to(device)
+
+
+def standard_pretrain(config: Config, dataset, device: torch.device, images, captions, checkpoint_dir: Path):
+    """The undefended recipe: AdamW on the UNet (and text encoder if configured). Returns (bundle, summary)."""
+    bundle = fresh_bundle(config, dataset, device)
+    p = config.pretrain
+    trainable = {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") or (p.train_text_encoder and n.startswith("text_encoder."))}
+    optimizer = torch.optim.AdamW(trainable.values(), lr=p.learning_rate, weight_decay=p.weight_decay)
+    log(f"pre-training {sum(bundle.num_parameters().values()):,} parameters on {len(images)} images "
+        f"({len(set(captions))} captions) for {p.steps} steps at batch {p.batch_size} on {device}")  # fmt: skip
+    start = time.perf_counter()
+    result = train(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=pretrain_settings(config),
+                   checkpoint_dir=checkpoint_dir, description="pretrain", on_step=_progress_lines(p.steps, start))  # fmt: skip
+    if result.resumed_from:
+        log(f"resumed from the checkpoint at step {result.resumed_from}")
+    losses = result.losses
+    summary = {
+        "parameters": bundle.num_parameters(),
+        "trainable_parameters": sum(q.numel() for q in trainable.values()),
+        "training_images": len(images),
+        "steps": p.steps,
+        "resumed_from": result.resumed_from,
+        "loss_first_50": sum(losses[:50]) / max(1, len(losses[:50])),
+        "loss_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])),
+    }
+    return bundle, summary
+
+
+def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.device, defense=None) -> Artifact:
+    """The provider's model: the standard recipe, or the one a training-recipe defense replaces it with."""
+    defended = defense is not None and "training" in defense.points
+
     def build(folder: Path, key: str) -> None:
-        dataset = load_imagefolder(data.path)
-        bundle = build_testbed_bundle(
-            config.model, image_size=dataset.images.shape[-1], channels=dataset.images.shape[1], seed=config.run.seed
-        ).to(device)
-        images, captions = dataset.training_set()
-        p = config.pretrain
-        trainable = {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") or (p.train_text_encoder and n.startswith("text_encoder."))}
-        optimizer = torch.optim.AdamW(trainable.values(), lr=p.learning_rate, weight_decay=p.weight_decay)
-        settings = TrainSettings(p.steps, p.batch_size, p.caption_dropout, p.grad_clip, config.run.seed, p.checkpoint_every,
-                                 lr_schedule=p.lr_schedule, warmup_steps=p.warmup_steps)  # fmt: skip
-        log(f"pre-training {sum(bundle.num_parameters().values()):,} parameters on {len(images)} images "
-            f"({len(set(captions))} captions) for {p.steps} steps at batch {p.batch_size} on {device}")  # fmt: skip
+        from defenses.base import PretrainContext
+
         start = time.perf_counter()
-        result = train(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings,
-                       checkpoint_dir=store.workdir("bundle", key), description="pretrain",
-                       on_step=_progress_lines(p.steps, start))  # fmt: skip
-        seconds = time.perf_counter() - start
-        if result.resumed_from:
-            log(f"resumed from the checkpoint at step {result.resumed_from}")
+        dataset = load_imagefolder(data.path)
+        workdir = store.workdir("bundle", key)
+        recipe = lambda images, captions: standard_pretrain(config, dataset, device, images, captions, workdir)  # noqa: E731
+        if defended:
+            log(f"pre-training under the {defense.name} defense")
+            context = PretrainContext(dataset, config, device, workdir, recipe, lambda: fresh_bundle(config, dataset, device), pretrain_settings(config))
+            bundle, summary = defense.pretrain(context)
+            summary["defense"] = defense.spec()
+        else:
+            bundle, summary = recipe(*dataset.training_set())
         bundle.save(folder)
-        losses = result.losses
-        summary = {
-            "parameters": bundle.num_parameters(),
-            "trainable_parameters": sum(q.numel() for q in trainable.values()),
-            "training_images": len(images),
-            "steps": p.steps,
-            "resumed_from": result.resumed_from,
-            "wall_seconds_this_process": round(seconds, 2),
-            "loss_first_50": sum(losses[:50]) / max(1, len(losses[:50])),
-            "loss_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])),
-            "device": str(device),
-            "torch": torch.__version__,
-        }
+        summary.update(wall_seconds_this_process=round(time.perf_counter() - start, 2), device=str(device), torch=torch.__version__)
         (folder / "training.json").write_text(json.dumps(summary, indent=2))
 
-    artifact = store.get_or_build("bundle", pretrain_spec(config, data.key), build)
+    spec = pretrain_spec(config, data.key)
+    if defended:
+        spec["defense"] = defense.spec()
+    artifact = store.get_or_build("bundle", spec, build)
     log(f"pre-trained bundle {'reused' if artifact.reused else 'saved'}: {artifact.path}")
     return artifact
 

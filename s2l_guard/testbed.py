@@ -89,3 +89,21 @@ def build_testbed(folder: str | Path, config: TestbedConfig, seed: int) -> Path:
         for a in plan
     ]
     return write_imagefolder(folder, images[[a.index for a in plan]], records)
+
+
+def unused_digits(config: TestbedConfig, seed: int) -> tuple[np.ndarray, list[str], np.ndarray]:
+    """The digits images the testbed leaves out: real images no stage ever trains or attacks on.
+
+    They stand in for what a provider keeps to calibrate its own filters (benign
+    users' fine-tuning data). Returns ``[N, 1, 8, 8]`` float images in [0, 1] quantised
+    like the testbed's PNGs, their domain captions and their digits.
+    """
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    used = {a.index for a in split_digits(digits.target, config, seed)}
+    left = np.array([i for i in range(len(digits.target)) if i not in used], dtype=np.int64)
+    images = np.rint(digits.images[left] * (255.0 / 16.0)) / 255.0
+    labels = digits.target[left]
+    captions = [config.caption.format(name=DIGIT_NAMES[d]) for d in labels]
+    return images[:, None].astype(np.float32), captions, labels

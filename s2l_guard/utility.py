@@ -78,3 +78,52 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
         root = np.real(linalg.sqrtm(cov_a @ cov_b))  # tiny imaginary parts are numerical noise
     return max(mean_term + float(np.trace(cov_a + cov_b - 2.0 * root)), 0.0)
+
+
+def model_utility(provider, bundle, dataset, config, *, seed: int) -> dict:
+    """Utility of the deployed model as its users get it, for every digit domain of the data set.
+
+    Generations come through ``provider`` (so a generate API that withholds outputs
+    costs utility here); ``bundle`` is the auditor's handle for the denoising loss on
+    held-out images (members' loss beside it shows the generalisation gap).
+    """
+    from .training import denoising_losses
+
+    u, r = config.utility, config.report
+    digits = {name: int(name.removeprefix("digit")) for name in dataset.domains if name.removeprefix("digit").isdigit()}
+    if not digits:
+        return {"status": "not-run", "reason": "utility needs digit domains (digit0..digit9): the testbed's evaluator reads digits"}
+    evaluator = digits_evaluator()
+    per_domain, served_images = {}, []
+    for i, (name, digit) in enumerate(sorted(digits.items())):
+        generated = provider.generate([dataset.domain_caption(name)] * u.samples_per_domain, steps=u.sampler_steps,
+                                      guidance_scale=u.guidance_scale, seed=seed + i, batch_size=r.batch_size)  # fmt: skip
+        served = len(generated.images)
+        accuracy = conditional_accuracy(evaluator, generated.images, digit) if served else None
+        per_domain[name] = {"conditional_accuracy": accuracy, "served": served, "requested": u.samples_per_domain}
+        served_images.append(generated.images)
+    generated_all = torch.cat(served_images)
+    real = dataset.images[[i for i, rec in enumerate(dataset.records) if rec.domain in digits]]
+    fd = frechet_distance(evaluator.features(generated_all), evaluator.features(real)) if len(generated_all) >= 2 else None
+    accuracies = [d["conditional_accuracy"] for d in per_domain.values() if d["conditional_accuracy"] is not None]
+
+    def loss(membership: str) -> float | None:
+        part = dataset.select(membership=membership)
+        if len(part) == 0:
+            return None
+        captions = [rec.text for rec in part.records]
+        return float(denoising_losses(bundle, part.images, captions, timesteps=r.loss_timesteps, draws=r.loss_draws, seed=seed).mean())
+
+    return {
+        "status": "ok",
+        "conditional_accuracy_mean": float(np.mean(accuracies)) if accuracies else None,
+        "served_share": float(sum(d["served"] for d in per_domain.values()) / (u.samples_per_domain * len(digits))),
+        "frechet_distance": fd,
+        "real_images": len(real),
+        "heldout_denoising_loss": loss("nonmember"),
+        "member_denoising_loss": loss("member"),
+        "domains": per_domain,
+        "method": f"{u.samples_per_domain} generations per domain ({u.sampler_steps} DDIM steps, guidance {u.guidance_scale}) read by "
+                  f"an MLP digits classifier trained on all of load_digits; Frechet distance in its hidden layer against "
+                  f"{len(real)} real testbed images; denoising loss at timesteps {list(r.loss_timesteps)} x {r.loss_draws} draws",
+    }  # fmt: skip

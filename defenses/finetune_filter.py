@@ -1,0 +1,173 @@
+"""Fine-tune API filter: refuse S2L-like requests.
+
+S2L fine-tunes on the model's own generations. Those lie where the model puts
+its probability mass, so the provider's own model denoises them unusually
+well. The filter scores a request by the mean denoising loss of its images
+under the deployed model (fixed timesteps and noise) and refuses it when that
+mean falls below a threshold. The threshold is calibrated on real, benign
+fine-tuning sets - bootstrap sets of the request's size drawn from a pool of
+real images the provider holds - to a chosen false-rejection rate; a held-out
+half of the pool measures the rate it really has.
+
+Two limits complete it: requests asking for more than ``max_steps`` steps are
+refused, and a trained model whose weights moved more than ``max_drift``
+(relative L2 over the shared weights) is not deployed.
+
+What it cannot see: an attacker who knows the filter can perturb the SP
+images, mix in real ones or send fewer (the S2L run measures those
+adaptive requests), and under open-weights there is no API to filter.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.stats import binomtest
+
+from s2l_guard.data import load_imagefolder
+from s2l_guard.errors import ConfigError
+from s2l_guard.model import Bundle
+from s2l_guard.provider import FinetuneRequest
+from s2l_guard.testbed import unused_digits
+from s2l_guard.training import denoising_losses
+
+from .base import DEFENSES, Defense, Review
+
+
+@dataclass(frozen=True)
+class FinetuneFilterSettings:
+    false_rejection_rate: float = 0.05  # target share of benign requests refused
+    calibration_sets: int = 2000  # bootstrap benign sets per request size
+    timesteps: tuple[int, ...] = (50, 100, 200, 400)
+    draws: int = 2  # noise draws per timestep
+    max_steps: int = 1000  # 0: no limit
+    max_drift: float = 0.05  # relative L2 change of the shared weights; 0: no limit
+    benign_data: str = ""  # imagefolder of real images the provider holds; "" = the testbed's unused digits
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0 < self.false_rejection_rate < 1:
+            raise ValueError(f"false_rejection_rate must be in (0, 1), got {self.false_rejection_rate}")
+        if self.calibration_sets < 100:
+            raise ValueError(f"calibration_sets must be >= 100, got {self.calibration_sets}")
+        if not self.timesteps or self.draws < 1:
+            raise ValueError("finetune_filter needs at least one timestep and one draw")
+        if self.max_steps < 0 or self.max_drift < 0:
+            raise ValueError("max_steps and max_drift must be >= 0 (0 disables the limit)")
+
+
+def bootstrap_set_means(losses: np.ndarray, size: int, sets: int, seed: int) -> np.ndarray:
+    """Means of ``sets`` random sets of ``size`` images drawn with replacement from ``losses``."""
+    rng = np.random.default_rng([seed, size])
+    return losses[rng.integers(0, len(losses), (sets, size))].mean(1)
+
+
+def rate_with_interval(hits: int, n: int) -> dict[str, Any]:
+    """A proportion with its Wilson 95% interval and the count behind it."""
+    ci = binomtest(hits, n).proportion_ci(method="wilson") if n else None
+    return {"rate": hits / n if n else None, "ci95": [ci.low, ci.high] if ci else None, "n": n}
+
+
+def relative_drift(base: Bundle, shaken: Bundle) -> float:
+    """||theta' - theta|| / ||theta|| over every weight; rows a method added (TI tokens) count in full."""
+    before = dict(base.named_parameters())
+    change = norm = 0.0
+    for name, after in shaken.named_parameters():
+        old = before.get(name)
+        if old is None:
+            change += float(after.detach().double().pow(2).sum())
+            continue
+        rows = min(len(old), len(after)) if old.dim() and after.dim() else None
+        shared_old, shared_new = (old[:rows], after[:rows]) if rows is not None else (old, after)
+        change += float((shared_new.detach().double() - shared_old.detach().double()).pow(2).sum())
+        change += float(after[rows:].detach().double().pow(2).sum()) if rows is not None else 0.0
+        norm += float(old.detach().double().pow(2).sum())
+    return (change / norm) ** 0.5 if norm else float("inf")
+
+
+@DEFENSES.register
+class FinetuneFilter(Defense):
+    name = "finetune_filter"
+    paper = "https://arxiv.org/abs/2403.09450"
+    summary = "the fine-tune API refuses self-generated data (denoising-loss detector), long jobs and large drift"
+    threat_models = ("finetune-api",)
+    points = ("finetune",)
+    Settings = FinetuneFilterSettings
+
+    def __init__(self, settings=None):
+        super().__init__(settings)
+        self.calibration_losses: np.ndarray | None = None
+        self.heldout_losses: np.ndarray | None = None
+        self._bundle: Bundle | None = None
+
+    # -- calibration
+    def prepare(self, bundle: Bundle, dataset, config) -> None:
+        images, captions = self._benign_pool(config)
+        losses = self.image_losses(bundle, images, captions)
+        order = np.random.default_rng(self.settings.seed).permutation(len(losses))
+        half = len(losses) // 2
+        self.calibration_losses, self.heldout_losses = losses[order[:half]], losses[order[half:]]
+        self._bundle = bundle
+        self.threshold.cache_clear()
+
+    def _benign_pool(self, config) -> tuple[torch.Tensor, list[str]]:
+        s = self.settings
+        if s.benign_data:
+            data = load_imagefolder(s.benign_data)
+            images, captions = data.images, [r.text for r in data.records]
+        else:
+            array, captions, _ = unused_digits(config.testbed, config.run.seed)
+            images = torch.from_numpy(array)
+        if len(images) < 20:
+            raise ConfigError(f"[defenses.finetune_filter] benign_data holds {len(images)} images; calibration needs at least 20 real images")
+        return images, captions
+
+    def image_losses(self, bundle: Bundle, images: torch.Tensor, captions: list[str]) -> np.ndarray:
+        """Each image's mean denoising loss under the deployed model (fixed noise: reproducible)."""
+        s = self.settings
+        steps = bundle.scheduler.config.num_train_timesteps
+        if max(s.timesteps) >= steps:
+            raise ConfigError(f"[defenses.finetune_filter] timesteps {list(s.timesteps)} reach past the model's {steps} training timesteps; use values below {steps}")
+        return denoising_losses(bundle, images, captions, timesteps=s.timesteps, draws=s.draws, seed=s.seed).numpy()
+
+    @functools.lru_cache(maxsize=64)
+    def threshold(self, size: int) -> float:
+        """Requests of ``size`` images whose mean loss is below this are refused."""
+        if self.calibration_losses is None:
+            raise RuntimeError("finetune_filter used before prepare(): the provider must calibrate it first")
+        means = bootstrap_set_means(self.calibration_losses, size, self.settings.calibration_sets, self.settings.seed)
+        return float(np.quantile(means, self.settings.false_rejection_rate))
+
+    # -- reports
+    def detection(self, losses: np.ndarray, size: int, sets: int = 1000, seed: int = 1) -> dict[str, Any]:
+        """Share of bootstrap sets of ``size`` images from a set (per-image ``losses``) the detector refuses."""
+        means = bootstrap_set_means(losses, size, sets, seed)
+        return {"size": size, **rate_with_interval(int((means < self.threshold(size)).sum()), len(means))}
+
+    def heldout_false_rejection(self, size: int, sets: int = 2000) -> dict[str, Any]:
+        """The false-rejection rate on benign sets from the held-out half of the pool."""
+        return {"target": self.settings.false_rejection_rate, **self.detection(self.heldout_losses, size, sets, seed=self.settings.seed + 7)}
+
+    # -- the API
+    def review(self, bundle: Bundle, request: FinetuneRequest) -> Review:
+        s = self.settings
+        steps = getattr(request.shaker.settings, "steps", 0)
+        if s.max_steps and steps > s.max_steps:
+            return Review(False, f"asks for {steps} steps; the API allows {s.max_steps}", {"steps": steps})
+        images, captions = request.data.images, list(request.data.captions)
+        statistic = float(self.image_losses(bundle, images, captions).mean())
+        threshold = self.threshold(len(images))
+        evidence = {"statistic": statistic, "threshold": threshold, "images": len(images)}
+        if statistic < threshold:
+            return Review(False, f"the images look self-generated (mean denoising loss {statistic:.4f} < {threshold:.4f})", evidence)
+        return Review(True, "", evidence)
+
+    def review_result(self, base: Bundle, shaken: Bundle, request: FinetuneRequest) -> Review:
+        drift = relative_drift(base, shaken)
+        if self.settings.max_drift and drift > self.settings.max_drift:
+            return Review(False, f"the trained weights moved {drift:.3f} (relative L2); the API deploys at most {self.settings.max_drift}", {"drift": drift})
+        return Review(True, "", {"drift": drift})

@@ -1,0 +1,64 @@
+"""Public pre-training + private fine-tuning (the DP-LDM recipe, Lyu et al. 2023).
+
+Pre-train non-privately on the public domains only, then fine-tune on the
+private domains with DP-SGD (opacus), training only the attention and
+cross-attention layers. Only the second stage sees private data, so only it
+needs the privacy budget, and it trains few parameters, which DP favours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+
+import torch
+
+from s2l_guard.errors import ConfigError
+
+from .base import DEFENSES, Defense, PretrainContext
+from .dp_sgd import DPSGDSettings, last_losses, privacy_settings, privacy_summary
+
+
+@dataclass(frozen=True)
+class PrivateFinetuneSettings(DPSGDSettings):
+    steps: int = 300  # DP fine-tuning steps on the private domains
+    batch_size: int = 64  # expected (Poisson) batch size
+    learning_rate: float = 1e-3
+    layers: tuple[str, ...] = ("attn1.", "attn2.")  # UNet parameter-name parts trained in the private stage
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.steps < 1 or self.batch_size < 1 or self.learning_rate <= 0:
+            raise ValueError("private_finetune steps and batch_size must be >= 1 and learning_rate > 0")
+        if not self.layers:
+            raise ValueError("private_finetune layers is empty; name parameter-name parts such as 'attn2.'")
+
+
+@DEFENSES.register
+class PrivateFinetune(Defense):
+    name = "private_finetune"
+    paper = "https://arxiv.org/abs/2305.15759"
+    summary = "pre-train on public domains only, then DP-SGD fine-tune the attention layers on private ones"
+    threat_models = ("open-weights", "finetune-api", "generate-api")
+    points = ("training",)
+    Settings = PrivateFinetuneSettings
+
+    def pretrain(self, context: PretrainContext):
+        from s2l_guard.privacy import train_private
+
+        s = self.settings
+        public = context.dataset.select(membership="public")
+        if len(public) == 0:
+            raise ConfigError("private_finetune needs public domains to pre-train on; set [testbed] public_domains")
+        bundle, summary = context.standard_pretrain(*public.training_set())
+        private = context.dataset.select(membership="member")
+        images, captions = private.training_set()
+        trainable = {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") and any(part in n for part in s.layers)}
+        if not trainable:
+            raise ConfigError(f"no UNet parameter name contains any of {list(s.layers)}; name attention layers such as 'attn2.'")
+        optimizer = torch.optim.AdamW(trainable.values(), lr=s.learning_rate)
+        settings = replace(context.train_settings, steps=s.steps, batch_size=s.batch_size, lr_schedule="constant", warmup_steps=0, checkpoint_every=0)
+        result = train_private(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings,
+                               privacy=privacy_settings(s), description="dp-finetune")  # fmt: skip
+        summary.update(public_images=len(public), private_rows=len(images), private_trainable_parameters=sum(q.numel() for q in trainable.values()),
+                       privacy=privacy_summary(result), private_loss_last_50=last_losses(result.losses))  # fmt: skip
+        return bundle, summary

@@ -1,0 +1,157 @@
+"""Defenses and the provider: threat models, the API gates, de-duplication and the fine-tune filter."""
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from attacks.base import SHAKERS, FinetuneData
+from attacks.s2l import resolve_threat_model
+from defenses.base import DEFENSES, POINTS
+from defenses.dedup import near_duplicate_keep
+from defenses.finetune_filter import FinetuneFilter, FinetuneFilterSettings, bootstrap_set_means, relative_drift
+from defenses.output_filter import OutputFilter, OutputFilterSettings
+from s2l_guard.config import Config
+from s2l_guard.data import ImageDataset, Record
+from s2l_guard.metrics import tiled_l2
+from s2l_guard.provider import FinetuneRequest, Provider, ThreatModelError
+from s2l_guard.testing import tiny_bundle
+
+
+def test_every_defense_declares_where_it_acts():
+    names = DEFENSES.names()
+    assert {"none", "dedup", "dp_sgd", "private_finetune", "finetune_filter", "output_filter"} <= set(names)
+    for name, cls in DEFENSES.items():
+        assert set(cls.points) <= set(POINTS), name
+        assert cls().spec()["name"] == name
+    assert DEFENSES.get("none").points == ()
+
+
+def test_auto_threat_model_attacks_api_defenses_through_their_api():
+    get = lambda name: DEFENSES.get(name)()  # noqa: E731
+    assert resolve_threat_model("auto", get("none")) == "open-weights"
+    assert resolve_threat_model("auto", get("dp_sgd")) == "open-weights"
+    assert resolve_threat_model("auto", get("finetune_filter")) == "finetune-api"
+    assert resolve_threat_model("auto", get("output_filter")) == "finetune-api"
+    assert resolve_threat_model("generate-api", get("none")) == "generate-api"
+
+
+def _lora_request(steps=1):
+    shaker = SHAKERS.get("lora")(SHAKERS.get("lora").Settings(steps=steps, batch_size=2, rank=1))
+    images = torch.rand(4, 1, 8, 8)
+    return FinetuneRequest(shaker, FinetuneData(images, ["a digit seven"] * 4, "a digit seven"), seed=0)
+
+
+def test_provider_refuses_what_the_threat_model_does_not_allow():
+    bundle = tiny_bundle()
+    assert Provider(bundle, "open-weights").weights() is bundle
+    for threat_model in ("finetune-api", "generate-api"):
+        with pytest.raises(ThreatModelError, match="gives no weights"):
+            Provider(bundle, threat_model).weights()
+    with pytest.raises(ThreatModelError, match="offers no fine-tuning"):
+        Provider(bundle, "generate-api").finetune(_lora_request())
+    with pytest.raises(ThreatModelError, match="mid-training"):
+        Provider(bundle, "finetune-api").finetune(_lora_request(), callback=lambda step, b: None, callback_every=1)
+    with pytest.raises(ThreatModelError, match="unknown threat model"):
+        Provider(bundle, "weights-please")
+    # Behind the fine-tune API the attacker gets generations of the result, never its weights.
+    outcome = Provider(bundle, "finetune-api").finetune(_lora_request())
+    assert outcome.admitted and outcome.prompt == "a digit seven"
+    with pytest.raises(ThreatModelError):
+        outcome.provider.weights()
+    assert len(outcome.provider.generate(["a digit seven"] * 2, steps=2, guidance_scale=1.0, seed=0).images) == 2
+
+
+def _dataset(images: torch.Tensor) -> ImageDataset:
+    records = [Record(f"public/x-{i}.png", "a digit one", "digit1", "public", 1) for i in range(len(images))]
+    return ImageDataset(records, images)
+
+
+def test_output_filter_acts_behind_the_api_only():
+    bundle = tiny_bundle()
+    plain = Provider(bundle, "open-weights").generate(["a digit one"] * 6, steps=2, guidance_scale=1.0, seed=3)
+    defense = OutputFilter(OutputFilterSettings(radius=0.05))
+    # The "training set" holds two of the very images the model generates: those two are withheld.
+    defense.prepare(bundle, _dataset(torch.cat([plain.images[[1, 4]], torch.zeros(1, 1, 8, 8)])), Config())
+    behind = Provider(bundle, "generate-api", defense).generate(["a digit one"] * 6, steps=2, guidance_scale=1.0, seed=3)
+    assert behind.served.tolist() == [True, False, True, True, False, True]
+    assert torch.equal(behind.images, plain.images[behind.served])
+    # With the weights the attacker samples locally: the API's filter never sees it.
+    local = Provider(bundle, "open-weights", defense).generate(["a digit one"] * 6, steps=2, guidance_scale=1.0, seed=3)
+    assert local.served.all() and torch.equal(local.images, plain.images)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(2, 30), st.floats(0.0, 0.6), st.integers(0, 2**16))
+def test_dedup_keeps_a_set_that_covers_the_rest(n, radius, seed):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.rand(n, 1, 4, 4, generator=g)
+    images = torch.cat([images, images[: n // 2]])  # exact repeats
+    keep = near_duplicate_keep(images, radius)
+    kept, dropped = images[keep], images[~keep]
+    d = tiled_l2(kept, kept)
+    assert (d[~torch.eye(len(kept), dtype=torch.bool)] > radius).all()  # no two kept images are near-duplicates
+    if len(dropped):
+        assert (tiled_l2(dropped, kept).min(1).values <= radius).all()  # every dropped one has a kept near-duplicate
+    assert keep[:n].sum() >= 1 and not keep[n:].any()  # repeats of earlier images always go
+
+
+def test_filter_calibration_hits_its_false_rejection_rate_on_held_out_benign_sets():
+    """The threshold is fitted on one pool and checked on an independent one from the same distribution."""
+    rng = np.random.default_rng(0)
+    f = FinetuneFilter(FinetuneFilterSettings(false_rejection_rate=0.1, calibration_sets=4000))
+    f.calibration_losses, f.heldout_losses = rng.gamma(4.0, 0.05, 50_000), rng.gamma(4.0, 0.05, 50_000)
+    for size in (5, 40):
+        result = f.heldout_false_rejection(size, sets=4000)
+        sd = np.sqrt(0.1 * 0.9 / 4000) + np.sqrt(0.1 * 0.9 / 4000)  # held-out sets + the threshold's own sets
+        assert abs(result["rate"] - 0.1) < 3 * sd, result
+        assert result["ci95"][0] <= result["rate"] <= result["ci95"][1]
+    # Data that denoises better than benign data (lower loss) is caught; benign-looking data is not.
+    assert f.detection(np.full(100, 0.05), 10)["rate"] == 1.0
+    assert f.detection(np.full(100, 0.5), 10)["rate"] == 0.0
+
+
+def test_bootstrap_sets_are_reproducible():
+    losses = np.arange(10.0)
+    assert np.array_equal(bootstrap_set_means(losses, 3, 50, seed=1), bootstrap_set_means(losses, 3, 50, seed=1))
+    assert bootstrap_set_means(losses, 3, 50, seed=1).shape == (50,)
+
+
+def test_filter_refuses_long_jobs_and_large_drift_and_says_why():
+    bundle = tiny_bundle()
+    f = FinetuneFilter(FinetuneFilterSettings(max_steps=2, max_drift=1e-9, timesteps=(10, 50)))
+    f.calibration_losses = f.heldout_losses = np.full(50, -1.0)  # every request passes the detector
+    refused = Provider(bundle, "finetune-api", f).finetune(_lora_request(steps=3))
+    assert not refused.admitted and "3 steps" in refused.reason
+    drifted = Provider(bundle, "finetune-api", f).finetune(_lora_request(steps=1))
+    assert not drifted.admitted and "moved" in drifted.reason and drifted.evidence["drift"] > 0
+    # Under open-weights the attacker trains its own copy: the API's limits do not apply.
+    assert Provider(bundle, "open-weights", f).finetune(_lora_request(steps=3)).admitted
+
+
+def test_detector_decides_by_its_threshold():
+    bundle = tiny_bundle()
+    f = FinetuneFilter(FinetuneFilterSettings(timesteps=(50,), draws=1, calibration_sets=200))
+    request = _lora_request()
+    statistic = float(f.image_losses(bundle, request.data.images, list(request.data.captions)).mean())
+    for shift, admitted in ((+0.01, False), (-0.01, True)):
+        f.calibration_losses = f.heldout_losses = np.full(40, statistic + shift)
+        f.threshold.cache_clear()
+        review = f.review(bundle, request)
+        assert review.admitted is admitted and review.evidence["statistic"] == pytest.approx(statistic)
+
+
+def test_relative_drift_is_zero_for_an_unchanged_model_and_counts_new_rows():
+    bundle = tiny_bundle()
+    assert relative_drift(bundle, bundle.clone()) == 0.0
+    moved = bundle.clone()
+    with torch.no_grad():
+        next(moved.unet.parameters()).add_(1.0)
+    assert relative_drift(bundle, moved) > 0
+
+
+def test_filter_timesteps_must_fit_the_model():
+    f = FinetuneFilter(FinetuneFilterSettings(timesteps=(50, 400)))
+    with pytest.raises(Exception, match="reach past the model's 100 training timesteps"):
+        f.image_losses(tiny_bundle(), torch.rand(2, 1, 8, 8), ["a", "a"])
