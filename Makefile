@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/standard.toml
 
-.PHONY: run test install clean
+.PHONY: run defenses test install clean
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,6 +20,10 @@ run: $(BIN)/.installed
 	$(BIN)/s2l-guard pretrain --config $(CONFIG)
 	$(BIN)/s2l-guard attack --config $(CONFIG)
 	$(BIN)/s2l-guard ablate lora-rank ti-tokens gaussian --config $(CONFIG)
+
+# The S2L table against every defense (docs/defenses.md), then a one-line-per-defense summary.
+defenses: $(BIN)/.installed
+	$(BIN)/s2l-guard attack --config $(CONFIG) --defense all
 
 test: $(BIN)/.installed
 	$(BIN)/python -m pytest

@@ -69,12 +69,13 @@ class DPSGD(Defense):
     Settings = DPSGDSettings
 
     def pretrain(self, context: PretrainContext):
+        from s2l_guard.pipeline import pretrain_trainable
         from s2l_guard.privacy import train_private
 
         images, captions = context.dataset.training_set()
         bundle = context.new_bundle()
         p = context.config.pretrain
-        trainable = {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") or (p.train_text_encoder and n.startswith("text_encoder."))}
+        trainable = pretrain_trainable(bundle, context.config)
         optimizer = torch.optim.AdamW(trainable.values(), lr=p.learning_rate, weight_decay=p.weight_decay)
         result = train_private(bundle, images, captions, trainable=trainable, optimizer=optimizer,
                                settings=context.train_settings, privacy=privacy_settings(self.settings), description="dp-pretrain")  # fmt: skip

@@ -79,11 +79,17 @@ def fresh_bundle(config: Config, dataset, device: torch.device):
     return build_testbed_bundle(config.model, image_size=shape[-1], channels=shape[1], seed=config.run.seed).to(device)
 
 
+def pretrain_trainable(bundle, config: Config) -> dict[str, torch.nn.Parameter]:
+    """What pre-training trains: the UNet, and the text encoder if [pretrain] says so."""
+    train_text = config.pretrain.train_text_encoder
+    return {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") or (train_text and n.startswith("text_encoder."))}
+
+
 def standard_pretrain(config: Config, dataset, device: torch.device, images, captions, checkpoint_dir: Path):
     """The undefended recipe: AdamW on the UNet (and text encoder if configured). Returns (bundle, summary)."""
     bundle = fresh_bundle(config, dataset, device)
     p = config.pretrain
-    trainable = {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") or (p.train_text_encoder and n.startswith("text_encoder."))}
+    trainable = pretrain_trainable(bundle, config)
     optimizer = torch.optim.AdamW(trainable.values(), lr=p.learning_rate, weight_decay=p.weight_decay)
     log(f"pre-training {sum(bundle.num_parameters().values()):,} parameters on {len(images)} images "
         f"({len(set(captions))} captions) for {p.steps} steps at batch {p.batch_size} on {device}")  # fmt: skip
