@@ -42,6 +42,9 @@ from .base import DEFENSES, Defense, Review
 class FinetuneFilterSettings:
     false_rejection_rate: float = 0.05  # target share of benign requests refused
     calibration_sets: int = 2000  # bootstrap benign sets per request size
+    # predictive: each calibration set first resamples the pool, so the threshold allows for how
+    # little a finite pool says about the mean of a large request; plain: sets straight from the pool
+    calibration: str = "predictive"
     timesteps: tuple[int, ...] = (50, 100, 200, 400)
     draws: int = 2  # noise draws per timestep
     max_steps: int = 1000  # 0: no limit
@@ -52,6 +55,8 @@ class FinetuneFilterSettings:
     def __post_init__(self) -> None:
         if not 0 < self.false_rejection_rate < 1:
             raise ValueError(f"false_rejection_rate must be in (0, 1), got {self.false_rejection_rate}")
+        if self.calibration not in ("predictive", "plain"):
+            raise ValueError(f"calibration must be 'predictive' or 'plain', got {self.calibration!r}")
         if self.calibration_sets < 100:
             raise ValueError(f"calibration_sets must be >= 100, got {self.calibration_sets}")
         if not self.timesteps or self.draws < 1:
@@ -64,6 +69,22 @@ def bootstrap_set_means(losses: np.ndarray, size: int, sets: int, seed: int) -> 
     """Means of ``sets`` random sets of ``size`` images drawn with replacement from ``losses``."""
     rng = np.random.default_rng([seed, size])
     return losses[rng.integers(0, len(losses), (sets, size))].mean(1)
+
+
+def predictive_set_means(losses: np.ndarray, size: int, sets: int, seed: int) -> np.ndarray:
+    """Means of ``sets`` new benign sets of ``size`` images as a finite pool predicts them.
+
+    Each set draws from its own bootstrap resample of the pool, so the spread holds the
+    pool's uncertainty about the population mean (variance ~ s^2/size + s^2/pool) besides
+    the set's own; without it a 328-image pool sets the threshold for 100-image requests
+    far too tight (the testbed's held-out rate was 0.155 for a 0.05 target).
+    """
+    rng = np.random.default_rng([seed, size, 1])
+    n, out = len(losses), np.empty(sets)
+    for k in range(sets):  # only the resampled positions a set picks are drawn; repeats share theirs
+        positions, which = np.unique(rng.integers(0, n, size), return_inverse=True)
+        out[k] = losses[rng.integers(0, n, len(positions))][which].mean()
+    return out
 
 
 def rate_with_interval(hits: int, n: int) -> dict[str, Any]:
@@ -100,6 +121,7 @@ class FinetuneFilter(Defense):
 
     def __init__(self, settings=None):
         super().__init__(settings)
+        self.pool_losses: np.ndarray | None = None
         self.calibration_losses: np.ndarray | None = None
         self.heldout_losses: np.ndarray | None = None
         self._bundle: Bundle | None = None
@@ -110,6 +132,7 @@ class FinetuneFilter(Defense):
         losses = self.image_losses(bundle, images, captions)
         order = np.random.default_rng(self.settings.seed).permutation(len(losses))
         half = len(losses) // 2
+        self.pool_losses = losses
         self.calibration_losses, self.heldout_losses = losses[order[:half]], losses[order[half:]]
         self._bundle = bundle
         self.threshold.cache_clear()
@@ -139,8 +162,12 @@ class FinetuneFilter(Defense):
         """Requests of ``size`` images whose mean loss is below this are refused."""
         if self.calibration_losses is None:
             raise RuntimeError("finetune_filter used before prepare(): the provider must calibrate it first")
-        means = bootstrap_set_means(self.calibration_losses, size, self.settings.calibration_sets, self.settings.seed)
-        return float(np.quantile(means, self.settings.false_rejection_rate))
+        return self._fit(self.calibration_losses, size, self.settings.seed)
+
+    def _fit(self, losses: np.ndarray, size: int, seed: int) -> float:
+        s = self.settings
+        means = (predictive_set_means if s.calibration == "predictive" else bootstrap_set_means)(losses, size, s.calibration_sets, seed)
+        return float(np.quantile(means, s.false_rejection_rate))
 
     # -- reports
     def detection(self, losses: np.ndarray, size: int, sets: int = 1000, seed: int = 1) -> dict[str, Any]:
@@ -148,9 +175,19 @@ class FinetuneFilter(Defense):
         means = bootstrap_set_means(losses, size, sets, seed)
         return {"size": size, **rate_with_interval(int((means < self.threshold(size)).sum()), len(means))}
 
-    def heldout_false_rejection(self, size: int, sets: int = 2000) -> dict[str, Any]:
-        """The false-rejection rate on benign sets from the held-out half of the pool."""
-        return {"target": self.settings.false_rejection_rate, **self.detection(self.heldout_losses, size, sets, seed=self.settings.seed + 7)}
+    def heldout_false_rejection(self, size: int, sets: int = 2000, splits: int = 20) -> dict[str, Any]:
+        """The false-rejection rate on benign sets from the held-out half of the pool, and across
+        ``splits`` random re-splits of the pool (calibrate on one half, measure on the other):
+        the spread across splits is the sampling error a finite pool leaves, which the
+        interval of one split's sets does not show."""
+        rates = []
+        for r in range(splits):
+            order = np.random.default_rng([self.settings.seed, r, 2]).permutation(len(self.pool_losses))
+            a, b = self.pool_losses[order[: len(order) // 2]], self.pool_losses[order[len(order) // 2 :]]
+            rates.append(float((bootstrap_set_means(b, size, sets, seed=r) < self._fit(a, size, seed=r)).mean()))
+        across = {"mean": float(np.mean(rates)), "range95": [float(np.quantile(rates, 0.025)), float(np.quantile(rates, 0.975))], "splits": splits}
+        return {"target": self.settings.false_rejection_rate, **self.detection(self.heldout_losses, size, sets, seed=self.settings.seed + 7),
+                "across_splits": across}  # fmt: skip
 
     # -- the API
     def review(self, bundle: Bundle, request: FinetuneRequest) -> Review:

@@ -101,11 +101,13 @@ def test_filter_calibration_hits_its_false_rejection_rate_on_held_out_benign_set
     """The threshold is fitted on one pool and checked on an independent one from the same distribution."""
     rng = np.random.default_rng(0)
     f = FinetuneFilter(FinetuneFilterSettings(false_rejection_rate=0.1, calibration_sets=4000))
-    f.calibration_losses, f.heldout_losses = rng.gamma(4.0, 0.05, 50_000), rng.gamma(4.0, 0.05, 50_000)
+    f.pool_losses = rng.gamma(4.0, 0.05, 100_000)
+    f.calibration_losses, f.heldout_losses = f.pool_losses[:50_000], f.pool_losses[50_000:]
     for size in (5, 40):
-        result = f.heldout_false_rejection(size, sets=4000)
+        result = f.heldout_false_rejection(size, sets=4000, splits=3)
         sd = np.sqrt(0.1 * 0.9 / 4000) + np.sqrt(0.1 * 0.9 / 4000)  # held-out sets + the threshold's own sets
         assert abs(result["rate"] - 0.1) < 3 * sd, result
+        assert abs(result["across_splits"]["mean"] - 0.1) < 3 * sd, result
         assert result["ci95"][0] <= result["rate"] <= result["ci95"][1]
     # Data that denoises better than benign data (lower loss) is caught; benign-looking data is not.
     assert f.detection(np.full(100, 0.05), 10)["rate"] == 1.0
@@ -161,10 +163,12 @@ def test_filter_calibrated_on_the_testbeds_unused_digits_holds_its_rate_on_the_o
     """prepare() on real images: calibration half vs held-out half of the digits the testbed leaves out.
 
     The halves are finite (328 images each), so besides the binomial error of the sets the
-    held-out rate moves with the halves' own difference: about +-0.03 at 5-image sets.
+    held-out rate of one split moves with the halves' own difference; averaged over random
+    re-splits it is the rate the procedure has.
     """
     f = FinetuneFilter(FinetuneFilterSettings(false_rejection_rate=0.1, timesteps=(10, 50), calibration_sets=4000))
     f.prepare(tiny_bundle(), None, Config())
     assert len(f.calibration_losses) + len(f.heldout_losses) == 656
-    result = f.heldout_false_rejection(5, sets=4000)
-    assert abs(result["rate"] - 0.1) < 0.05, result
+    for size in (5, 100):  # 100 images: the pool's own uncertainty dominates; the predictive calibration allows for it
+        result = f.heldout_false_rejection(size, sets=2000, splits=20)
+        assert abs(result["across_splits"]["mean"] - 0.1) < 0.04, result
