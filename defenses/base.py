@@ -39,6 +39,7 @@ class PretrainContext:
     standard_pretrain: Callable[..., tuple[Bundle, dict]]  # (images, captions) -> (bundle, summary): the undefended recipe
     new_bundle: Callable[[], Bundle]  # the untrained model [model] describes, on the device
     train_settings: Any  # s2l_guard.training.TrainSettings of [pretrain]
+    progress: Callable[[int, str], Callable[[int, float], None] | None] = lambda total, name: None  # (steps, name) -> on_step
 
 
 @dataclass

@@ -78,7 +78,8 @@ class DPSGD(Defense):
         trainable = pretrain_trainable(bundle, context.config)
         optimizer = torch.optim.AdamW(trainable.values(), lr=p.learning_rate, weight_decay=p.weight_decay)
         result = train_private(bundle, images, captions, trainable=trainable, optimizer=optimizer,
-                               settings=context.train_settings, privacy=privacy_settings(self.settings), description="dp-pretrain")  # fmt: skip
+                               settings=context.train_settings, privacy=privacy_settings(self.settings), description="dp-pretrain",
+                               on_step=context.progress(p.steps, "dp-pretrain"))  # fmt: skip
         summary = {"training_images": len(images), "steps": p.steps, "privacy": privacy_summary(result),
                    "loss_last_50": last_losses(result.losses)}  # fmt: skip
         return bundle, summary

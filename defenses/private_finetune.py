@@ -58,7 +58,8 @@ class PrivateFinetune(Defense):
         optimizer = torch.optim.AdamW(trainable.values(), lr=s.learning_rate)
         settings = replace(context.train_settings, steps=s.steps, batch_size=s.batch_size, lr_schedule="constant", warmup_steps=0, checkpoint_every=0)
         result = train_private(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings,
-                               privacy=privacy_settings(s), description="dp-finetune")  # fmt: skip
+                               privacy=privacy_settings(s), description="dp-finetune",
+                               on_step=context.progress(s.steps, "dp-finetune"))  # fmt: skip
         summary.update(public_images=len(public), private_rows=len(images), private_trainable_parameters=sum(q.numel() for q in trainable.values()),
                        privacy=privacy_summary(result), private_loss_last_50=last_losses(result.losses))  # fmt: skip
         return bundle, summary

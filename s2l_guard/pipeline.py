@@ -54,7 +54,7 @@ def pretrain_spec(config: Config, data_key: str) -> dict[str, Any]:
     return {"model": config.section("model"), "pretrain": config.section("pretrain"), "seed": config.run.seed, "data": data_key}
 
 
-def _progress_lines(total: int, start: float):
+def _progress_lines(total: int, start: float, name: str = ""):
     """Without a terminal (logs, CI) tqdm stays silent; print a line every tenth instead."""
     if sys.stderr.isatty():
         return None
@@ -62,7 +62,7 @@ def _progress_lines(total: int, start: float):
 
     def report(step: int, loss: float) -> None:
         if step % every == 0:
-            log(f"step {step}/{total}, loss {loss:.4f}, {time.perf_counter() - start:.0f} s")
+            log(f"{name + ' ' if name else ''}step {step}/{total}, loss {loss:.4f}, {time.perf_counter() - start:.0f} s")
 
     return report
 
@@ -124,7 +124,8 @@ def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.d
         recipe = lambda images, captions: standard_pretrain(config, dataset, device, images, captions, workdir)  # noqa: E731
         if defended:
             log(f"pre-training under the {defense.name} defense")
-            context = PretrainContext(dataset, config, device, workdir, recipe, lambda: fresh_bundle(config, dataset, device), pretrain_settings(config))
+            context = PretrainContext(dataset, config, device, workdir, recipe, lambda: fresh_bundle(config, dataset, device),
+                                      pretrain_settings(config), lambda total, name: _progress_lines(total, time.perf_counter(), name))  # fmt: skip
             bundle, summary = defense.pretrain(context)
             summary["defense"] = defense.spec()
         else:
