@@ -49,7 +49,9 @@ def defense_lines(results: dict) -> list[str]:
     f = d.get("filter")
     if f:
         found = ", ".join(f"{k} ({v['size']} images) {_ci(v)}" for k, v in f["detection"].items())
-        frr = ", ".join(f"{size} images {_ci(v)} (target {v['target']})" for size, v in f["false_rejection_heldout"].items())
+        frr = ", ".join(f"{size} images {_ci(v)}" + (f", {v['across_splits']['mean']:.3f} over {v['across_splits']['splits']} re-splits "
+                        f"(95% of splits {v['across_splits']['range95'][0]:.3f}-{v['across_splits']['range95'][1]:.3f})" if "across_splits" in v else "")
+                        + f" (target {v['target']})" for size, v in f["false_rejection_heldout"].items())  # fmt: skip
         lines.append(f"fine-tune filter detection: {found}; false rejection on held-out benign sets: {frr}")
     withheld = sum(row.get("extraction", {}).get("withheld", 0) for row in results["table"] if row.get("status") == "ok")
     if withheld:

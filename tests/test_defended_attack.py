@@ -77,6 +77,9 @@ def test_finetune_filter_reports_detection_and_false_rejection(defended):
     assert f["detection"]["subset"]["size"] == 4 and f["detection"]["sp"]["size"] == 8
     for entry in list(f["detection"].values()) + list(f["false_rejection_heldout"].values()):
         assert 0 <= entry["rate"] <= 1 and entry["ci95"][0] <= entry["rate"] <= entry["ci95"][1] and entry["n"] >= 200
+    for entry in f["false_rejection_heldout"].values():
+        spread = entry["across_splits"]
+        assert spread["splits"] == 20 and spread["range95"][0] <= spread["mean"] <= spread["range95"][1]
     labels = {row["row"]: row for row in r["table"]}
     assert {"lora-perturb", "lora-mix", "lora-subset"} <= set(labels)
     for row in r["table"]:
