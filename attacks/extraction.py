@@ -32,8 +32,6 @@ import torch
 
 from s2l_guard.config import ExtractionConfig
 from s2l_guard.metrics import nearest, tiled_l2
-from s2l_guard.model import Bundle
-from s2l_guard.sampling import sample
 
 
 def auto_grid(size: int) -> int:
@@ -114,9 +112,3 @@ def flag_near_duplicates(candidates: torch.Tensor, settings: ExtractionConfig, g
         counts[i : i + settings.chunk] = (d <= settings.flag_delta).sum(1) - 1  # minus itself
     return (counts >= settings.flag_neighbours).numpy()
 
-
-def generate_candidates(bundle: Bundle, prompt: str, settings: ExtractionConfig, *, seed: int) -> torch.Tensor:
-    return sample(
-        bundle, [prompt] * settings.candidates, steps=settings.sampler_steps, guidance_scale=settings.guidance_scale,
-        seed=seed, batch_size=settings.batch_size,
-    )  # fmt: skip

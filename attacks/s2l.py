@@ -114,11 +114,9 @@ def plan_rows(config: Config, *, adaptive: bool = False) -> list[Row]:
 
 
 def split_domains(dataset: ImageDataset, names: tuple[str, ...]) -> tuple[list[Domain], TrainingSet]:
-    trained = [i for i, r in enumerate(dataset.records) if r.membership != "nonmember"]
-    training = TrainingSet(
-        dataset.images[trained], [dataset.records[i].copies for i in trained], [dataset.records[i].file_name for i in trained]
-    )
-    position = {dataset.records[i].file_name: k for k, i in enumerate(trained)}
+    trained = dataset.distinct_training()
+    training = TrainingSet(trained.images, [r.copies for r in trained.records], [r.file_name for r in trained.records])
+    position = {r.file_name: k for k, r in enumerate(trained.records)}
     private = sorted({r.domain for r in dataset.records if r.membership == "member"})
     domains = []
     for name in names or private:

@@ -49,10 +49,10 @@ class Dedup(Defense):
     Settings = DedupSettings
 
     def pretrain(self, context: PretrainContext):
-        records = [r for r in context.dataset.records if r.membership != "nonmember"]
-        distinct = context.dataset.images[[i for i, r in enumerate(context.dataset.records) if r.membership != "nonmember"]]
-        keep = near_duplicate_keep(distinct, self.settings.radius, self.settings.grid)
-        images = distinct[keep]
+        distinct = context.dataset.distinct_training()
+        records = distinct.records
+        keep = near_duplicate_keep(distinct.images, self.settings.radius, self.settings.grid)
+        images = distinct.images[keep]
         captions = [r.text for r, k in zip(records, keep.tolist()) if k]
         bundle, summary = context.standard_pretrain(images, captions)
         rows_before = sum(r.copies for r in records)

@@ -45,8 +45,7 @@ class OutputFilter(Defense):
         self.index: torch.Tensor | None = None
 
     def prepare(self, bundle, dataset, config) -> None:
-        trained = [i for i, r in enumerate(dataset.records) if r.membership != "nonmember"]
-        self.index = dataset.images[trained]
+        self.index = dataset.distinct_training().images
 
     def withhold(self, images: torch.Tensor) -> torch.Tensor:
         if self.index is None:

@@ -62,6 +62,11 @@ class ImageDataset:
         ]
         return ImageDataset([self.records[i] for i in keep], self.images[keep])
 
+    def distinct_training(self) -> "ImageDataset":
+        """Every image pre-training sees (members and public), once each."""
+        keep = [i for i, r in enumerate(self.records) if r.membership != "nonmember"]
+        return ImageDataset([self.records[i] for i in keep], self.images[keep])
+
     def training_set(self) -> tuple[torch.Tensor, list[str]]:
         """What pre-training sees: members and public images, each repeated ``copies`` times."""
         index = [i for i, r in enumerate(self.records) if r.membership != "nonmember" for _ in range(r.copies)]
