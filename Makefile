@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/standard.toml
 
-.PHONY: run defenses test install clean
+.PHONY: run defenses gates test install clean
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -14,12 +14,18 @@ $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 
 install: $(BIN)/.installed
 
-# Pre-training, then the S2L table, then the paper's ablations; every stage is cached,
-# so a second run (or one resumed after an interruption) only does what is missing.
+# Pre-training, the S2L table, the paper's ablations, then the defense x attack matrix and
+# its report; every stage is cached, so a second run (or one resumed after an interruption)
+# only does what is missing.
 run: $(BIN)/.installed
 	$(BIN)/s2l-guard pretrain --config $(CONFIG)
 	$(BIN)/s2l-guard attack --config $(CONFIG)
 	$(BIN)/s2l-guard ablate lora-rank ti-tokens gaussian --config $(CONFIG)
+	$(BIN)/s2l-guard matrix --config $(CONFIG)
+
+# The release gates on the matrix `make run` measured (docs/gates.md); exits 1 when a gate fails.
+gates: $(BIN)/.installed
+	$(BIN)/python -m pytest suites/ --s2l-config $(CONFIG) --junitxml gates.xml
 
 # The S2L table against every defense (docs/defenses.md), then a one-line-per-defense summary.
 defenses: $(BIN)/.installed

@@ -26,11 +26,11 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
+from sklearn.metrics import roc_auc_score, roc_curve
 
 from s2l_guard import __version__
 from s2l_guard.cache import Artifact, Store
@@ -88,8 +88,9 @@ class Row:
 
     label: str
     shaker: str | None
-    # "-" (no data), "SP" (the domain's SP set), "OoD" (real images of a public domain)
-    # or "OoD-gen" (the model's own generations of a public domain's prompt)
+    # "-" (no data), "SP" (the domain's SP set), "OoD" (real images of a public domain),
+    # "OoD-gen" (the model's own generations of a public domain's prompt)
+    # or "members" (the domain's real members: the oracle SP set, an upper bound)
     data: str
     overrides: tuple[tuple[str, Any], ...] = ()  # settings changed from the config's (Gaussian sigma, ablated rank)
     draw: int = 0
@@ -107,6 +108,7 @@ def plan_rows(config: Config, *, adaptive: bool = False) -> list[Row]:
     rows += [Row(f"{name}-ood", name, "OoD") for name in a.ood_shakers]
     rows += [Row(f"{name}-ood-gen", name, "OoD-gen") for name in a.ood_generated_shakers]
     rows += [Row(name, name, "SP") for name in a.shakers]
+    rows += [Row(f"{name}-members", name, "members") for name in a.member_shakers]
     if adaptive:
         rows += [Row(f"{name}-{v}", name, "SP", variant=v) for name in config.adaptive.shakers for v in config.adaptive.variants]
     rows += [Row(f"gaussian-{s:g}-draw{d}", "gaussian", "-", (("sigma", s),), d) for s in a.gaussian_sigmas for d in range(a.gaussian_draws)]
@@ -325,7 +327,8 @@ class S2LRun:
     def defense_report(self) -> dict:
         """What the defense did, beyond the table: its pre-training summary (epsilon, images
         removed) and, for a fine-tune filter, its detection and false-rejection rates."""
-        training = json.loads((self.bundle_art.path / "training.json").read_text())
+        summary = self.bundle_art.path / "training.json"  # absent from a model folder the user gave
+        training = json.loads(summary.read_text()) if summary.is_file() else {"given": str(self.bundle_art.path)}
         report: dict[str, Any] = {"name": self.defense.name, "points": list(self.defense.points), "threat_model": self.threat_model,
                                   "settings": self.defense.spec()["settings"], "unavailable_mia": self.unavailable_mia,
                                   "pretraining": training}  # fmt: skip
@@ -375,6 +378,8 @@ class S2LRun:
             return adapt_request(data, row.variant, self.config, ood_data(self.dataset, self.config), derive_seed(self.config.run.seed, "adaptive", domain.name, row.label)) if row.variant else data
         if row.data == "OoD":
             return ood_data(self.dataset, self.config)
+        if row.data == "members":
+            return FinetuneData(domain.members.images, [r.text for r in domain.members.records], domain.prompt)
         return FinetuneData(torch.empty(0), [], domain.prompt)  # Gaussian shaking uses no data
 
     def _shake_and_measure(self, domain: Domain, row: Row, data: FinetuneData, seed: int, shaker_spec: dict) -> dict:
@@ -385,7 +390,8 @@ class S2LRun:
         measure_seed = self.measure_seed(domain)
 
         # Mid-training the domain is reached through the method's prompt too (TI's token).
-        prompt = shaker.target_prompt(data) if row.data == "SP" and hasattr(shaker, "target_prompt") else domain.prompt
+        on_domain = row.data in ("SP", "members")  # trained on the domain's own images, under its prompt
+        prompt = shaker.target_prompt(data) if on_domain and hasattr(shaker, "target_prompt") else domain.prompt
         captions = lambda part: [r.text.replace(domain.prompt, prompt) for r in part.records]  # noqa: E731
 
         def on_step(step: int, bundle: Bundle) -> None:  # open-weights only: the attacker trains locally
@@ -401,7 +407,7 @@ class S2LRun:
             return {"status": "refused", "reason": outcome.reason, "evidence": outcome.evidence, "images": len(data.images)}
         # The domain's prompt in the shaken model (Textual Inversion's token for an SP row;
         # the OoD control is attacked with the domain's own prompt).
-        prompt = outcome.prompt if row.data == "SP" else domain.prompt
+        prompt = outcome.prompt if on_domain else domain.prompt
         out = measure(outcome.provider, domain, prompt, self.training, self.config, measure_seed)
         out.update(trainable_parameters=outcome.trainable_parameters, trajectory=trajectory, evidence=outcome.evidence,
                    images=len(data.images), final_loss=float(np.mean(outcome.losses[-10:])) if outcome.losses else None)  # fmt: skip
@@ -466,6 +472,12 @@ def _scores(cell: dict, mia: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(cell["mia"][mia]["members"]), np.asarray(cell["mia"][mia]["nonmembers"])
 
 
+def roc_points(members: np.ndarray, nonmembers: np.ndarray) -> dict[str, list[float]]:
+    """The ROC curve's corners (scikit-learn), for plots in reports."""
+    fpr, tpr, _ = roc_curve(np.r_[np.ones(len(members)), np.zeros(len(nonmembers))], np.r_[members, nonmembers])
+    return {"fpr": np.round(fpr, 5).tolist(), "tpr": np.round(tpr, 5).tolist()}
+
+
 def summarize_mia(cell: dict, base: dict, config: Config, seed: int, controls: dict[str, dict]) -> dict:
     out = {}
     b = config.attack.bootstrap
@@ -473,6 +485,7 @@ def summarize_mia(cell: dict, base: dict, config: Config, seed: int, controls: d
         (m, n), (bm, bn) = _scores(cell, name), _scores(base, name)
         entry = {
             "roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed)),
+            "curve": roc_points(m, n),
             "thresholds": metrics_to_dict(threshold_protocol(m, n, fprs=FPRS, calibration_share=config.attack.calibration_share, seed=seed, resamples=b)),
         }  # fmt: skip
         if cell is not base:
@@ -533,6 +546,7 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
         entry = {"roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed))}
         if row != base_row:
             entry["auc_delta"] = paired_bootstrap_delta(bm, bn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
+            entry["tpr_delta"] = paired_bootstrap_delta(bm, bn, m, n, statistic=f"tpr@{FPRS[0]}", resamples=b, seed=seed).to_dict()
         for key, control_cells in controls.items():
             cm, cn = join(control_cells, mia)
             entry[f"auc_delta_{key}"] = paired_bootstrap_delta(cm, cn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
@@ -602,8 +616,9 @@ def gaussian_means(table: list[dict], rows: list[Row], config: Config) -> list[d
     return out
 
 
-def run_cells(run: S2LRun, rows: list[Row]) -> dict[str, dict[str, dict]]:
-    """Every (domain, row) cell, logged as it finishes; a crashing cell is recorded as failed."""
+def run_cells(run: S2LRun, rows: list[Row], progress: Callable[[dict], None] | None = None) -> dict[str, dict[str, dict]]:
+    """Every (domain, row) cell, logged (or passed to ``progress``) as it finishes; a crashing
+    cell is recorded as failed."""
     total = len(rows) * len(run.domains)
     cells_by_domain: dict[str, dict[str, dict]] = {}
     done = 0
@@ -619,18 +634,24 @@ def run_cells(run: S2LRun, rows: list[Row]) -> dict[str, dict[str, dict]]:
                         "reason": f"{type(exc).__name__}: {exc}", "cached": False}  # fmt: skip
             cells_by_domain[domain.name][row.label] = cell
             done += 1
+            if progress is not None:
+                progress(cell)
+                continue
             took = "cached" if cell["cached"] else cell["status"] if cell["status"] != "ok" else f"{cell['seconds']:.1f} s"
             log(f"cell {done}/{total}: {domain.name} {row.label} ({took})")
     return cells_by_domain
 
 
-def run_attack(config: Config) -> dict:
-    """Run the S2L table for every attacked domain; return (and write) results.json."""
+def run_attack(config: Config, progress: Callable[[dict], None] | None = None) -> dict:
+    """Run the S2L table for every attacked domain; return results.json's content.
+
+    ``progress`` is called with each finished (domain, row) cell instead of logging it.
+    """
     start = time.perf_counter()
     run = S2LRun(config)
     config = run.config  # without the attacks the threat model rules out
     rows = plan_rows(config, adaptive=run.filters_finetune)
-    cells_by_domain = run_cells(run, rows)
+    cells_by_domain = run_cells(run, rows, progress)
     seed = config.run.seed
     domains_out = {}
     for domain in run.domains:

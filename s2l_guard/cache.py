@@ -32,6 +32,17 @@ def content_key(kind: str, spec: Any) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
 
+def folder_key(folder: Path) -> str:
+    """Hash of every file under ``folder`` (relative path and bytes), ignoring the store's manifest."""
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != MANIFEST):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        with path.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()[:24]
+
+
 @dataclass(frozen=True)
 class Artifact:
     kind: str

@@ -104,6 +104,48 @@ def _cmd_attack(args) -> int:
     return 0
 
 
+def apply_model_options(config, model: str | None, data: str | None):
+    """``--model`` / ``--data``: audit a given model folder (and its data set) instead of the testbed's."""
+    if data and not model:
+        raise S2LError("--data names the data set of a model given with --model; add --model PATH")
+    if not model:
+        return config
+    return config.replace(run={"model": str(Path(model).resolve()), "data": str(Path(data).resolve()) if data else ""})
+
+
+def _cmd_matrix(args) -> int:
+    from .gates import evaluate
+    from .matrix import matrix_folder, plan, run_matrix, write_matrix
+    from .pipeline import log, run_folder
+    from .report import write_report
+
+    config = apply_model_options(_run_config(args), args.model, args.data)
+    defenses = args.defense or None
+    if defenses:
+        config = config.replace(matrix={"defenses": defenses})
+    results = run_matrix(config)
+    folder = Path(args.out) if args.out else matrix_folder(config)
+    write_matrix(results, folder)
+    files = write_report(folder, ablation_dirs=[run_folder(config)])
+    verdicts = evaluate(results, config.gates, plan(config))
+    counts = {o: sum(v.outcome == o for v in verdicts) for o in ("pass", "fail", "error", "skip")}
+    print(f"gates: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error (control does not leak), {counts['skip']} skipped")
+    log(f"matrix in {folder}/ ({', '.join(f.name for f in files)}, results.json); took {results['wall_seconds']:.1f} s")
+    log(f"gate a release on it: pytest suites/ --s2l-config {config.source} --s2l-reuse --s2l-run-dir {folder}")
+    return 0
+
+
+def _cmd_report(args) -> int:
+    from .matrix import load_matrix
+    from .pipeline import log, run_folder
+    from .report import config_of, write_report
+
+    results = load_matrix(Path(args.run_dir))
+    files = write_report(Path(args.run_dir), ablation_dirs=[run_folder(config_of(results))])
+    log(f"report written: {', '.join(str(f) for f in files)}")
+    return 0
+
+
 def _cmd_ablate(args) -> int:
     from attacks.ablation import format_ablation, run_ablation, write_ablation
     from attacks.s2l import S2LRun
@@ -153,6 +195,19 @@ def build_parser() -> argparse.ArgumentParser:
     attack.add_argument("--threat-model", choices=("auto", "open-weights", "finetune-api", "generate-api"),
                         help="override [defense] threat_model (auto: weights for training-recipe defenses, the API for API ones)")  # fmt: skip
     attack.set_defaults(func=_cmd_attack)
+
+    matrix = commands.add_parser("matrix", help="the defense x attack matrix: results.json, report.md/html, matrix.png")
+    _add_config(matrix)
+    matrix.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
+    matrix.add_argument("--defense", nargs="+", metavar="NAME", help="override [matrix] defenses")
+    matrix.add_argument("--model", help="audit this diffusers model folder instead of pre-training the testbed model")
+    matrix.add_argument("--data", help="the model's labelled data set (imagefolder + metadata.jsonl; default: the testbed)")
+    matrix.add_argument("--out", help="run folder (default: runs/<profile>-matrix-<hash>)")
+    matrix.set_defaults(func=_cmd_matrix)
+
+    report = commands.add_parser("report", help="(re)write report.md, report.html and the figures of a matrix run folder")
+    report.add_argument("run_dir", help="a folder holding a matrix results.json")
+    report.set_defaults(func=_cmd_report)
 
     from attacks.ablation import ABLATIONS
 

@@ -40,6 +40,11 @@ class RunConfig:
     store: str = ".s2l-cache"  # content-addressed artifact store (relative to the cwd)
     out_dir: str = "runs"  # human-readable outputs: reports, results
     device: str = _opt("auto", choices=("auto", "cpu", "cuda", "mps"))
+    # A model to audit instead of pre-training the testbed one: a diffusers-format folder
+    # (docs/model-folders.md), and the labelled data set its private domains come from
+    # (docs/testbed.md layout; empty = the testbed, for a model trained on it).
+    model: str = ""
+    data: str = ""
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,9 @@ class AttackConfig:
     # where one ran (else End-to-End's): full and parameter-efficient fine-tuning forget differently.
     ood_shakers: tuple[str, ...] = ("end2end", "lora")
     ood_generated_shakers: tuple[str, ...] = ("end2end", "lora")
+    # Oracle rows: these methods fine-tuned on the domain's real members, i.e. an SP set that
+    # reproduced every member. An upper bound on S2L, and a positive control for the gates.
+    member_shakers: tuple[str, ...] = ()
     mia: tuple[str, ...] = ("secmi", "pia", "pian", "loss")
     gaussian_sigmas: tuple[float, ...] = _opt((2e-4, 8e-4, 3.2e-3), each_ge=0.0)  # empty: no Gaussian shaking
     gaussian_draws: int = _opt(3, ge=1)  # Gaussian shaking is averaged over this many draws
@@ -202,6 +210,42 @@ class UtilityConfig:
 
 
 @dataclass(frozen=True)
+class MatrixConfig:
+    """The defense x attack matrix (`s2l-guard matrix`, `pytest suites/`): which defenses, seeds and rows.
+
+    Its rows replace [attack]'s row lists; every other setting (MIA, extraction, method
+    settings) is [attack]'s, so the matrix reuses the cells a table run already cached.
+    """
+
+    defenses: tuple[str, ...] = ("none", "dedup", "dp_sgd", "private_finetune", "finetune_filter", "output_filter")
+    seeds: tuple[int, ...] = _opt((), each_ge=0)  # empty: [run] seed only
+    shakers: tuple[str, ...] = ("end2end", "lora")  # S2L methods, each fine-tuned on the domain's SP set
+    member_shakers: tuple[str, ...] = ("end2end",)  # oracle rows (see [attack] member_shakers)
+    gaussian_sigmas: tuple[float, ...] = _opt((8e-4,), each_ge=0.0)  # Gaussian shaking, [attack] gaussian_draws draws each
+
+
+GATE_CHECKS = ("auc_amplification", "tpr_at_1pct_fpr", "extracted", "utility")
+
+
+@dataclass(frozen=True)
+class GatesConfig:
+    """Release thresholds (docs/gates.md). A gate passes when the measurement stays within its threshold."""
+
+    checks: tuple[str, ...] = _opt(GATE_CHECKS, choices_each=GATE_CHECKS)  # which gates run
+    # interval: the unfavourable end of the 95% interval must be within the threshold; point: the estimate
+    compare: str = _opt("interval", choices=("interval", "point"))
+    domains: str = _opt("both", choices=("each", "pooled", "both"))  # gate every private domain, the pool, or both
+    max_auc_amplification: float = 0.05  # AUC after shaking minus before, paired on the same samples
+    max_tpr_at_1pct_fpr: float = _opt(0.2, ge=0.0, le=1.0)  # of the shaken model
+    max_extracted: int = _opt(0, ge=0)  # distinct members extracted from the shaken model (a count: no interval)
+    min_utility: float = _opt(0.5, ge=0.0, le=1.0)  # conditional accuracy of the deployed model's generations
+    # Positive control: every gated attack must raise leakage of the undefended model (defense none),
+    # pooled over domains, by more than this (by the lower end of its interval, or the estimate under
+    # compare = "point"); else the suite errors - it cannot tell a safe model from an insensitive test.
+    control_min_amplification: float = 0.0
+
+
+@dataclass(frozen=True)
 class Config:
     """The resolved configuration: every section, plus the file it came from.
 
@@ -221,6 +265,8 @@ class Config:
     defense: DefenseConfig = field(default_factory=DefenseConfig)
     adaptive: AdaptiveConfig = field(default_factory=AdaptiveConfig)
     utility: UtilityConfig = field(default_factory=UtilityConfig)
+    matrix: MatrixConfig = field(default_factory=MatrixConfig)
+    gates: GatesConfig = field(default_factory=GatesConfig)
     shakers: dict[str, dict[str, Any]] = field(default_factory=dict)
     mia: dict[str, dict[str, Any]] = field(default_factory=dict)
     defenses: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -246,7 +292,7 @@ class Config:
         """Every setting of every method the attack runs, defaults included: the method
         tables in a profile only state what differs, and defaults can change between versions."""
         a = self.attack
-        shakers = dict.fromkeys(a.shakers + a.ood_shakers + a.ood_generated_shakers + (("gaussian",) if a.gaussian_sigmas else ()))
+        shakers = dict.fromkeys(a.shakers + a.ood_shakers + a.ood_generated_shakers + a.member_shakers + (("gaussian",) if a.gaussian_sigmas else ()))
         resolve = lambda settings: json.loads(json.dumps(dataclasses.asdict(settings), default=list))  # noqa: E731
         return {"shakers": {name: resolve(self.shaker_settings(name)) for name in shakers},
                 "mia": {name: resolve(self.mia_settings(name)) for name in a.mia}}  # fmt: skip
@@ -306,6 +352,8 @@ SECTIONS: dict[str, type] = {
     "defense": DefenseConfig,
     "adaptive": AdaptiveConfig,
     "utility": UtilityConfig,
+    "matrix": MatrixConfig,
+    "gates": GatesConfig,
 }
 PLUGIN_TABLES = ("shakers", "mia", "defenses")  # [shakers.<name>] / [mia.<name>] / [defenses.<name>]: one table each
 
@@ -549,8 +597,13 @@ def _check_cross_section(config: Config) -> None:
     unknown = [d for d in config.attack.domains if d not in private]
     if unknown:
         problems.append(f"[attack] domains {unknown} are not private testbed domains; choose from {private}")
-    shakers = config.attack.shakers + config.attack.ood_shakers + config.attack.ood_generated_shakers + config.adaptive.shakers
-    for section, table, names in (("attack", "shakers", shakers), ("attack", "mia", config.attack.mia), ("defense", "defenses", (config.defense.name,))):
+    a, mx = config.attack, config.matrix
+    shakers = a.shakers + a.ood_shakers + a.ood_generated_shakers + a.member_shakers + config.adaptive.shakers
+    checks = (("attack", "shakers", shakers), ("attack", "mia", a.mia), ("defense", "defenses", (config.defense.name,)),
+              ("matrix", "shakers", mx.shakers + mx.member_shakers), ("matrix", "defenses", mx.defenses))  # fmt: skip
+    if len(set(mx.defenses)) != len(mx.defenses):
+        problems.append("[matrix] defenses lists a defense twice")
+    for section, table, names in checks:
         for name in names:
             try:
                 _registry(table).get(name)

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from . import __version__
-from .cache import Artifact, Store, content_key
+from .cache import Artifact, Store, content_key, folder_key
 from .config import Config
 from .data import load_imagefolder
 from .errors import ConfigError
@@ -43,7 +43,20 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def folder_artifact(kind: str, folder: str) -> Artifact:
+    """A folder the user gave ([run] model or data) as an artifact, keyed by its content so
+    cached cells follow the files, not the path."""
+    path = Path(folder)
+    if not path.is_dir():
+        raise ConfigError(f"[run] {kind} = {folder!r} is not a folder; give a diffusers model folder / an imagefolder data set")
+    return Artifact(kind, folder_key(path), path, reused=True)
+
+
 def testbed_stage(store: Store, config: Config) -> Artifact:
+    if config.run.data:
+        artifact = folder_artifact("data", config.run.data)
+        log(f"data set given: {artifact.path}")
+        return artifact
     spec = {"testbed": config.section("testbed"), "seed": config.run.seed}
     artifact = store.get_or_build("testbed", spec, lambda folder, key: build_testbed(folder, config.testbed, config.run.seed))
     log(f"testbed {'reused' if artifact.reused else 'built'}: {artifact.path}")
@@ -114,6 +127,13 @@ def standard_pretrain(config: Config, dataset, device: torch.device, images, cap
 def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.device, defense=None) -> Artifact:
     """The provider's model: the standard recipe, or the one a training-recipe defense replaces it with."""
     defended = defense is not None and "training" in defense.points
+    if config.run.model:
+        if defended:
+            raise ConfigError(f"defense {defense.name} is a pre-training recipe and cannot be applied to the given model "
+                              f"([run] model); gate it on the testbed, or use none / an API defense")  # fmt: skip
+        artifact = folder_artifact("model", config.run.model)
+        log(f"model given: {artifact.path}")
+        return artifact
 
     def build(folder: Path, key: str) -> None:
         from defenses.base import PretrainContext

@@ -1,0 +1,166 @@
+"""Release gates: verdicts on matrix cells against the thresholds of [gates].
+
+A gate compares one cell's measurement with its threshold: under ``compare =
+"interval"`` the unfavourable end of the 95% interval (the upper end of a leak, the
+lower end of utility), under ``"point"`` the estimate. Leakage gates rest on a
+positive control: the same attack must raise the undefended model's leakage
+(defense ``none``, pooled over domains); when it does not, the gate cannot tell a
+safe model from an insensitive test, and the verdict is an error, never a pass.
+The gate suite (``pytest suites/``) and the reports share these functions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .matrix import POOLED, PlannedCell
+
+MIA_CHECKS = ("auc_amplification", "tpr_at_1pct_fpr")
+# the metric each gate reads, and the [gates] key holding its threshold
+THRESHOLDS = {"auc_amplification": "max_auc_amplification", "tpr_at_1pct_fpr": "max_tpr_at_1pct_fpr",
+              "extracted": "max_extracted", "utility": "min_utility"}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """A gate's outcome: pass, fail, skip (the cell did not run) or error (the control does not leak)."""
+
+    check: str
+    cell_id: str
+    outcome: str
+    message: str
+    value: float | None = None
+    bound: float | None = None  # what was compared with the threshold
+    threshold: float | None = None
+
+
+def applies(check: str, cell: PlannedCell, domains: str) -> bool:
+    """Whether ``check`` gates ``cell``: leakage gates judge shaken models (every row but the
+    pre-trained baseline), on single domains, the pool, or both."""
+    if check == "utility":
+        return cell.measure == "utility"
+    if cell.measure == "utility" or cell.attack == "pretrained":
+        return False
+    if (check in MIA_CHECKS) == (cell.measure == "extraction"):
+        return False
+    return domains == "both" or (cell.domain == POOLED) == (domains == "pooled")
+
+
+def gate_plan(planned: list[PlannedCell], gates, check: str) -> list[PlannedCell]:
+    """The planned cells ``check`` gates (none when [gates] checks leaves it out)."""
+    if check not in gates.checks:
+        return []
+    return [c for c in planned if applies(check, c, gates.domains)]
+
+
+def _fmt(value: float, ci: list[float] | None, signed: bool) -> str:
+    f = "{:+.3f}" if signed else "{:.3f}"
+    return f.format(value) + (f" [95% CI {f.format(ci[0])}, {f.format(ci[1])}]" if ci else "")
+
+
+def _samples(cell: dict) -> str:
+    s = cell.get("samples", {})
+    if "members" in s:
+        return f"{s['members']} members vs {s['nonmembers']} non-members, {s['bootstrap']} bootstrap resamples"
+    if "candidates" in s:
+        return f"{s['candidates']} generated candidates"
+    return f"{s.get('generations', '?')} generations"
+
+
+def verdict(check: str, cell: dict | None, gates) -> Verdict:
+    """One gate on one measured cell (``None``: the cell is missing from results.json)."""
+    threshold = getattr(gates, THRESHOLDS[check])
+    if cell is None:
+        return Verdict(check, "?", "fail", "the cell is missing from results.json; rerun the matrix without --s2l-reuse")
+    cid = cell["id"]
+    where = f"[gates] {THRESHOLDS[check]} = {threshold:g}, compare = {gates.compare}"
+    if cell["status"] == "not-run":
+        return Verdict(check, cid, "skip", f"{cid} did not run: {cell.get('reason')}")
+    if cell["status"] == "failed":
+        return Verdict(check, cid, "fail", f"{cid} failed: {cell.get('reason')}")
+    if cell["status"] == "refused":
+        return Verdict(check, cid, "pass", f"{cid}: the provider refused the fine-tune request ({cell.get('reason')}); nothing to attack")
+    m = cell["metrics"]
+    interval = gates.compare == "interval"
+    if check == "auc_amplification":
+        entry = m.get("auc_amplification")
+        if entry is None:
+            return Verdict(check, cid, "fail", f"{cid} has no AUC amplification (no pre-trained baseline to pair with)")
+        value, ci = entry["delta"], entry["ci95"]
+        bound, passed, text = (ci[1] if interval else value), None, _fmt(entry["delta"], ci, True)
+        name = "AUC amplification (after shaking minus before, paired)"
+    elif check == "tpr_at_1pct_fpr":
+        entry = m["tpr_at_1pct_fpr"]
+        n = cell["samples"]["nonmembers"]
+        if not entry.get("resolvable", True):
+            return Verdict(check, cid, "skip", f"{cid}: TPR at 1% FPR needs at least 100 non-members, this cell has {n}; "
+                                                "gate it on the pooled cell ([gates] domains = 'pooled' or 'both')")  # fmt: skip
+        value, ci = entry["value"], entry["ci95"]
+        bound, text, name = (ci[1] if interval else value), _fmt(value, ci, False), "TPR at 1% FPR"
+    elif check == "extracted":
+        value = bound = m["extracted"]
+        text, name = f"{value} (a count: no interval)", "members extracted"
+    else:
+        entry = m["conditional_accuracy"]
+        value, ci = entry["value"], entry["ci95"]
+        if value is None:
+            return Verdict(check, cid, "fail", f"{cid}: the provider served no generation, so utility is 0", threshold=threshold)
+        bound, text, name = (ci[0] if interval else value), _fmt(value, ci, False), "conditional accuracy"
+        passed = bound >= threshold
+        message = f"{cid}: {name} {text}; compared {bound:.3f} {'>=' if passed else '<'} minimum {threshold:g} ({where}); {_samples(cell)}"
+        return Verdict(check, cid, "pass" if passed else "fail", message, value, bound, threshold)
+    passed = bound <= threshold
+    message = f"{cid}: {name} {text}; compared {bound:.3f} {'<=' if passed else '>'} maximum {threshold:g} ({where}); {_samples(cell)}"
+    return Verdict(check, cid, "pass" if passed else "fail", message, value, bound, threshold)
+
+
+def control_of(cell: PlannedCell) -> tuple[str, str, str, str, int]:
+    """The undefended cell that must leak for ``cell``'s gate to mean something: defense none,
+    the same attack (an adaptive variant's plain SP attack), measure and seed, pooled."""
+    return ("none", cell.base_attack or cell.attack, cell.measure, POOLED, cell.seed)
+
+
+def control_problem(check: str, cell: PlannedCell, cells: dict[tuple, dict], gates) -> str | None:
+    """Why the positive control of ``cell``'s gate fails, or None when it leaks (utility has none)."""
+    if check == "utility":
+        return None
+    key = control_of(cell)
+    control = cells.get(key)
+    what = f"none-{key[1]}-{key[2]}-{POOLED}"
+    if control is None:
+        return f"positive control {what} is not in the matrix; add 'none' to [matrix] defenses (the gates need the undefended model)"
+    if control["status"] != "ok":
+        return f"positive control {what} did not run ({control['status']}: {control.get('reason')}); the gate cannot be judged"
+    amp_key = "extraction_amplification" if cell.measure == "extraction" else "auc_amplification"
+    amp: dict[str, Any] | None = control["metrics"].get(amp_key)
+    if amp is None:
+        return f"positive control {what} has no amplification to show"
+    level = amp["ci95"][0] if gates.compare == "interval" else amp["delta"]
+    if level > gates.control_min_amplification:
+        return None
+    by = "the lower end of its 95% interval" if gates.compare == "interval" else "its estimate"
+    return (f"positive control failed: on the undefended model {key[1]} raises {key[2]} leakage by {_fmt(amp['delta'], amp['ci95'], True)} "
+            f"({_samples(control)}), not more than [gates] control_min_amplification = {gates.control_min_amplification:g} by {by}; "
+            f"this gate cannot tell a safe model from an insensitive test, so it is not judged")  # fmt: skip
+
+
+def cells_by_key(results: dict) -> dict[tuple, dict]:
+    return {(c["defense"], c["attack"], c["measure"], c["domain"], c["seed"]): c for c in results["cells"]}
+
+
+def judge(check: str, planned: PlannedCell, cells: dict[tuple, dict], gates) -> Verdict:
+    """The gate on one cell, its positive control included: a measured cell (ok or refused) whose
+    control does not leak is an error; a cell that failed or did not run is judged as such."""
+    cell = cells.get((planned.defense, planned.attack, planned.measure, planned.domain, planned.seed))
+    v = verdict(check, cell, gates)
+    if cell is None or cell["status"] not in ("ok", "refused"):
+        return v
+    problem = control_problem(check, planned, cells, gates)
+    return Verdict(check, planned.id, "error", f"{planned.id}: {problem}") if problem else v
+
+
+def evaluate(results: dict, gates, planned: list[PlannedCell]) -> list[Verdict]:
+    """Every gate of [gates] on the measured matrix (for reports and summaries)."""
+    cells = cells_by_key(results)
+    return [judge(check, p, cells, gates) for check in gates.checks for p in gate_plan(planned, gates, check)]

@@ -1,0 +1,334 @@
+"""The defense x attack matrix: one cell per (defense, attack, measure, domain, seed).
+
+Each defense's S2L table runs through :mod:`attacks.s2l`, whose (domain, row) cells
+are cached in the content-addressed store: cells are independent, a rerun or a
+resumed run computes only what is missing, and a matrix after ``s2l-guard attack``
+reuses the table's cells. This module plans the cells from a config alone (the gate
+suite parametrizes over the plan before anything runs), runs the tables with a
+progress bar, and flattens them into results.json (schema: docs/results.md).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from . import __version__
+from .cache import content_key
+from .config import Config
+from .errors import ConfigError
+
+SCHEMA = "s2l-guard/matrix/1"
+POOLED = "all"  # the domain name of a cell pooled over every attacked domain
+FPR_KEY = "0.01"  # TPR is gated at 1% FPR
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    """What identifies a cell; ``measure`` is an MIA name, "extraction" or "utility"."""
+
+    defense: str
+    attack: str  # the S2L table's row label: pretrained, lora, gaussian-0.0008-draw1, end2end-perturb, ...
+    measure: str
+    domain: str
+    seed: int
+    many_seeds: bool = False
+    base_attack: str = ""  # an adaptive request's plain SP attack (its positive control), else the attack itself
+
+    @property
+    def id(self) -> str:
+        parts = [self.defense, self.attack, self.measure, self.domain] if self.measure != "utility" else [self.defense, "utility"]
+        return "-".join(parts + ([f"seed{self.seed}"] if self.many_seeds else []))
+
+
+def seeds(config: Config) -> list[int]:
+    return list(config.matrix.seeds) or [config.run.seed]
+
+
+def defended_config(config: Config, defense: str, seed: int) -> Config:
+    """The config of one defense's table in the matrix: [matrix] rows replace [attack]'s."""
+    m = config.matrix
+    attack = {"shakers": list(m.shakers), "member_shakers": list(m.member_shakers), "ood_shakers": [],
+              "ood_generated_shakers": [], "gaussian_sigmas": list(m.gaussian_sigmas)}  # fmt: skip
+    return config.replace(run={"seed": seed}, defense={"name": defense}, attack=attack)
+
+
+def domain_names(config: Config) -> list[str]:
+    """The attacked domains: [attack] domains, else every private domain of the data set."""
+    if config.attack.domains:
+        return list(config.attack.domains)
+    if config.run.data:  # read from the metadata only: the images are loaded when the tables run
+        from .data import METADATA, _read_records
+
+        path = Path(config.run.data) / METADATA
+        if not path.is_file():
+            raise ConfigError(f"[run] data = {config.run.data!r} has no {METADATA}; see docs/testbed.md for the layout")
+        return sorted({r.domain for r in _read_records(path) if r.membership == "member"})
+    return [f"digit{d}" for d in config.testbed.private_domains]
+
+
+def _table_plan(config: Config) -> tuple[list, list[str]]:
+    """The rows one defense's table runs and every MIA the config names (those the threat
+    model rules out still get cells: they are reported as not run)."""
+    from attacks.s2l import plan_rows, resolve_threat_model
+    from defenses.base import DEFENSES
+
+    defense = DEFENSES.get(config.defense.name)(config.defense_settings(config.defense.name))
+    if config.run.model and "training" in defense.points:
+        raise ConfigError(f"[matrix] defenses lists {defense.name}, a pre-training recipe, which cannot be applied to a given "
+                          f"model ([run] model / --model); remove it here, or gate it on the testbed model")  # fmt: skip
+    threat_model = resolve_threat_model(config.defense.threat_model, defense)
+    adaptive = threat_model != "open-weights" and "finetune" in defense.points
+    return plan_rows(config, adaptive=adaptive), list(config.attack.mia)
+
+
+def plan(config: Config, defenses: list[str] | None = None) -> list[PlannedCell]:
+    """Every cell the matrix of ``config`` will report, without running anything."""
+    out = []
+    many = len(seeds(config)) > 1
+    for seed in seeds(config):
+        for defense in defenses or config.matrix.defenses:
+            rows, mias = _table_plan(defended_config(config, defense, seed))
+            for row in rows:
+                for measure in mias + ["extraction"]:
+                    base = row.shaker if row.variant else row.label
+                    out += [PlannedCell(defense, row.label, measure, d, seed, many, base) for d in domain_names(config) + [POOLED]]
+            out.append(PlannedCell(defense, "-", "utility", POOLED, seed, many))
+    return out
+
+
+def code_version() -> str:
+    """The package version and, in a git checkout, the commit (``+dirty`` with local changes)."""
+    root = Path(__file__).resolve().parents[1]
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return __version__
+    if commit.returncode != 0:
+        return __version__
+    return f"{__version__}+{commit.stdout.strip()}" + ("-dirty" if dirty.stdout.strip() else "")
+
+
+# ---------------------------------------------------------------- flattening a table into cells
+
+
+def _interval(entry: dict) -> dict:
+    """A DeltaTest dict cut to what a gate and a reader need."""
+    return {k: entry[k] for k in ("before", "after", "delta", "ci95", "p_value", "method") if k in entry}
+
+
+def _mia_metrics(entry: dict, pooled: bool) -> tuple[dict, dict]:
+    roc = entry["roc"]
+    tpr = dict(roc["tpr_at_fpr"][FPR_KEY], resolvable=roc["resolvable"][FPR_KEY])
+    metrics: dict[str, Any] = {"auc": roc["auc"], "tpr_at_1pct_fpr": tpr}
+    amp = entry.get("auc_delta") if pooled else entry.get("vs_pretrained", {}).get("auc_paired_bootstrap")
+    tamp = entry.get("tpr_delta") if pooled else entry.get("vs_pretrained", {}).get("tpr@0.01_paired_bootstrap")
+    if amp:
+        metrics["auc_amplification"] = _interval(amp)
+    if tamp:
+        metrics["tpr_amplification"] = _interval(tamp)
+    if not pooled and entry.get("curve"):
+        metrics["roc_curve"] = entry["curve"]
+    return metrics, {"members": roc["n_members"], "nonmembers": roc["n_nonmembers"], "bootstrap": roc["resamples"]}
+
+
+def _extraction_metrics(entry: dict, pooled: bool) -> tuple[dict, dict]:
+    if pooled:
+        n_domains = len(entry["extracted_per_domain"])
+        metrics = {"extracted": int(sum(entry["extracted_per_domain"])), "withheld": entry["withheld"]}
+        amp = entry.get("delta_total_vs_pretrained")
+        samples = {"candidates": entry["candidates_per_domain"] * n_domains, "domains": n_domains}
+    else:
+        metrics = {"extracted": entry["extracted_images"], "withheld": entry.get("withheld", 0),
+                   "nearest_distance_median": entry.get("nearest_distance_median")}  # fmt: skip
+        amp = entry.get("vs_pretrained")
+        samples = {"candidates": entry["candidates"]}
+    if amp:
+        metrics["extraction_amplification"] = _interval(amp)
+    return metrics, samples
+
+
+def _cell(planned: PlannedCell, entry: dict | None, unavailable: list[str], threat_model: str) -> dict:
+    pooled = planned.domain == POOLED
+    cell: dict[str, Any] = {"id": planned.id, "defense": planned.defense, "threat_model": threat_model, "attack": planned.attack,
+                            "measure": planned.measure, "domain": planned.domain, "seed": planned.seed}  # fmt: skip
+    if entry is None:
+        return cell | {"status": "failed", "reason": "the table has no such cell"}
+    cell.update(shaker=entry.get("shaker"), data=entry.get("data"), variant=entry.get("variant") or "")
+    if planned.measure in unavailable:
+        return cell | {"status": "not-run", "reason": f"{planned.measure} needs the model's weights, which {threat_model} does not give"}
+    status = entry.get("status", "ok")
+    if status != "ok":
+        reasons = entry.get("reasons") or [entry.get("reason") or ""]
+        return cell | {"status": status, "reason": "; ".join(r for r in reasons if r)}
+    if "mia" not in entry:  # the domain's pre-trained baseline did not run, so nothing could be compared
+        return cell | {"status": "failed", "reason": "the pre-trained model's cell of this domain failed; see the pretrained row"}
+    if planned.measure == "extraction":
+        metrics, samples = _extraction_metrics(entry["extraction"], pooled)
+    else:
+        metrics, samples = _mia_metrics(entry["mia"][planned.measure], pooled)
+    cell.update(status="ok", metrics=metrics, samples=samples)
+    if pooled:
+        cell["refused_domains"] = entry.get("refused_domains", [])
+    else:
+        cell.update(seconds=entry.get("seconds"), cached=entry.get("cached"))
+    return cell
+
+
+def utility_cell(planned: PlannedCell, utility: dict, threat_model: str) -> dict:
+    """The deployed model's conditional accuracy with a Wilson interval over the served generations."""
+    from defenses.finetune_filter import rate_with_interval
+
+    cell = {"id": planned.id, "defense": planned.defense, "threat_model": threat_model, "attack": "-", "measure": "utility",
+            "domain": POOLED, "seed": planned.seed}  # fmt: skip
+    if utility.get("status") != "ok":
+        return cell | {"status": "not-run", "reason": utility.get("reason", "utility was not measured")}
+    domains = utility["domains"].values()
+    served = sum(d["served"] for d in domains)
+    correct = sum(round(d["conditional_accuracy"] * d["served"]) for d in domains if d["conditional_accuracy"] is not None)
+    accuracy = rate_with_interval(correct, served)
+    metrics = {"conditional_accuracy": {"value": accuracy["rate"], "ci95": accuracy["ci95"], "n": served},
+               "served_share": utility["served_share"], "frechet_distance": utility["frechet_distance"],
+               "heldout_denoising_loss": utility["heldout_denoising_loss"]}  # fmt: skip
+    return cell | {"status": "ok", "metrics": metrics, "samples": {"generations": served}}
+
+
+def table_cells(planned: list[PlannedCell], results: dict) -> list[dict]:
+    """The planned cells of one defense and seed, read from its S2L table's results."""
+    d = results["defense"]
+    rows = {r["row"]: r for r in results["table"] if "draws" not in r}
+    out = []
+    for p in planned:
+        if p.measure == "utility":
+            out.append(utility_cell(p, results["utility"], d["threat_model"]))
+            continue
+        entry = rows.get(p.attack) if p.domain == POOLED else results["domains"].get(p.domain, {}).get("rows", {}).get(p.attack)
+        out.append(_cell(p, entry, d["unavailable_mia"], d["threat_model"]))
+    return out
+
+
+def failed_cells(planned: list[PlannedCell], error: str) -> list[dict]:
+    return [{"id": p.id, "defense": p.defense, "threat_model": None, "attack": p.attack, "measure": p.measure,
+             "domain": p.domain, "seed": p.seed, "status": "failed", "reason": error} for p in planned]  # fmt: skip
+
+
+# ---------------------------------------------------------------- running
+
+
+class Progress:
+    """One bar over every (defense, domain, row) table cell, with an ETA from the cells computed so
+    far (cached cells cost nothing); without a terminal, one log line per cell instead."""
+
+    def __init__(self, total: int):
+        from tqdm import tqdm
+
+        self.total, self.done, self.seconds = total, 0, 0.0
+        self.start = time.perf_counter()
+        self.bar = tqdm(total=total, unit="cell", desc="matrix", dynamic_ncols=True) if sys.stderr.isatty() else None
+
+    def __call__(self, cell: dict, label: str) -> None:
+        from .pipeline import log
+
+        self.done += 1
+        if not cell.get("cached") and cell.get("seconds") is not None:
+            self.seconds += cell["seconds"]
+        eta = (self.total - self.done) * self.seconds / self.done  # the share of cached cells so far carries on
+        took = "cached" if cell.get("cached") else cell["status"] if cell.get("status") != "ok" else f"{cell.get('seconds', 0):.1f} s"
+        if self.bar is not None:
+            self.bar.set_postfix_str(f"{label} ({took})", refresh=False)
+            self.bar.update()
+        else:
+            log(f"matrix cell {self.done}/{self.total}: {label} ({took}); {time.perf_counter() - self.start:.0f} s elapsed, ETA {eta / 60:.1f} min")
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_matrix(config: Config, defenses: list[str] | None = None) -> dict:
+    """Run (or load from the cache) every defense's table and return results.json's content.
+
+    ``defenses`` restricts the run (the gate suite runs only the selected defenses and the
+    undefended control). A defense whose table cannot start (its pre-training crashed) has all
+    its cells reported as failed with the error; a config error stops the run.
+    """
+    from attacks.s2l import run_attack
+
+    from .pipeline import log
+
+    start = time.perf_counter()
+    names = list(defenses or config.matrix.defenses)
+    planned = plan(config, names)
+    table_units = sum(1 for p in planned if p.measure == "extraction" and p.domain != POOLED)  # one per (domain, row)
+    progress = Progress(table_units)
+    cells, tables = [], {}
+    try:
+        for seed in seeds(config):
+            for defense in names:
+                mine = [p for p in planned if p.defense == defense and p.seed == seed]
+                label = f"{defense}" + (f" seed {seed}" if len(seeds(config)) > 1 else "")
+                log(f"matrix: {label} ({names.index(defense) + 1}/{len(names)})")
+                try:
+                    results = run_attack(defended_config(config, defense, seed), progress=lambda c, lb=label: progress(c, f"{lb} {c['row']}"))
+                except ConfigError:
+                    raise
+                except Exception as exc:  # noqa: BLE001 - one defense's crash must not lose the others
+                    error = f"{type(exc).__name__}: {exc}"
+                    log(f"matrix: {label} failed: {error}")
+                    cells += failed_cells(mine, error)
+                    tables[f"{defense}/{seed}"] = {"status": "failed", "reason": error}
+                    continue
+                cells += table_cells(mine, results)
+                tables[f"{defense}/{seed}"] = {
+                    "status": "ok", "defense": defense, "seed": seed, "threat_model": results["defense"]["threat_model"],
+                    "report": results["defense"], "utility": results["utility"], "wall_seconds": results["wall_seconds"],
+                    "artifacts": results["artifacts"], "method": results["method"],
+                }  # fmt: skip
+    finally:
+        progress.close()
+    return {
+        "schema": SCHEMA,
+        "s2l_guard_version": __version__,
+        "code_version": code_version(),
+        "config_source": config.source,
+        "config": config.to_dict(),
+        "seeds": seeds(config),
+        "defenses": names,
+        "domains": domain_names(config),
+        "tables": tables,
+        "cells": cells,
+        "wall_seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def matrix_folder(config: Config) -> Path:
+    """``runs/<profile>-matrix-<hash>/``; thresholds ([gates]) are left out of the hash, since
+    they change verdicts, not measurements."""
+    measured = {k: v for k, v in config.to_dict().items() if k != "gates"}
+    return Path(config.run.out_dir) / f"{config.name}-matrix-{content_key('matrix', measured)[:8]}"
+
+
+def write_matrix(results: dict, folder: Path) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "results.json").write_text(json.dumps(results, indent=1))
+    return folder / "results.json"
+
+
+def load_matrix(folder: Path) -> dict:
+    """results.json of a matrix run, checked to be one."""
+    path = Path(folder) / "results.json"
+    if not path.is_file():
+        raise ConfigError(f"{path} does not exist; run `s2l-guard matrix` first, or drop --s2l-reuse to run it")
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON ({exc}); delete it and rerun the matrix") from None
+    if results.get("schema") != SCHEMA:
+        raise ConfigError(f"{path} has schema {results.get('schema')!r}, not {SCHEMA!r}; rerun `s2l-guard matrix` to rewrite it")
+    return results

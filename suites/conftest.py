@@ -1,0 +1,108 @@
+"""Release gates: options, the matrix as a session fixture, one parametrized test per gate and cell.
+
+    pytest suites/ --s2l-config configs/release.toml [--s2l-model my-model/] [--junitxml gates.xml]
+
+Cells are planned from the config alone (nothing runs at collection), so ``-k dp_sgd``
+selects one defense; the session fixture then runs (or, with ``--s2l-reuse``, loads)
+only the selected defenses plus the undefended model the positive controls need.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from s2l_guard.config import Config
+from s2l_guard.gates import gate_plan, judge
+from s2l_guard.matrix import PlannedCell, plan
+
+PROFILES = Path(__file__).resolve().parents[1] / "configs"
+# each gate test and the [gates] check it runs
+CHECK_OF_TEST = {"test_amplification": "auc_amplification", "test_tpr_at_1pct_fpr": "tpr_at_1pct_fpr",
+                 "test_extraction": "extracted", "test_utility": "utility"}  # fmt: skip
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("s2l", "s2l-guard release gates")
+    group.addoption("--s2l-config", help="TOML config with [matrix] and [gates] (default: the --s2l-profile profile)")
+    group.addoption("--s2l-profile", default="standard", help="a shipped profile: smoke, quick, standard, release (default: standard)")
+    group.addoption("--s2l-device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
+    group.addoption("--s2l-model", help="gate this diffusers model folder instead of the testbed model (sets [run] model)")
+    group.addoption("--s2l-data", help="its labelled data set: an imagefolder with metadata.jsonl (sets [run] data)")
+    group.addoption("--s2l-run-dir", help="where results.json and the report go (default: runs/<profile>-matrix-<hash>)")
+    group.addoption("--s2l-reuse", action="store_true", help="judge the results.json already in the run directory; run nothing")
+
+
+def s2l_config(pytestconfig: pytest.Config) -> Config:
+    """The resolved config of this session (read once; a broken file stops collection with its problems)."""
+    cached = getattr(pytestconfig, "_s2l_config", None)
+    if cached is not None:
+        return cached
+    from s2l_guard.cli import apply_model_options
+    from s2l_guard.config import load_config
+    from s2l_guard.errors import S2LError
+
+    option = pytestconfig.getoption
+    path = option("--s2l-config") or PROFILES / f"{option('--s2l-profile')}.toml"
+    try:
+        config = load_config(path)
+        if option("--s2l-device"):
+            config = config.replace(run={"device": option("--s2l-device")})
+        config = apply_model_options(config, option("--s2l-model"), option("--s2l-data"))
+        pytestconfig._s2l_plan = plan(config)  # a matrix that cannot run is a usage error, before collection
+    except S2LError as exc:
+        raise pytest.UsageError(f"s2l-guard: {exc}") from None
+    pytestconfig._s2l_config = config
+    return config
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    s2l_config(config)
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    check = CHECK_OF_TEST.get(metafunc.function.__name__)
+    if check is None or "gate" not in metafunc.fixturenames:
+        return
+    config = s2l_config(metafunc.config)
+    cells = gate_plan(metafunc.config._s2l_plan, config.gates, check)
+    if not cells:  # say why, rather than pytest's "empty parameter set"
+        why = f"[gates] checks leaves out {check}" if check not in config.gates.checks else f"no cell of the matrix has a {check} gate"
+        metafunc.parametrize("gate", [pytest.param(None, marks=pytest.mark.skip(reason=why))], ids=["not-gated"])
+        return
+    metafunc.parametrize("gate", cells, ids=[c.id for c in cells])
+
+
+@pytest.fixture(scope="session")
+def s2l_matrix(request: pytest.FixtureRequest) -> dict:
+    """The measured matrix: run for the selected gates' defenses (and none, for the controls), or loaded."""
+    from s2l_guard.gates import cells_by_key
+    from s2l_guard.matrix import load_matrix, matrix_folder, run_matrix, write_matrix
+
+    config = s2l_config(request.config)
+    folder = Path(request.config.getoption("--s2l-run-dir") or matrix_folder(config))
+    if request.config.getoption("--s2l-reuse"):
+        results = load_matrix(folder)
+    else:
+        params = [getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items]
+        selected = [p["gate"] for p in params if isinstance(p.get("gate"), PlannedCell)]
+        needed = {cell.defense for cell in selected} | ({"none"} if any(c.measure != "utility" for c in selected) else set())
+        results = run_matrix(config, [d for d in config.matrix.defenses if d in needed] or ["none"])
+        write_matrix(results, folder)
+        from s2l_guard.report import write_report
+
+        write_report(folder)
+    return {"results": results, "cells": cells_by_key(results), "folder": folder}
+
+
+@pytest.fixture
+def judged(gate: PlannedCell, s2l_matrix: dict, pytestconfig: pytest.Config, request: pytest.FixtureRequest):
+    """The gate's verdict; a gate whose positive control does not leak errors here, at setup."""
+    v = judge(CHECK_OF_TEST[request.node.originalname], gate, s2l_matrix["cells"], s2l_config(pytestconfig).gates)
+    if v.outcome == "skip":  # a cell that did not run is never passed
+        pytest.skip(v.message)
+    if v.outcome == "error":  # failing in a fixture makes pytest report an error, not a failure
+        pytest.fail(v.message, pytrace=False)
+    return v
+

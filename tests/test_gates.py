@@ -1,0 +1,174 @@
+"""The release gates end to end: `pytest suites/` in a subprocess on tiny smoke-profile matrices.
+
+Every run shares one artifact store, so the model and the cells are computed once.
+The leaking attack is the oracle row (End-to-End fine-tuned hard on the real members),
+which raises the loss attack's AUC on the undefended smoke model for real (about
++0.26, interval above 0); Gaussian shaking with sigma 0 changes nothing, so it
+cannot leak.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+CRASHING_PLUGIN = '''
+from dataclasses import dataclass
+from attacks.base import SHAKERS, Shaker
+
+@SHAKERS.register
+class Crashing(Shaker):
+    name = "crashing"
+    paper = "none: a test plugin"
+    summary = "raises while fine-tuning"
+
+    @dataclass(frozen=True)
+    class Settings:
+        steps: int = 1
+
+    def shake(self, bundle, data, *, seed, callback=None, callback_every=0):
+        raise RuntimeError("the crashing plugin crashed on purpose")
+'''
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("gates")
+    (folder / "crash_plugin.py").write_text(CRASHING_PLUGIN)
+    return folder
+
+
+def write_config(folder: Path, name: str, *, matrix: str, gates: str) -> Path:
+    path = folder / f"{name}.toml"
+    path.write_text(f"""
+extends = "{ROOT / 'configs' / 'smoke.toml'}"
+[run]
+store = "{folder / 'store'}"
+out_dir = "{folder / 'runs'}"
+device = "cpu"
+[attack]
+mia = ["loss"]
+[shakers.end2end]
+steps = 80
+batch_size = 6
+learning_rate = 1e-3
+[matrix]
+{matrix}
+[gates]
+{gates}
+""")
+    return path
+
+
+LEAKY = 'defenses = ["none"]\nshakers = []\nmember_shakers = ["end2end"]\ngaussian_sigmas = []'
+
+
+def run_suite(folder: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(folder), OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"))
+    command = [sys.executable, "-m", "pytest", str(ROOT / "suites"), "-p", "no:cacheprovider", "-q", "-rA", f"--s2l-config={config}", *extra]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+
+
+def outcomes(junit: Path) -> dict[str, str]:
+    """Test id -> passed / failure / error / skipped, from a JUnit XML report."""
+    out = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        kinds = [child.tag for child in case if child.tag in ("failure", "error", "skipped")]
+        out[case.get("name")] = kinds[0] if kinds else "passed"
+    return out
+
+
+@pytest.fixture(scope="module")
+def tight(workspace):
+    """The undefended smoke model under a 0.02 AUC-amplification threshold: (process, JUnit report)."""
+    config = write_config(workspace, "tight", matrix=LEAKY, gates='checks = ["auc_amplification", "utility"]\nmax_auc_amplification = 0.02\nmin_utility = 0.0')
+    junit = workspace / "tight.xml"
+    return run_suite(workspace, config, f"--junitxml={junit}"), junit
+
+
+def test_undefended_model_fails_tight_amplification_gates(workspace, tight):
+    result, junit = tight
+    assert result.returncode == 1, result.stdout[-3000:]
+    seen = outcomes(junit)
+    assert seen["test_amplification[none-end2end-members-loss-all]"] == "failure"
+    assert seen["test_utility[none-utility]"] == "passed"
+    # the failure message names the cell, the measurement with its interval, and the threshold
+    message = next(line for line in result.stdout.splitlines() if "none-end2end-members-loss-all: AUC amplification" in line)
+    assert "[95% CI" in message and "maximum 0.02" in message and "max_auc_amplification" in message
+    results = json.loads(next((workspace / "runs").glob("tight-matrix-*/results.json")).read_text())
+    pooled = next(c for c in results["cells"] if c["id"] == "none-end2end-members-loss-all")
+    assert pooled["metrics"]["auc_amplification"]["ci95"][0] > 0  # the oracle row really leaks
+
+
+def test_loose_thresholds_pass_and_k_selects(workspace):
+    config = write_config(workspace, "loose", matrix=LEAKY, gates='checks = ["auc_amplification", "utility"]\nmax_auc_amplification = 1.0\nmin_utility = 0.0')
+    result = run_suite(workspace, config)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "failed" not in result.stdout.splitlines()[-1] and "passed" in result.stdout.splitlines()[-1]
+    selected = run_suite(workspace, config, "-k", "utility", "--s2l-reuse", f"--s2l-run-dir={next((workspace / 'runs').glob('loose-matrix-*'))}")
+    assert selected.returncode == 0
+    assert "1 passed" in selected.stdout and "test_amplification" not in selected.stdout.replace("deselected", "")
+
+
+def test_control_that_cannot_leak_makes_the_suite_error(workspace):
+    config = write_config(workspace, "insensitive", matrix='defenses = ["none"]\nshakers = []\nmember_shakers = []\ngaussian_sigmas = [0.0]',
+                          gates='checks = ["auc_amplification"]\nmax_auc_amplification = 1.0')  # fmt: skip
+    junit = workspace / "insensitive.xml"
+    result = run_suite(workspace, config, f"--junitxml={junit}")
+    assert result.returncode != 0
+    gated = {name: outcome for name, outcome in outcomes(junit).items() if name.startswith("test_amplification")}
+    assert len(gated) == 2 * 3 and set(gated.values()) == {"error"}, gated  # 2 draws x (2 domains + pool); loose, yet none passes
+    assert "cannot tell a safe model from an insensitive test" in result.stdout
+
+
+def test_crashing_cell_is_reported_failed_with_its_error(workspace):
+    config = write_config(workspace, "crash", matrix='defenses = ["none"]\nshakers = ["crashing"]\nmember_shakers = []\ngaussian_sigmas = []',
+                          gates='checks = ["auc_amplification"]\nmax_auc_amplification = 1.0')  # fmt: skip
+    junit = workspace / "crash.xml"
+    result = run_suite(workspace, config, "-p", "crash_plugin", f"--junitxml={junit}")
+    assert result.returncode == 1, result.stdout[-3000:]
+    seen = outcomes(junit)
+    assert seen["test_amplification[none-crashing-loss-all]"] == "failure"
+    assert "RuntimeError: the crashing plugin crashed on purpose" in result.stdout
+    results = json.loads(next((workspace / "runs").glob("crash-matrix-*/results.json")).read_text())
+    crashed = [c for c in results["cells"] if c["attack"] == "crashing"]
+    assert crashed and all(c["status"] == "failed" and "crashed on purpose" in c["reason"] for c in crashed)
+
+
+def test_results_json_follows_the_documented_schema(workspace, tight):
+    import jsonschema
+
+    schema = json.loads((ROOT / "docs" / "results.schema.json").read_text())
+    for path in (workspace / "runs").glob("*-matrix-*/results.json"):
+        results = json.loads(path.read_text())
+        jsonschema.validate(results, schema)
+        assert results["code_version"].startswith(results["s2l_guard_version"])
+    broken = json.loads(next((workspace / "runs").glob("tight-matrix-*/results.json")).read_text())
+    broken["cells"][0]["status"] = "fine"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(broken, schema)
+
+
+def test_release_config_gates_a_model_folder_from_the_command_line(workspace, tight):
+    bundle = next(p.parent for p in (workspace / "store" / "bundle").glob("*/model_index.json"))  # the smoke model tight trained
+    model = workspace / "my-model"
+    shutil.copytree(bundle, model, ignore=shutil.ignore_patterns("s2l-artifact.json", "training.json"))
+    config = write_config(workspace, "release", matrix=LEAKY, gates='checks = ["auc_amplification"]\nmax_auc_amplification = 0.02')
+    result = run_suite(workspace, config, f"--s2l-model={model}")
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert "none-end2end-members-loss-all: AUC amplification" in result.stdout
+    results = json.loads(next((workspace / "runs").glob("release-matrix-*/results.json")).read_text())
+    assert results["config"]["run"]["model"] == str(model) and results["tables"]["none/0"]["artifacts"]["bundle"] == str(model)
+    # a pre-training defense cannot be applied to a finished model: a usage error before anything runs
+    recipe = write_config(workspace, "release-dp", matrix='defenses = ["none", "dp_sgd"]', gates="")
+    refused = run_suite(workspace, recipe, f"--s2l-model={model}")
+    assert refused.returncode == 4 and "dp_sgd, a pre-training recipe" in refused.stderr and "Traceback" not in refused.stderr

@@ -1,0 +1,183 @@
+"""The matrix report, written from a real results.json of the smoke profile (4 defenses, 2 domains)."""
+
+import base64
+import json
+import re
+from collections import Counter
+from html.parser import HTMLParser
+from pathlib import Path
+
+import matplotlib.pyplot as plt
+import pytest
+
+from s2l_guard.gates import evaluate
+from s2l_guard.matrix import POOLED, plan
+from s2l_guard.report import build_matrix, config_of, plot_matrix, write_report
+
+FIXTURE = Path(__file__).parent / "data" / "matrix-smoke-results.json"
+PNG = b"\x89PNG\r\n\x1a\n"
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    assert data.startswith(PNG)
+    return int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")  # the IHDR chunk
+
+
+def section(markdown: str, title: str) -> str:
+    return markdown.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+
+
+def items(text: str) -> list[str]:
+    return re.findall(r"^- (.*)$", text, re.M)
+
+
+def table(text: str) -> list[list[str]]:
+    """The first Markdown table of ``text``, header first, without the separator line."""
+    lines = [line for line in text.splitlines() if line.startswith("|")]
+    return [[c.strip() for c in re.split(r"(?<!\\)\|", line)[1:-1]] for line in lines if not line.startswith("|---")]
+
+
+def verdicts_of(results: dict):
+    config = config_of(results)
+    return evaluate(results, config.gates, plan(config, results["defenses"]))
+
+
+def write(tmp_path: Path, results: dict, ablation_dirs=()) -> tuple[Path, list[Path]]:
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    (tmp_path / "results.json").write_text(json.dumps(results))
+    return tmp_path, write_report(tmp_path, ablation_dirs=ablation_dirs)
+
+
+@pytest.fixture(scope="module")
+def results() -> dict:
+    return json.loads(FIXTURE.read_text())
+
+
+@pytest.fixture(scope="module")
+def verdicts(results):
+    return verdicts_of(results)
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory, results):
+    """The report of the unchanged fixture, with one ablation plot beside it to embed."""
+    ablations = tmp_path_factory.mktemp("ablations")
+    fig = plt.figure(figsize=(2, 2))
+    fig.savefig(ablations / "ablation-lora-rank.png")
+    plt.close(fig)
+    (ablations / "lora-rank.png").write_bytes((ablations / "ablation-lora-rank.png").read_bytes())  # not an ablation-*.png
+    run, written = write(tmp_path_factory.mktemp("run"), results, [ablations, ablations / "missing"])
+    return run, written, (run / "report.md").read_text()
+
+
+def test_writes_figures_and_both_reports(report):
+    run, written, _ = report
+    # finetune_filter and output_filter are attacked through the fine-tune API: no MIA ran, so no ROC figure
+    assert sorted(p.name for p in written) == ["ablation-lora-rank.png", "matrix.png", "report.html", "report.md", "roc-dp_sgd.png", "roc-none.png"]
+    assert all(p.parent == run and p.is_file() for p in written)
+    for p in written:
+        if p.suffix == ".png":
+            assert png_size(p.read_bytes())[0] > 100
+    assert not (run / "lora-rank.png").exists()
+
+
+def test_matrix_figure_widens_with_columns(tmp_path, results, verdicts):
+    full = build_matrix(results, verdicts)
+    fewer = build_matrix(dict(results, cells=[c for c in results["cells"] if c["attack"] in ("pretrained", "lora")]), verdicts)
+    assert len(fewer.columns) == 5 < len(full.columns)  # lora x (4 MIAs + extraction)
+    wide = png_size(plot_matrix(full, tmp_path / "full.png", "full").read_bytes())
+    narrow = png_size(plot_matrix(fewer, tmp_path / "fewer.png", "fewer").read_bytes())
+    assert wide[0] > narrow[0] + 200 and wide[1] == pytest.approx(narrow[1], rel=0.3)
+
+
+class Tags(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.tags: list[tuple[str, dict]] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+
+def test_html_is_self_contained(report):
+    run, written, _ = report
+    page = (run / "report.html").read_text()
+    parser = Tags()
+    parser.feed(page)
+    images = [a["src"] for t, a in parser.tags if t == "img"]
+    assert len(images) == sum(p.suffix == ".png" for p in written)
+    for src in images:
+        assert src.startswith("data:image/png;base64,")
+        assert base64.b64decode(src.split(",", 1)[1]).startswith(PNG)
+    assert not [t for t, a in parser.tags if t in ("link", "script", "iframe", "object") or (t != "img" and ("src" in a or "href" in a))]
+    assert "http://" not in page and "https://" not in page
+    assert "<style>" in page
+
+
+def test_markdown_matrix_has_a_row_per_defense_and_a_column_per_attack_and_measure(report, results, verdicts):
+    _, _, markdown = report
+    header, *rows = table(section(markdown, "Matrix"))
+    assert [r[0] for r in rows] == results["defenses"]
+    # every shaken (attack, measure), pooled, that ran for some defense; adaptive MIAs ran for none
+    ran = [c for c in results["cells"] if c["domain"] == POOLED and c["attack"] not in ("pretrained", "-") and c["status"] != "not-run"]
+    assert header[1:] == list(dict.fromkeys(f"{c['attack']} / {c['measure']}" for c in ran))
+    assert len(header) == 1 + 31 and "end2end-perturb / extraction" in header and "end2end-perturb / secmi" not in header
+    assert "end2end-perturb / secmi" in section(markdown, "Matrix").split("Left out", 1)[1]
+
+    cell = next(c for c in results["cells"] if c["id"] == "dp_sgd-lora-pia-all")
+    amp = cell["metrics"]["auc_amplification"]
+    outcomes = {v.outcome for v in verdicts if v.cell_id.startswith("dp_sgd-lora-pia-digit")}
+    assert outcomes == {"error"}  # the undefended model's lora/pia does not leak in the smoke profile
+    entry = rows[1][header.index("lora / pia")]
+    assert entry == f"{amp['delta']:+.3f} [{amp['ci95'][0]:+.3f}, {amp['ci95'][1]:+.3f}] ERR"
+    assert rows[3][header.index("lora / pia")] == "not run"  # output_filter: the API gives no weights
+    assert rows[3][header.index("lora-mix / extraction")] == "n/a"  # adaptive rows only exist against the fine-tune filter
+
+
+def test_summary_counts_are_the_gates_verdicts(report, verdicts):
+    _, _, markdown = report
+    counts = Counter(v.outcome for v in verdicts)
+    found = re.search(r"Verdicts: (\d+) pass, (\d+) fail, (\d+) error, (\d+) skip \((\d+) gates\)", markdown)
+    assert found and [int(x) for x in found.groups()] == [counts[o] for o in ("pass", "fail", "error", "skip")] + [len(verdicts)]
+    assert counts["fail"] == 4 and counts["error"] > 0  # utility fails everywhere in the smoke profile
+
+
+def test_defense_table_and_problem_lists(report, results, verdicts):
+    _, _, markdown = report
+    header, *rows = table(section(markdown, "Defenses"))
+    by_defense = {r[0]: dict(zip(header, r)) for r in rows}
+    epsilon = results["tables"]["dp_sgd/0"]["report"]["pretraining"]["privacy"]["epsilon"]
+    assert by_defense["dp_sgd"]["epsilon"].startswith(f"{epsilon:.2f}") and by_defense["none"]["epsilon"] == "-"
+    assert by_defense["finetune_filter"]["threat model"] == "finetune-api"
+    assert by_defense["none"]["conditional accuracy [95% CI]"] == "0.062 [0.017, 0.201] FAIL"
+
+    failed = section(markdown, "Failed gates")
+    for v in verdicts:
+        if v.outcome == "fail":
+            assert v.message in failed
+    errored = section(markdown, "Errored gates")
+    assert all(f"{v.cell_id} ({v.check})" in errored for v in verdicts if v.outcome == "error")
+    assert len(items(errored)) < sum(v.outcome == "error" for v in verdicts)  # one line per failed control, not per gate
+
+    not_run = section(markdown, "Cells that did not run")
+    reasons = {c["reason"] for c in results["cells"] if c["status"] != "ok"}
+    assert all(not_run.count(r) == 1 for r in reasons) and len(items(not_run)) == len(reasons)
+    assert "![matrix](matrix.png)" in markdown and "![roc-none](roc-none.png)" in markdown
+    assert "`ablation-lora-rank.png` from" in section(markdown, "Ablations")
+
+
+def test_a_failed_cell_fails_its_tile_and_is_listed(tmp_path, results):
+    changed = json.loads(json.dumps(results))
+    cell = next(c for c in changed["cells"] if c["id"] == "dp_sgd-lora-secmi-digit7")
+    cell.update(status="failed", reason="CUDA out of memory")
+    del cell["metrics"], cell["samples"]
+    run, _ = write(tmp_path, changed)
+    markdown = (run / "report.md").read_text()
+
+    [failure] = [v for v in verdicts_of(changed) if v.cell_id == cell["id"] and v.outcome == "fail" and v.check == "auc_amplification"]
+    assert failure.message in section(markdown, "Failed gates")
+    header, *rows = table(section(markdown, "Matrix"))
+    assert rows[1][header.index("lora / secmi")].endswith("FAIL")  # the worst verdict over the tile's domains
+    assert rows[0][header.index("lora / secmi")].endswith("ERR")
+    assert "failed (1 cells; defenses dp_sgd): CUDA out of memory" in section(markdown, "Cells that did not run")
+    assert re.search(r'<td class="fail">[^<]*FAIL</td>', (run / "report.html").read_text())
