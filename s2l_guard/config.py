@@ -217,7 +217,10 @@ class MatrixConfig:
     settings) is [attack]'s, so the matrix reuses the cells a table run already cached.
     """
 
-    defenses: tuple[str, ...] = ("none", "dedup", "dp_sgd", "private_finetune", "finetune_filter", "output_filter")
+    # a registered defense, attacked under its `auto` threat model, or "<name>@<threat model>"
+    # (e.g. "finetune_filter@open-weights": an API defense protects nothing against the weights)
+    defenses: tuple[str, ...] = ("none", "dedup", "dp_sgd", "private_finetune", "finetune_filter", "output_filter",
+                                 "finetune_filter@open-weights")  # fmt: skip
     seeds: tuple[int, ...] = _opt((), each_ge=0)  # empty: [run] seed only
     shakers: tuple[str, ...] = ("end2end", "lora")  # S2L methods, each fine-tuned on the domain's SP set
     member_shakers: tuple[str, ...] = ("end2end",)  # oracle rows (see [attack] member_shakers)
@@ -600,9 +603,14 @@ def _check_cross_section(config: Config) -> None:
     a, mx = config.attack, config.matrix
     shakers = a.shakers + a.ood_shakers + a.ood_generated_shakers + a.member_shakers + config.adaptive.shakers
     checks = (("attack", "shakers", shakers), ("attack", "mia", a.mia), ("defense", "defenses", (config.defense.name,)),
-              ("matrix", "shakers", mx.shakers + mx.member_shakers), ("matrix", "defenses", mx.defenses))  # fmt: skip
+              ("matrix", "shakers", mx.shakers + mx.member_shakers),
+              ("matrix", "defenses", tuple(entry.partition("@")[0] for entry in mx.defenses)))  # fmt: skip
     if len(set(mx.defenses)) != len(mx.defenses):
         problems.append("[matrix] defenses lists a defense twice")
+    for entry in mx.defenses:
+        threat_model = entry.partition("@")[2]
+        if "@" in entry and threat_model not in THREAT_MODEL_CHOICES:
+            problems.append(f"[matrix] defenses {entry!r}: the threat model after '@' must be one of {', '.join(THREAT_MODEL_CHOICES)}")
     for section, table, names in checks:
         for name in names:
             try:

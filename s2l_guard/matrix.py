@@ -51,11 +51,14 @@ def seeds(config: Config) -> list[int]:
 
 
 def defended_config(config: Config, defense: str, seed: int) -> Config:
-    """The config of one defense's table in the matrix: [matrix] rows replace [attack]'s."""
+    """The config of one defense's table in the matrix ("name" or "name@threat-model"):
+    [matrix] rows replace [attack]'s."""
     m = config.matrix
+    name, _, threat_model = defense.partition("@")
     attack = {"shakers": list(m.shakers), "member_shakers": list(m.member_shakers), "ood_shakers": [],
               "ood_generated_shakers": [], "gaussian_sigmas": list(m.gaussian_sigmas)}  # fmt: skip
-    return config.replace(run={"seed": seed}, defense={"name": defense}, attack=attack)
+    return config.replace(run={"seed": seed}, defense={"name": name, "threat_model": threat_model or config.defense.threat_model},
+                          attack=attack)  # fmt: skip
 
 
 def domain_names(config: Config) -> list[str]:

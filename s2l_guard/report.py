@@ -149,28 +149,42 @@ def utility_tile(results: dict, defense: str, seed: int, by_cell: dict[str, list
 # ---------------------------------------------------------------- figures
 
 
+def _limit(values: np.ndarray, floor: float) -> float:
+    """A symmetric colour range (so 0 stays white) covering ``values``, at least +-``floor``."""
+    finite = np.abs(values[np.isfinite(values)])
+    return max(float(finite.max()) if finite.size else 0.0, floor)
+
+
 def plot_matrix(m: Matrix, path: Path, title: str, scale_min: float = 0.05) -> Path:
-    """Heatmap of amplification deltas, each tile marked with its verdict; utility in a side column."""
+    """Heatmap of amplification deltas, each tile marked with its verdict; utility in a side column.
+
+    AUC deltas and changes in extracted members have different units, so the extraction
+    columns get their own colour range (drawn over the AUC image); the colour bar is AUC's.
+    """
     nrows, ncols = len(m.rows), max(len(m.columns), 1)
     values = np.full((nrows, ncols), np.nan)
     for (i, j), t in m.tiles.items():
         if t.status == "ok" and t.value is not None:
             values[i, j] = t.value
-    finite = np.abs(values[np.isfinite(values)])
-    limit = max(float(finite.max()) if finite.size else 0.0, scale_min)  # symmetric, so 0 stays white
+    extraction = np.array([c[1] == "extraction" for c in m.columns] + [False] * (ncols - len(m.columns)))
+    limit = _limit(values[:, ~extraction], scale_min)
+    count_limit = _limit(values[:, extraction], 1.0)
     cmap = plt.get_cmap("RdBu_r").with_extremes(bad="#d9d9d9")  # grey: cells that did not run
 
     width, height = 2.4 + 0.66 * ncols + 1.5, 2.4 + 0.55 * nrows
     fig = plt.figure(figsize=(width, height))
     grid = fig.add_gridspec(1, 3, width_ratios=[ncols, 2.0, 0.25], wspace=0.08)
     ax, side, cax = fig.add_subplot(grid[0]), fig.add_subplot(grid[1]), fig.add_subplot(grid[2])
-    image = ax.imshow(values, cmap=cmap, norm=Normalize(-limit, limit), aspect="auto")
+    image = ax.imshow(np.where(extraction, np.nan, values), cmap=cmap, norm=Normalize(-limit, limit), aspect="auto")
     for (i, j), t in m.tiles.items():
+        scale = count_limit if extraction[j] else limit
         if t.status == "absent":
             ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor="white", edgecolor="none"))
+        elif extraction[j] and np.isfinite(values[i, j]):
+            ax.add_patch(Rectangle((j - 0.5, i - 0.5), 1, 1, facecolor=cmap(Normalize(-scale, scale)(values[i, j])), edgecolor="none"))
         if t.verdict in EDGE:
             ax.add_patch(Rectangle((j - 0.46, i - 0.46), 0.92, 0.92, fill=False, edgecolor=EDGE[t.verdict], linewidth=1.6))
-        dark = t.value is not None and abs(t.value) > 0.6 * limit
+        dark = t.value is not None and abs(t.value) > 0.6 * scale
         ax.text(j, i, t.text("\n"), ha="center", va="center", fontsize=6.5, color="white" if dark else "black")
     ax.set_xticks(range(len(m.columns)), [Matrix.label(c) for c in m.columns], rotation=55, ha="right", rotation_mode="anchor", fontsize=7)
     ax.set_yticks(range(nrows), m.row_labels, fontsize=7)
@@ -189,7 +203,7 @@ def plot_matrix(m: Matrix, path: Path, title: str, scale_min: float = 0.05) -> P
         side.text(0.5, i, text, ha="center", va="center", fontsize=6.5)
 
     bar = fig.colorbar(image, cax=cax)
-    bar.set_label("amplification delta (after shaking minus before)", fontsize=7)
+    bar.set_label(f"AUC amplification (after shaking minus before); extraction columns:\nchange in members extracted, same colours at +-{count_limit:g}", fontsize=7)
     bar.ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=8.5)
     fig.savefig(path, dpi=130, bbox_inches="tight")
@@ -355,7 +369,7 @@ def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Mat
         ("p", f"Verdicts: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error, {counts['skip']} skip "
               f"({len(verdicts)} gates)."),  # fmt: skip
         ("h", 2, "Matrix"),
-        ("p", "Each entry: amplification delta (after shaking minus before; AUC for MIAs, extracted share for extraction) "
+        ("p", "Each entry: amplification delta (after shaking minus before; AUC for MIAs, distinct members extracted for extraction) "
               "of the cell pooled over domains, its 95% interval, and the gate verdict (the pooled cell's, else the worst "
               "over its domains: FAIL > ERR > PASS > skip)."),  # fmt: skip
         ("img", "matrix", "matrix.png"),

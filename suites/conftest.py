@@ -81,14 +81,19 @@ def s2l_matrix(request: pytest.FixtureRequest) -> dict:
     from s2l_guard.matrix import load_matrix, matrix_folder, run_matrix, write_matrix
 
     config = s2l_config(request.config)
-    folder = Path(request.config.getoption("--s2l-run-dir") or matrix_folder(config))
+    given = request.config.getoption("--s2l-run-dir")
     if request.config.getoption("--s2l-reuse"):
+        folder = Path(given or matrix_folder(config))
         results = load_matrix(folder)
     else:
         params = [getattr(getattr(item, "callspec", None), "params", {}) for item in request.session.items]
         selected = [p["gate"] for p in params if isinstance(p.get("gate"), PlannedCell)]
         needed = {cell.defense for cell in selected} | ({"none"} if any(c.measure != "utility" for c in selected) else set())
-        results = run_matrix(config, [d for d in config.matrix.defenses if d in needed] or ["none"])
+        defenses = [d for d in config.matrix.defenses if d in needed] or ["none"]
+        folder = Path(given or matrix_folder(config))
+        if not given and len(defenses) < len(config.matrix.defenses):  # a -k subset must not overwrite the whole matrix
+            folder = folder.with_name(f"{folder.name}-{'+'.join(defenses)}")
+        results = run_matrix(config, defenses)
         write_matrix(results, folder)
         from s2l_guard.report import write_report
 

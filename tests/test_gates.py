@@ -119,6 +119,17 @@ def test_loose_thresholds_pass_and_k_selects(workspace):
     assert "1 passed" in selected.stdout and "test_amplification" not in selected.stdout.replace("deselected", "")
 
 
+def test_k_selects_one_defense_and_runs_only_it(workspace):
+    config = write_config(workspace, "subset", matrix='defenses = ["none", "dp_sgd", "output_filter"]\nshakers = []\nmember_shakers = []\ngaussian_sigmas = []',
+                          gates='checks = ["utility"]\nmin_utility = 0.0')  # fmt: skip
+    result = run_suite(workspace, config, "-k", "dp_sgd")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert "test_utility[dp_sgd-utility]" in result.stdout and result.stdout.splitlines()[-1].startswith("1 passed, 5 deselected")
+    (folder,) = (workspace / "runs").glob("subset-matrix-*")
+    assert folder.name.endswith("-dp_sgd")  # a subset never overwrites the whole matrix's folder
+    assert json.loads((folder / "results.json").read_text())["defenses"] == ["dp_sgd"]  # utility gates need no control
+
+
 def test_control_that_cannot_leak_makes_the_suite_error(workspace):
     config = write_config(workspace, "insensitive", matrix='defenses = ["none"]\nshakers = []\nmember_shakers = []\ngaussian_sigmas = [0.0]',
                           gates='checks = ["auc_amplification"]\nmax_auc_amplification = 1.0')  # fmt: skip

@@ -1,0 +1,107 @@
+"""The matrix plan and the gate verdicts, on configs and hand-made cells (no model runs here)."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from s2l_guard.config import GatesConfig, load_config
+from s2l_guard.errors import ConfigError
+from s2l_guard.gates import control_problem, gate_plan, judge, verdict
+from s2l_guard.matrix import POOLED, PlannedCell, plan
+
+SMOKE = "configs/smoke.toml"
+
+
+def test_plan_spans_defenses_attacks_measures_domains_with_readable_ids():
+    config = load_config(SMOKE).replace(matrix={"defenses": ["none", "dp_sgd"], "shakers": ["lora"], "member_shakers": [], "gaussian_sigmas": [8e-4]})
+    cells = plan(config)
+    ids = {c.id for c in cells}
+    assert "dp_sgd-lora-secmi-digit7" in ids and "none-lora-extraction-all" in ids and "dp_sgd-utility" in ids
+    assert "none-gaussian-0.0008-draw1-loss-digit8" in ids  # smoke: 2 draws
+    rows = {"pretrained", "lora", "gaussian-0.0008-draw0", "gaussian-0.0008-draw1"}
+    measures = set(config.attack.mia) | {"extraction"}
+    assert len(cells) == 2 * (len(rows) * len(measures) * (2 + 1) + 1)  # 2 domains + pooled, and one utility cell each
+    assert len(ids) == len(cells)
+    two_seeds = plan(config.replace(matrix={"seeds": [0, 1]}))
+    assert len(two_seeds) == 2 * len(cells) and "none-lora-pia-all-seed1" in {c.id for c in two_seeds}
+
+
+def test_threat_model_suffix_runs_an_api_defense_against_the_weights():
+    config = load_config(SMOKE).replace(matrix={"defenses": ["none", "finetune_filter", "finetune_filter@open-weights"]})
+    attacks = lambda name: {c.attack for c in plan(config) if c.defense == name}  # noqa: E731
+    assert "end2end-perturb" in attacks("finetune_filter")  # behind its API: the adaptive requests join
+    assert attacks("finetune_filter@open-weights") == attacks("none")  # with the weights there is nothing to adapt to
+    adaptive = next(c for c in plan(config) if c.attack == "lora-subset")
+    assert adaptive.base_attack == "lora"  # its positive control is the plain SP attack
+    with pytest.raises(ConfigError, match="after '@'"):
+        load_config(SMOKE).replace(matrix={"defenses": ["none", "finetune_filter@nowhere"]})
+    with pytest.raises(ConfigError, match="unknown defense"):
+        load_config(SMOKE).replace(matrix={"defenses": ["none", "dp_sdg"]})
+
+
+def test_gates_judge_shaken_rows_on_the_chosen_domains():
+    config = load_config(SMOKE).replace(matrix={"defenses": ["none"], "shakers": ["lora"], "member_shakers": [], "gaussian_sigmas": []})
+    planned = plan(config)
+    each = gate_plan(planned, GatesConfig(domains="each"), "auc_amplification")
+    assert each and all(c.domain != POOLED and c.attack == "lora" and c.measure in config.attack.mia for c in each)
+    assert {c.domain for c in gate_plan(planned, GatesConfig(domains="pooled"), "extracted")} == {POOLED}
+    assert [c.id for c in gate_plan(planned, GatesConfig(), "utility")] == ["none-utility"]
+    assert gate_plan(planned, GatesConfig(checks=("utility",)), "auc_amplification") == []
+
+
+def mia_cell(delta: float, ci: tuple[float, float], status: str = "ok", resolvable: bool = True, **extra) -> dict:
+    cell = {"id": "x-lora-secmi-all", "defense": "x", "attack": "lora", "measure": "secmi", "domain": POOLED, "seed": 0, "status": status}
+    if status == "ok":
+        cell["metrics"] = {"auc": {"value": 0.6, "ci95": [0.5, 0.7]},
+                           "tpr_at_1pct_fpr": {"value": 0.1, "ci95": [0.0, 0.3], "resolvable": resolvable},
+                           "auc_amplification": {"before": 0.6, "after": 0.6 + delta, "delta": delta, "ci95": list(ci), "p_value": 0.5, "method": "m"}}  # fmt: skip
+        cell["samples"] = {"members": 120, "nonmembers": 120 if resolvable else 24, "bootstrap": 1000}
+    return cell | extra
+
+
+def test_verdict_compares_the_interval_end_or_the_estimate():
+    cell = mia_cell(0.01, (-0.02, 0.07))
+    strict = verdict("auc_amplification", cell, GatesConfig(max_auc_amplification=0.05))
+    assert strict.outcome == "fail" and strict.bound == pytest.approx(0.07)
+    assert "+0.010 [95% CI -0.020, +0.070]" in strict.message and "maximum 0.05" in strict.message and "120 members" in strict.message
+    assert verdict("auc_amplification", cell, GatesConfig(max_auc_amplification=0.05, compare="point")).outcome == "pass"
+    assert verdict("tpr_at_1pct_fpr", mia_cell(0, (0, 0), resolvable=False), GatesConfig()).outcome == "skip"
+    assert verdict("tpr_at_1pct_fpr", cell, GatesConfig(max_tpr_at_1pct_fpr=0.25)).outcome == "fail"  # upper end 0.3
+
+
+def test_cells_that_did_not_run_skip_crashed_cells_fail_refused_requests_pass():
+    gates = GatesConfig()
+    assert verdict("auc_amplification", mia_cell(0, (0, 0), "not-run", reason="needs weights"), gates).outcome == "skip"
+    crashed = verdict("auc_amplification", mia_cell(0, (0, 0), "failed", reason="RuntimeError: boom"), gates)
+    assert crashed.outcome == "fail" and "RuntimeError: boom" in crashed.message
+    assert verdict("auc_amplification", mia_cell(0, (0, 0), "refused", reason="flagged"), gates).outcome == "pass"
+    assert verdict("auc_amplification", None, gates).outcome == "fail"  # missing from results.json
+
+
+def test_positive_control_must_leak_on_the_undefended_model():
+    gates = GatesConfig()
+    gated = PlannedCell("dp_sgd", "lora", "secmi", "digit7", 0)
+    defended = mia_cell(0.0, (-0.01, 0.01), id="dp_sgd-lora-secmi-digit7", defense="dp_sgd", domain="digit7")
+    leaking = mia_cell(0.08, (0.03, 0.13), id="none-lora-secmi-all", defense="none")
+    flat = mia_cell(0.008, (-0.020, 0.031), id="none-lora-secmi-all", defense="none")
+    key = lambda c: (c["defense"], c["attack"], c["measure"], c["domain"], c["seed"])  # noqa: E731
+    assert control_problem("auc_amplification", gated, {key(leaking): leaking}, gates) is None
+    problem = control_problem("auc_amplification", gated, {key(flat): flat}, gates)
+    assert "cannot tell a safe model from an insensitive test" in problem and "+0.008 [95% CI -0.020, +0.031]" in problem
+    assert control_problem("auc_amplification", gated, {key(flat): flat}, GatesConfig(compare="point")) is None  # 0.008 > 0
+    assert "add 'none'" in control_problem("auc_amplification", gated, {}, gates)
+    assert control_problem("utility", gated, {}, gates) is None  # utility needs no control
+    cells = {key(defended): defended, key(flat): flat}
+    assert judge("auc_amplification", gated, cells, gates).outcome == "error"
+    cells[key(flat)] = leaking
+    assert judge("auc_amplification", gated, cells, gates).outcome == "pass"
+
+
+@given(st.floats(-0.5, 0.5), st.floats(0, 0.3), st.floats(0, 0.3), st.floats(-0.2, 0.3))
+def test_an_interval_pass_is_always_a_point_pass(delta, below, above, threshold):
+    cell = mia_cell(delta, (delta - below, delta + above))
+    interval = verdict("auc_amplification", cell, GatesConfig(max_auc_amplification=threshold)).outcome
+    point = verdict("auc_amplification", cell, GatesConfig(max_auc_amplification=threshold, compare="point")).outcome
+    assert interval != "pass" or point == "pass"
