@@ -105,3 +105,14 @@ def test_an_interval_pass_is_always_a_point_pass(delta, below, above, threshold)
     interval = verdict("auc_amplification", cell, GatesConfig(max_auc_amplification=threshold)).outcome
     point = verdict("auc_amplification", cell, GatesConfig(max_auc_amplification=threshold, compare="point")).outcome
     assert interval != "pass" or point == "pass"
+
+
+def test_release_profile_plans_a_given_model_and_refuses_pretraining_defenses(tmp_path):
+    from s2l_guard.cli import apply_model_options
+
+    release = apply_model_options(load_config("configs/release.toml"), str(tmp_path), None)
+    assert {c.defense for c in plan(release)} == {"none", "finetune_filter", "output_filter"}
+    assert release.run.model == str(tmp_path.resolve()) and release.run.data == ""
+    standard = apply_model_options(load_config("configs/standard.toml"), str(tmp_path), None)
+    with pytest.raises(ConfigError, match="dedup, a pre-training recipe"):
+        plan(standard)
