@@ -89,6 +89,16 @@ def bootstrap(
     return Estimate(float(statistic(*samples)), float(low), float(high), sum(len(s) for s in samples))
 
 
+def bootstrap_mean(sample: np.ndarray, *, resamples: int = 1000, seed: int = 0) -> Estimate:
+    """:func:`bootstrap` of the mean, vectorised: the same draws from the same generator (one
+    ``(resamples, n)`` block instead of ``resamples`` rows), so the same interval, about 100x faster."""
+    x = np.asarray(sample, dtype=float)
+    rng = np.random.default_rng(seed)
+    values = x[rng.integers(0, len(x), (resamples, len(x)))].mean(1)
+    low, high = np.nanpercentile(values, [2.5, 97.5])
+    return Estimate(float(x.mean()), float(low), float(high), len(x))
+
+
 # --- membership inference -------------------------------------------------------------------
 
 # Largest index array one bootstrap chunk may hold: bounds memory at ~32 MiB of int64
@@ -405,8 +415,8 @@ def _apply_threshold(threshold: float, members: np.ndarray, nonmembers: np.ndarr
     """Achieved TPR and FPR of "member iff score > threshold", with bootstrap intervals."""
     return {
         "threshold": threshold,
-        "tpr": bootstrap(np.mean, members > threshold, resamples=resamples, seed=seed),
-        "fpr": bootstrap(np.mean, nonmembers > threshold, resamples=resamples, seed=seed),
+        "tpr": bootstrap_mean(members > threshold, resamples=resamples, seed=seed),
+        "fpr": bootstrap_mean(nonmembers > threshold, resamples=resamples, seed=seed),
     }
 
 

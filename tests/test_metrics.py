@@ -6,7 +6,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from s2l_guard.metrics import bootstrap, nearest, tiled_l2
+from s2l_guard.metrics import bootstrap, bootstrap_mean, nearest, tiled_l2
 
 
 def straightforward_tiled_l2(x, y, grid):
@@ -77,3 +77,10 @@ def test_bootstrap_interval_covers_the_estimate_and_is_seeded():
     assert est.low < est.value < est.high and est.n == 200
     assert abs(est.value - 1.0) < 0.2 and est.high - est.low < 0.4
     assert bootstrap(np.mean, x, resamples=500, seed=1) == est
+
+
+@given(st.lists(st.booleans(), min_size=1, max_size=60), st.integers(0, 2**31 - 1))
+@settings(max_examples=40, deadline=None)
+def test_vectorised_bootstrap_mean_draws_what_the_loop_draws(values, seed):
+    x = np.array(values)
+    assert bootstrap_mean(x, resamples=200, seed=seed) == bootstrap(np.mean, x, resamples=200, seed=seed)
