@@ -332,7 +332,7 @@ class S2LRun:
         report: dict[str, Any] = {"name": self.defense.name, "points": list(self.defense.points), "threat_model": self.threat_model,
                                   "settings": self.defense.spec()["settings"], "unavailable_mia": self.unavailable_mia,
                                   "pretraining": training}  # fmt: skip
-        if hasattr(self.defense, "detection"):
+        if hasattr(self.defense, "detection") and self.filters_finetune:  # with the weights the filter is not in the way
             report["filter"] = self.filter_report()
         return report
 
