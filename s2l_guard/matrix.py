@@ -21,7 +21,7 @@ from typing import Any
 from . import __version__
 from .cache import content_key
 from .config import Config
-from .errors import ConfigError
+from .errors import ConfigError, S2LError
 
 SCHEMA = "s2l-guard/matrix/1"
 POOLED = "all"  # the domain name of a cell pooled over every attacked domain
@@ -259,7 +259,8 @@ def run_matrix(config: Config, defenses: list[str] | None = None) -> dict:
 
     ``defenses`` restricts the run (the gate suite runs only the selected defenses and the
     undefended control). A defense whose table cannot start (its pre-training crashed) has all
-    its cells reported as failed with the error; a config error stops the run.
+    its cells reported as failed with the error; bad input (an S2LError: a broken config, model
+    folder or data set) stops the run with its one-line message.
     """
     from attacks.s2l import run_attack
 
@@ -279,7 +280,7 @@ def run_matrix(config: Config, defenses: list[str] | None = None) -> dict:
                 log(f"matrix: {label} ({names.index(defense) + 1}/{len(names)})")
                 try:
                     results = run_attack(defended_config(config, defense, seed), progress=lambda c, lb=label: progress(c, f"{lb} {c['row']}"))
-                except ConfigError:
+                except S2LError:  # bad input (config, model folder, data set): every defense would stop on it
                     raise
                 except Exception as exc:  # noqa: BLE001 - one defense's crash must not lose the others
                     error = f"{type(exc).__name__}: {exc}"

@@ -179,6 +179,12 @@ def test_release_config_gates_a_model_folder_from_the_command_line(workspace, ti
     assert "none-end2end-members-loss-all: AUC amplification" in result.stdout
     results = json.loads(next((workspace / "runs").glob("release-matrix-*/results.json")).read_text())
     assert results["config"]["run"]["model"] == str(model) and results["tables"]["none/0"]["artifacts"]["bundle"] == str(model)
+    # a model folder of the wrong shape stops the session with the loader's one-line error
+    broken = workspace / "broken-model"
+    shutil.copytree(model, broken)
+    (broken / "model_index.json").unlink()
+    stopped = run_suite(workspace, config, f"--s2l-model={broken}")
+    assert stopped.returncode == 1 and "model_index.json" in stopped.stdout and "passed" not in stopped.stdout.splitlines()[-1]
     # a pre-training defense cannot be applied to a finished model: a usage error before anything runs
     recipe = write_config(workspace, "release-dp", matrix='defenses = ["none", "dp_sgd"]', gates="")
     refused = run_suite(workspace, recipe, f"--s2l-model={model}")
