@@ -226,7 +226,8 @@ def failed_cells(planned: list[PlannedCell], error: str) -> list[dict]:
 
 class Progress:
     """One bar over every (defense, domain, row) table cell, with an ETA from the cells computed so
-    far (cached cells cost nothing); without a terminal, one log line per cell instead."""
+    far (cached cells cost nothing; a defense's own pre-training is not in it); without a
+    terminal, one log line per cell instead."""
 
     def __init__(self, total: int):
         from tqdm import tqdm
@@ -247,7 +248,7 @@ class Progress:
             self.bar.set_postfix_str(f"{label} ({took})", refresh=False)
             self.bar.update()
         else:
-            log(f"matrix cell {self.done}/{self.total}: {label} ({took}); {time.perf_counter() - self.start:.0f} s elapsed, ETA {eta / 60:.1f} min")
+            log(f"matrix cell {self.done}/{self.total}: {label} ({took}); {time.perf_counter() - self.start:.0f} s elapsed, cells ETA {eta / 60:.1f} min (pre-trainings not counted)")
 
     def close(self) -> None:
         if self.bar is not None:
