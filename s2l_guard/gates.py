@@ -88,7 +88,7 @@ def verdict(check: str, cell: dict | None, gates) -> Verdict:
         if entry is None:
             return Verdict(check, cid, "fail", f"{cid} has no AUC amplification (no pre-trained baseline to pair with)")
         value, ci = entry["delta"], entry["ci95"]
-        bound, passed, text = (ci[1] if interval else value), None, _fmt(entry["delta"], ci, True)
+        bound, text = (ci[1] if interval else value), _fmt(value, ci, True)
         name = "AUC amplification (after shaking minus before, paired)"
     elif check == "tpr_at_1pct_fpr":
         entry = m["tpr_at_1pct_fpr"]
