@@ -80,6 +80,8 @@ class DPSGD(Defense):
         result = train_private(bundle, images, captions, trainable=trainable, optimizer=optimizer,
                                settings=context.train_settings, privacy=privacy_settings(self.settings), description="dp-pretrain",
                                on_step=context.progress(p.steps, "dp-pretrain"))  # fmt: skip
+        if p.release == "ema":  # averaging released DP weights is post-processing: epsilon is unchanged
+            result.ema.copy_to(trainable.values())
         summary = {"training_images": len(images), "steps": p.steps, "privacy": privacy_summary(result),
                    "loss_last_50": last_losses(result.losses)}  # fmt: skip
         return bundle, summary

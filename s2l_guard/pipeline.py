@@ -83,7 +83,7 @@ def _progress_lines(total: int, start: float, name: str = ""):
 def pretrain_settings(config: Config) -> TrainSettings:
     p = config.pretrain
     return TrainSettings(p.steps, p.batch_size, p.caption_dropout, p.grad_clip, config.run.seed, p.checkpoint_every,
-                         lr_schedule=p.lr_schedule, warmup_steps=p.warmup_steps)  # fmt: skip
+                         lr_schedule=p.lr_schedule, warmup_steps=p.warmup_steps, ema_decay=p.ema_decay)  # fmt: skip
 
 
 def fresh_bundle(config: Config, dataset, device: torch.device):
@@ -111,12 +111,19 @@ def standard_pretrain(config: Config, dataset, device: torch.device, images, cap
                    checkpoint_dir=checkpoint_dir, description="pretrain", on_step=_progress_lines(p.steps, start))  # fmt: skip
     if result.resumed_from:
         log(f"resumed from the checkpoint at step {result.resumed_from}")
+    if p.release == "ema":  # SD v1's standard checkpoints hold only the EMA weights
+        result.ema.copy_to(trainable.values())
     losses = result.losses
     summary = {
         "parameters": bundle.num_parameters(),
         "trainable_parameters": sum(q.numel() for q in trainable.values()),
         "training_images": len(images),
         "steps": p.steps,
+        "lr_schedule": p.lr_schedule,
+        "warmup_steps": p.warmup_steps,
+        "ema_decay": p.ema_decay,
+        "ema_final_decay": result.ema.cur_decay_value if result.ema is not None else None,
+        "release": p.release,
         "resumed_from": result.resumed_from,
         "loss_first_50": sum(losses[:50]) / max(1, len(losses[:50])),
         "loss_last_50": sum(losses[-50:]) / max(1, len(losses[-50:])),
@@ -144,8 +151,13 @@ def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.d
         recipe = lambda images, captions: standard_pretrain(config, dataset, device, images, captions, workdir)  # noqa: E731
         if defended:
             log(f"pre-training under the {defense.name} defense")
+            def undefended():
+                base = pretrain_stage(store, config, data, device)
+                return load_bundle(base.path, device=device), json.loads((base.path / "training.json").read_text())
+
             context = PretrainContext(dataset, config, device, workdir, recipe, lambda: fresh_bundle(config, dataset, device),
-                                      pretrain_settings(config), lambda total, name: _progress_lines(total, time.perf_counter(), name))  # fmt: skip
+                                      pretrain_settings(config), lambda total, name: _progress_lines(total, time.perf_counter(), name),
+                                      undefended)  # fmt: skip
             bundle, summary = defense.pretrain(context)
             summary["defense"] = defense.spec()
         else:

@@ -49,6 +49,7 @@ from typing import Callable, Mapping, Sequence
 import torch
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.utils.batch_memory_manager import BatchMemoryManager
@@ -109,6 +110,7 @@ class PrivateTrainResult:
     expected_batch_size: int
     # The accountant's own record: (noise_multiplier, sample_rate, steps) entries.
     accountant_history: list[tuple[float, float, int]] = field(default_factory=list)
+    ema: EMAModel | None = None  # the weights' moving average (post-processing: no privacy cost)
 
 
 class DenoisingLossModule(torch.nn.Module):
@@ -164,7 +166,7 @@ def train_private(
         trainable: ``unet.*`` and/or ``text_encoder.*`` parameters, by bundle name.
         optimizer: built over exactly ``trainable.values()``; opacus wraps it.
         settings: ``steps`` (logical steps), ``batch_size`` (expected Poisson batch),
-            ``caption_dropout``, ``seed``, ``lr_schedule``/``warmup_steps``.
+            ``caption_dropout``, ``seed``, ``lr_schedule``/``warmup_steps``, ``ema_decay``.
             ``grad_clip`` is not used (per-sample clipping is ``privacy.max_grad_norm``)
             and ``checkpoint_every`` is ignored: DP runs do not resume.
         privacy: target epsilon, delta, clipping bound, accountant, physical batch size.
@@ -238,6 +240,7 @@ def train_private(
     noise_gen = torch.Generator(device=bundle.device).manual_seed(settings.seed * 1_000_003 + 7)
     module = None
     bar = None
+    ema = None
     losses: list[float] = []
     try:
         try:
@@ -256,6 +259,7 @@ def train_private(
         expected_batch_size = int(dp_optimizer.expected_batch_size)
         schedule = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps,
                                  num_training_steps=settings.steps)  # fmt: skip
+        ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
         bar = tqdm(total=settings.steps, desc=description, leave=False, disable=None)
         total, count = 0.0, 0
         with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=privacy.physical_batch_size,
@@ -282,6 +286,8 @@ def train_private(
                     if _steps_taken(engine) == step:  # a physical batch inside a logical one
                         continue
                     schedule.step()
+                    if ema is not None:
+                        ema.step(params)
                     loss = total / count if count else float("nan")
                     total, count = 0.0, 0
                     losses.append(loss)
@@ -312,6 +318,7 @@ def train_private(
         accountant=privacy.accountant,
         expected_batch_size=expected_batch_size,
         accountant_history=[tuple(entry) for entry in engine.accountant.history],
+        ema=ema,
     )
 
 

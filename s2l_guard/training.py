@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDPMScheduler
 from diffusers.optimization import get_scheduler
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from .cache import atomic_write_bytes
@@ -47,6 +48,7 @@ class TrainSettings:
     checkpoint_every: int = 0  # 0: never checkpoint
     lr_schedule: str = "constant"  # a diffusers.optimization schedule name ("cosine", "linear", ...)
     warmup_steps: int = 0
+    ema_decay: float = 0.0  # > 0: keep diffusers' EMAModel of the trainable weights (TrainResult.ema)
 
 
 @dataclass(frozen=True)
@@ -62,6 +64,7 @@ class PriorPreservation:
 class TrainResult:
     losses: list[float] = field(default_factory=list)  # one per step, including resumed ones
     resumed_from: int = 0  # the step the run picked up at (0: from scratch)
+    ema: EMAModel | None = None  # the weights' moving average, when TrainSettings.ema_decay > 0
 
 
 def step_generator(seed: int, step: int) -> torch.Generator:
@@ -138,6 +141,8 @@ def train(
 
     result = TrainResult()
     schedule = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps)
+    # Stable Diffusion's LitEma warm-up, min(decay, (1 + step) / (10 + step)), is EMAModel's default.
+    result.ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
     start = _resume(checkpoint_dir, trainable, optimizer, schedule, result)
     _set_train_mode(bundle, trainable, True)
     bar = tqdm(range(start, settings.steps), desc=description, initial=start, total=settings.steps, leave=False, disable=None)
@@ -169,6 +174,8 @@ def train(
             schedule.step()
             if after_step:
                 after_step()
+            if result.ema is not None:
+                result.ema.step(params)
             result.losses.append(loss.item())
             bar.set_postfix(loss=f"{loss.item():.4f}")
             done = step + 1
@@ -220,6 +227,8 @@ def _save_checkpoint(folder: Path, step: int, trainable, optimizer, schedule, re
         "lr_schedule": schedule.state_dict(),
         "losses": torch.tensor(result.losses),
     }
+    if result.ema is not None:
+        state["ema"] = result.ema.state_dict()
     buffer = io.BytesIO()
     torch.save(state, buffer)
     atomic_write_bytes(folder / CHECKPOINT, buffer.getvalue())
@@ -238,6 +247,10 @@ def _resume(folder, trainable, optimizer, schedule, result: TrainResult) -> int:
     optimizer.load_state_dict(state["optimizer"])
     if "lr_schedule" in state:  # checkpoints from before schedules existed ran a constant rate
         schedule.load_state_dict(state["lr_schedule"])
+    if result.ema is not None:
+        if "ema" not in state:
+            raise S2LError(f"{path} holds no EMA of the weights but this run keeps one; delete it to start over")
+        result.ema.load_state_dict(state["ema"])
     result.losses = state["losses"].tolist()
     result.resumed_from = int(state["step"])
     return result.resumed_from

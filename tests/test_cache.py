@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -65,10 +66,14 @@ def pretrain(store: Path, out: Path, config: Path, **popen):
 
 
 def test_killed_pretrain_resumes_to_the_same_result(tmp_path):
-    """SIGKILL a pre-training after its first checkpoint; the rerun resumes and matches a clean run."""
+    """SIGKILL a pre-training after its first checkpoint; the rerun resumes and matches a clean run.
+
+    It runs Stable Diffusion's recipe (constant rate after a warm-up, EMA weights released), so the
+    released weights match only if the moving average resumes from the checkpoint too."""
     config = tmp_path / "kill.toml"
     config.write_text(
         f'extends = "{ROOT / "configs" / "smoke.toml"}"\n[pretrain]\nsteps = 40\ncheckpoint_every = 5\n'
+        'lr_schedule = "constant_with_warmup"\nwarmup_steps = 4\nema_decay = 0.9\nrelease = "ema"\n'
         "[report]\nsamples_per_domain = 2\nsampler_steps = 2\n"
     )
     killed_dir, clean_dir = tmp_path / "killed", tmp_path / "clean"
@@ -97,6 +102,9 @@ def test_killed_pretrain_resumes_to_the_same_result(tmp_path):
         return load_file(next((bundle / "unet").glob("*.safetensors")))
 
     a, b = weights(killed_dir), weights(clean_dir)
+    [bundle] = (killed_dir / ".s2l-cache" / "bundle").iterdir()
+    summary = json.loads((bundle / "training.json").read_text())
+    assert summary["release"] == "ema" and summary["ema_final_decay"] == pytest.approx(40 / 49)  # SD's warm-up at step 40
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert not list(checkpoints.iterdir()), "the finished build should drop its checkpoint"
 
