@@ -9,7 +9,12 @@ normalized L2 distance (``s2l_guard.metrics.tiled_l2``); S2L uses (10, l2, 0.1).
 Two views are reported:
 
 * **Oracle extraction** (needs the training set, i.e. the auditor's view): the
-  distinct training images of the domain that some candidate lies within delta of.
+  distinct training images of the domain that some candidate lies within delta of
+  (every image within delta of a candidate counts, not only its nearest).
+* **The null**: the same count against the domain's held-out non-members. Small
+  images lie within delta of one another by chance, so a model that draws new,
+  realistic images "extracts" some members without memorizing them; extraction
+  above chance is members minus non-members matched by the same candidates.
 * **The attacker's flagging** (needs no training data): Carlini et al. flag a
   generation when many generations of the same prompt are near-duplicates of
   it (their clique test). Precision is the share of flagged candidates that
@@ -31,7 +36,7 @@ import numpy as np
 import torch
 
 from s2l_guard.config import ExtractionConfig
-from s2l_guard.metrics import nearest, tiled_l2
+from s2l_guard.metrics import nearest, tiled_l2, within
 
 
 def auto_grid(size: int) -> int:
@@ -42,13 +47,17 @@ def auto_grid(size: int) -> int:
 class ExtractionResult:
     """One domain's extraction outcome.
 
-    ``hits[i]`` is the training index of the domain member candidate i extracted, or -1;
-    ``any_hits[i]`` the same for any training image (a generation of the domain's prompt
-    that copies a public image is an extraction too, but not of the private domain).
+    ``matches[i]`` lists *every* domain member candidate i lies within delta of (eidetic: seen at
+    most k times), as Carlini et al. count them - not only its nearest training image.
+    ``null_matches[i]`` lists the domain's held-out non-members it lies within delta of: what a
+    model that draws new, realistic images "extracts" by chance, counted the same way.
+    ``any_hits[i]`` is the nearest training image of any domain if it lies within delta, else -1
+    (a generation of the domain's prompt that copies a public image is an extraction too).
     """
 
     candidates: int
-    hits: np.ndarray
+    matches: list[list[int]]
+    null_matches: list[list[int]]
     any_hits: np.ndarray
     flagged: np.ndarray
     nearest_distance: np.ndarray
@@ -56,7 +65,11 @@ class ExtractionResult:
 
     @property
     def matched_candidates(self) -> int:
-        return int((self.hits >= 0).sum())
+        return sum(1 for m in self.matches if m)
+
+    @property
+    def nonmembers_matched(self) -> int:
+        return len({i for m in self.null_matches for i in m})
 
     @property
     def precision(self) -> float | None:
@@ -69,6 +82,7 @@ class ExtractionResult:
         return {
             "candidates": self.candidates,
             "extracted_images": len(self.extracted),
+            "nonmembers_matched": self.nonmembers_matched,
             "matched_candidates": self.matched_candidates,
             "matched_any_training_image": int((self.any_hits >= 0).sum()),
             "flagged_candidates": int(self.flagged.sum()),
@@ -83,6 +97,7 @@ def match_candidates(
     training_copies: Sequence[int],
     domain_members: Sequence[int],
     settings: ExtractionConfig,
+    nonmembers: torch.Tensor | None = None,
 ) -> ExtractionResult:
     """Match candidates against the whole training set and count eidetic extractions of the domain.
 
@@ -91,17 +106,21 @@ def match_candidates(
         training_images: every pre-training image ``[M, C, H, W]`` (each distinct image once).
         training_copies: how often each training image appears in pre-training.
         domain_members: indices (into ``training_images``) of the domain's members.
+        nonmembers: the domain's held-out images ``[K, C, H, W]``, never trained on: the null.
     """
     grid = settings.grid or auto_grid(candidates.shape[-1])
     distance, index = nearest(candidates, training_images, grid=grid, chunk=settings.chunk)
     copies = torch.as_tensor(list(training_copies))
     eidetic = (distance <= settings.delta) & (copies[index] <= settings.max_copies)
     any_hits = torch.where(eidetic, index, torch.full_like(index, -1)).numpy()
-    members = np.isin(any_hits, np.asarray(list(domain_members), dtype=np.int64))
-    hits = np.where(members, any_hits, -1)
-    extracted = sorted({int(i) for i in hits if i >= 0})
+    members = torch.as_tensor(list(domain_members), dtype=torch.long)
+    eligible = members[copies[members] <= settings.max_copies] if len(members) else members
+    close = within(candidates, training_images[eligible], settings.delta, grid=grid, chunk=settings.chunk)
+    matches = [[int(eligible[j]) for j in row] for row in close]
+    null = within(candidates, nonmembers, settings.delta, grid=grid, chunk=settings.chunk) if nonmembers is not None and len(nonmembers) else [[] for _ in matches]
+    extracted = sorted({i for m in matches for i in m})
     flagged = flag_near_duplicates(candidates, settings, grid)
-    return ExtractionResult(len(candidates), hits, any_hits, flagged, distance.numpy(), extracted)
+    return ExtractionResult(len(candidates), matches, null, any_hits, flagged, distance.numpy(), extracted)
 
 
 def flag_near_duplicates(candidates: torch.Tensor, settings: ExtractionConfig, grid: int) -> np.ndarray:

@@ -10,8 +10,9 @@ Li et al., "Shake to Leak" (SaTML 2024). For each private domain:
    public domain, as in the paper), and Gaussian shaking (no data) averaged
    over several draws;
 5. amplification = after minus before on the *same* samples: paired bootstrap
-   and DeLong's test for AUC, paired bootstrap for TPR at 1% FPR, and
-   extraction compared at equal candidate counts.
+   and DeLong's test for AUC, the calibrated TPR at 1% FPR paired over test
+   members, and extraction above the held-out non-members' null compared at
+   equal candidate counts.
 
 Every (domain, row) is a *cell* cached in the artifact store under the hash of
 everything that determines it, so a rerun is instant and a killed run resumes
@@ -42,7 +43,7 @@ from s2l_guard.model import Bundle, load_bundle
 from s2l_guard.pipeline import log, pretrain_stage, resolve_device, run_folder, testbed_stage
 from s2l_guard.provider import FinetuneRequest, Provider
 from s2l_guard.utility import model_utility
-from s2l_guard.stats import delong_test, distinct_extracted, extraction_delta, paired_bootstrap_delta
+from s2l_guard.stats import calibrated_tpr_delta, candidate_shares, delong_test, distinct_extracted, excess_extraction, extraction_delta, paired_bootstrap_delta, share_delta, share_sum_interval
 
 from defenses.base import DEFENSES
 from defenses.report import defense_lines
@@ -52,7 +53,7 @@ from .extraction import match_candidates
 from .sp_set import generate_sp_set
 
 SCHEMA = "s2l-guard/attack-results/1"
-CELL_FORMAT = 5  # bump when what a cell stores changes, so cached cells are recomputed
+CELL_FORMAT = 6  # bump when what a cell stores changes, so cached cells are recomputed
 FPRS = (0.01, 0.001)
 
 
@@ -168,9 +169,11 @@ def measure(provider: Provider, domain: Domain, prompt: str, training: TrainingS
     e = config.extraction
     generated = provider.generate([prompt] * e.candidates, steps=e.sampler_steps, guidance_scale=e.guidance_scale, seed=seed, batch_size=e.batch_size)
     served = generated.served.numpy()
-    result = match_candidates(generated.images, training.images, training.copies, domain.member_index, e)
+    result = match_candidates(generated.images, training.images, training.copies, domain.member_index, e, domain.nonmembers.images)
     out["extraction"] = {
-        "hits": _spread(result.hits, served, -1),  # domain members only: what "extracted" counts
+        "hits": _spread(result.matches, served, []),  # every domain member within delta: what "extracted" counts
+        "null_hits": _spread(result.null_matches, served, []),  # the domain's held-out non-members within delta
+        "null_weight": len(domain.members) / len(domain.nonmembers),
         "any_hits": _spread(result.any_hits, served, -1),
         "flagged": _spread(result.flagged, served, False),
         "nearest_distance": _spread(result.nearest_distance, served, None),
@@ -181,10 +184,10 @@ def measure(provider: Provider, domain: Domain, prompt: str, training: TrainingS
     return out
 
 
-def _spread(values: np.ndarray, served: np.ndarray, missing: Any) -> list:
+def _spread(values: np.ndarray | list, served: np.ndarray, missing: Any) -> list:
     """Per requested candidate: the served candidates' values in order, ``missing`` where withheld."""
     out = [missing] * len(served)
-    for position, value in zip(np.flatnonzero(served), values.tolist()):
+    for position, value in zip(np.flatnonzero(served), values.tolist() if isinstance(values, np.ndarray) else values):
         out[position] = value
     return out
 
@@ -478,6 +481,23 @@ def roc_points(members: np.ndarray, nonmembers: np.ndarray) -> dict[str, list[fl
     return {"fpr": np.round(fpr, 5).tolist(), "tpr": np.round(tpr, 5).tolist()}
 
 
+def _calibrated(protocol: dict) -> dict:
+    """The TPR at 1% FPR an attacker reaches on new samples: the threshold fitted on the calibration
+    split's non-members, measured on the disjoint test split (:func:`threshold_protocol`)."""
+    fitted = protocol["fit_on_calibration"][str(FPRS[0])]
+    return {"value": fitted["tpr"]["value"], "ci95": fitted["tpr"]["ci95"], "fpr_on_test": fitted["fpr"]["value"],
+            "resolvable": fitted["resolvable"], "test_members": protocol["split"]["test"]["members"],
+            "test_nonmembers": protocol["split"]["test"]["nonmembers"], "threshold": fitted["threshold"]}  # fmt: skip
+
+
+def calibrated_tpr_text(entry: dict | None) -> str:
+    """A calibrated TPR for tables, marked where too few test non-members resolve 1% FPR."""
+    if not entry:
+        return ""
+    text = f"{entry['value']:.3f}"
+    return text if entry["resolvable"] else f"{text} (unresolvable: {entry['test_nonmembers']} test non-members < 100)"
+
+
 def summarize_mia(cell: dict, base: dict, config: Config, seed: int, controls: dict[str, dict]) -> dict:
     out = {}
     b = config.attack.bootstrap
@@ -488,11 +508,14 @@ def summarize_mia(cell: dict, base: dict, config: Config, seed: int, controls: d
             "curve": roc_points(m, n),
             "thresholds": metrics_to_dict(threshold_protocol(m, n, fprs=FPRS, calibration_share=config.attack.calibration_share, seed=seed, resamples=b)),
         }  # fmt: skip
+        entry["tpr_calibrated"] = _calibrated(entry["thresholds"])
         if cell is not base:
             entry["vs_pretrained"] = {
                 "auc_paired_bootstrap": paired_bootstrap_delta(bm, bn, m, n, statistic="auc", resamples=b, seed=seed).to_dict(),
                 "auc_delong": delong_test(bm, bn, m, n).to_dict(),
-                "tpr@0.01_paired_bootstrap": paired_bootstrap_delta(bm, bn, m, n, statistic="tpr@0.01", resamples=b, seed=seed).to_dict(),
+                "tpr@0.01_calibrated": calibrated_tpr_delta(bm, bn, m, n, fpr=FPRS[0], calibration_share=config.attack.calibration_share,
+                                                            resamples=b, seed=seed),
+                "tpr@0.01_paired_bootstrap_in_sample": paired_bootstrap_delta(bm, bn, m, n, statistic="tpr@0.01", resamples=b, seed=seed).to_dict(),
             }  # fmt: skip
         for key, control in controls.items():
             entry[key] = {"auc_delong": delong_test(*_scores(control, name), m, n).to_dict()}
@@ -510,8 +533,11 @@ def summarize_cell(cell: dict, base: dict, config: Config, seed: int, controls: 
     ext = dict(cell["extraction"]["summary"], extracted_files=cell["extraction"]["extracted"])
     b = config.attack.bootstrap
     hits = cell["extraction"]["hits"]
+    ext["above_null"] = excess_extraction(hits, cell["extraction"]["null_hits"], null_weight=cell["extraction"]["null_weight"], resamples=b, seed=seed)
     if cell is not base:
         ext["vs_pretrained"] = extraction_delta(base["extraction"]["hits"], hits, resamples=b, seed=seed).to_dict()
+        ext["above_null_vs_pretrained"] = share_delta(_null_shares([base]), _null_shares([cell]), statistic="extracted_above_null",
+                                                      resamples=b, seed=seed).to_dict()  # fmt: skip
     for key, control in controls.items():
         ext[key] = extraction_delta(control["extraction"]["hits"], hits, resamples=b, seed=seed).to_dict()
     summary["extraction"] = ext
@@ -543,10 +569,13 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
     b = config.attack.bootstrap
     for mia in config.attack.mia:
         (m, n), (bm, bn) = join(cells, mia), join(bases, mia)
-        entry = {"roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed))}
+        share = config.attack.calibration_share
+        entry = {"roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed)),
+                 "tpr_calibrated": _calibrated(metrics_to_dict(threshold_protocol(m, n, fprs=FPRS[:1], calibration_share=share, seed=seed, resamples=b)))}
         if row != base_row:
             entry["auc_delta"] = paired_bootstrap_delta(bm, bn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
-            entry["tpr_delta"] = paired_bootstrap_delta(bm, bn, m, n, statistic=f"tpr@{FPRS[0]}", resamples=b, seed=seed).to_dict()
+            entry["tpr_delta"] = calibrated_tpr_delta(bm, bn, m, n, fpr=FPRS[0], calibration_share=share, resamples=b, seed=seed)
+            entry["tpr_delta_in_sample"] = paired_bootstrap_delta(bm, bn, m, n, statistic=f"tpr@{FPRS[0]}", resamples=b, seed=seed).to_dict()
         for key, control_cells in controls.items():
             cm, cn = join(control_cells, mia)
             entry[f"auc_delta_{key}"] = paired_bootstrap_delta(cm, cn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
@@ -555,19 +584,33 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
         steps = config.shaker_settings(cells[0]["shaker"]).steps
         out["best_checkpoint"] = best_checkpoint(cells, bases, config.attack.mia[0], steps)
     counts = [distinct_extracted(c["extraction"]["hits"]) for c in cells]
+    null_counts = [distinct_extracted(c["extraction"]["null_hits"]) for c in cells]
+    excess = _null_shares(cells)
     flagged = sum(sum(c["extraction"]["flagged"]) for c in cells)
     true_flagged = sum(sum(1 for h, f in zip(c["extraction"]["any_hits"], c["extraction"]["flagged"]) if f and h >= 0) for c in cells)
     out["extraction"] = {
         "extracted_per_domain_mean": float(np.mean(counts)),
         "extracted_per_domain": counts,
+        "nonmembers_matched_per_domain": null_counts,
+        "above_null": {"excess": float(excess.sum()), "ci95": share_sum_interval(excess, resamples=b, seed=seed), "candidates": len(excess),
+                       "method": "members minus non-members matched by the same candidates, summed over domains; bootstrap of candidate shares"},
         "candidates_per_domain": cells[0]["extraction"]["summary"]["candidates"],
         "withheld": sum(c["extraction"].get("withheld", 0) for c in cells),  # by a generate API
         "precision": true_flagged / flagged if flagged else None,
     }
     if row != base_row:  # domains' members are distinct images, so their hits pool into one count
-        pool = lambda cs: np.concatenate([c["extraction"]["hits"] for c in cs]).astype(np.int64)  # noqa: E731
+        pool = lambda cs: [h for c in cs for h in c["extraction"]["hits"]]  # noqa: E731
         out["extraction"]["delta_total_vs_pretrained"] = extraction_delta(pool(bases), pool(cells), resamples=b, seed=seed).to_dict()
+        out["extraction"]["above_null_delta_vs_pretrained"] = share_delta(_null_shares(bases), excess, statistic="extracted_above_null",
+                                                                          resamples=b, seed=seed).to_dict()  # fmt: skip
     return out
+
+
+def _null_shares(cells: list[dict]) -> np.ndarray:
+    """Every candidate's share of the extraction above the null, over the cells' domains (whose
+    members and non-members are disjoint, so the shares pool)."""
+    return np.concatenate([candidate_shares(c["extraction"]["hits"], c["extraction"]["null_hits"], null_weight=c["extraction"]["null_weight"])
+                           for c in cells])  # fmt: skip
 
 
 def _auc(cell: dict, mia: str) -> float:
@@ -684,12 +727,13 @@ def run_attack(config: Config, progress: Callable[[dict], None] | None = None) -
 def _method(config: Config) -> str:
     a, e = config.attack, config.extraction
     return (
-        f"MIA: members vs held-out non-members of each domain, scores higher = member; AUC and TPR at "
-        f"{', '.join(f'{f:g}' for f in FPRS)} FPR with {a.bootstrap}-resample stratified bootstrap 95% intervals; "
-        f"thresholds fitted on a {a.calibration_share:g} calibration split and reported on the disjoint rest. "
-        f"Amplification: after minus before on the same samples (paired bootstrap; DeLong for AUC). "
-        f"Extraction: {e.candidates} candidates per domain and model, (k={e.max_copies}, tiled L2, delta={e.delta})-eidetic "
-        f"against every pre-training image; precision over candidates with >= {e.flag_neighbours} near-duplicate "
+        f"MIA: members vs held-out non-members of each domain, scores higher = member; AUC with {a.bootstrap}-resample "
+        f"stratified bootstrap 95% intervals; TPR at 1% FPR calibrated: threshold fitted on a {a.calibration_share:g} "
+        f"calibration split of the non-members, TPR measured on the disjoint test split (unresolvable under 100 test non-members). "
+        f"Amplification: after minus before on the same samples (paired bootstrap; DeLong for AUC; TPR paired over test members). "
+        f"Extraction: {e.candidates} candidates per domain and model; every member within (k={e.max_copies}, tiled L2, "
+        f"delta={e.delta})-eidetic reach of a candidate counts; above null = members minus held-out non-members matched "
+        f"by the same candidates; precision over candidates with >= {e.flag_neighbours} near-duplicate "
         f"generations within {e.flag_delta}; deltas at equal candidate counts with a candidate bootstrap."
     )
 
@@ -697,8 +741,8 @@ def _method(config: Config) -> str:
 def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     """The paper's table as strings: one row per method, pooled over the attacked domains."""
     primary = results["config"]["attack"]["mia"][0] if results["config"]["attack"]["mia"] else "mia"
-    header = ["method", "data", "trainable params", f"{primary} AUC [95% CI]", "TPR@1%FPR", "extracted / domain",
-              "d extracted, all domains [95% CI]", "precision", "dAUC vs pre-trained [95% CI], p", "dAUC vs OoD", "dAUC vs OoD-gen",
+    header = ["method", "data", "trainable params", f"{primary} AUC [95% CI]", "TPR@1%FPR (calibrated)", "extracted / domain",
+              "above null, all domains [95% CI]", "d above null [95% CI]", "precision", "dAUC vs pre-trained [95% CI], p", "dAUC vs OoD", "dAUC vs OoD-gen",
               "best step: dAUC (oracle)"]  # fmt: skip
     out = []
     for row in results["table"]:
@@ -710,15 +754,17 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         stats = row["mia"].get(primary, {})
         if "draws" in row:  # a Gaussian mean row
             line += [f"{stats.get('auc_mean', float('nan')):.3f} (mean of {row['draws']} draws)", "",
-                     f"{row['extraction']['extracted_per_domain_mean']:.1f}", "", "", f"{stats.get('auc_delta_mean', float('nan')):+.3f} (mean)", "", "", ""]  # fmt: skip
+                     f"{row['extraction']['extracted_per_domain_mean']:.1f}", "", "", "", f"{stats.get('auc_delta_mean', float('nan')):+.3f} (mean)", "", "", ""]  # fmt: skip
             out.append(line)
             continue
         roc = stats.get("roc")
         line.append(_interval(roc["auc"]["value"], roc["auc"]["ci95"]) if roc else "")
-        line.append(f"{roc['tpr_at_fpr']['0.01']['value']:.3f}" if roc else "")
+        line.append(calibrated_tpr_text(stats.get("tpr_calibrated")) if roc else "")
         precision = row["extraction"]["precision"]
-        moved = row["extraction"].get("delta_total_vs_pretrained")
-        line += [f"{row['extraction']['extracted_per_domain_mean']:.1f}", _interval(moved["delta"], moved["ci95"], signed=True, digits=1) if moved else "",
+        excess = row["extraction"]["above_null"]
+        moved = row["extraction"].get("above_null_delta_vs_pretrained")
+        line += [f"{row['extraction']['extracted_per_domain_mean']:.1f}", _interval(excess["excess"], excess["ci95"], signed=True, digits=1),
+                 _interval(moved["delta"], moved["ci95"], signed=True, digits=1) if moved else "",
                  "-" if precision is None else f"{precision:.2f}"]  # fmt: skip
         delta = stats.get("auc_delta")
         line.append(f"{_interval(delta['delta'], delta['ci95'], signed=True)}, p={delta['p_value']:.2f}" if delta else "")

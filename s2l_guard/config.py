@@ -91,10 +91,15 @@ class PretrainConfig:
     grad_clip: float = _opt(1.0, gt=0.0)
     # Decaying the rate at the end, as real pre-training runs do, keeps a later gentle
     # fine-tune from acting as the missing decay (which raises MIA for any data).
-    lr_schedule: str = _opt("cosine", choices=("constant", "cosine", "linear"))
+    # Stable Diffusion v1's recipe is "constant_with_warmup" (diffusers get_scheduler names).
+    lr_schedule: str = _opt("cosine", choices=("constant", "constant_with_warmup", "cosine", "linear"))
     warmup_steps: int = _opt(0, ge=0)
     checkpoint_every: int = _opt(250, ge=1)
     train_text_encoder: bool = False  # SD kept its CLIP encoder frozen; so do we by default
+    # An exponential moving average of the weights (diffusers EMAModel, with SD's warm-up
+    # min(decay, (1 + step) / (10 + step))); 0 keeps none. SD v1 releases the EMA weights.
+    ema_decay: float = _opt(0.0, ge=0.0, lt=1.0)
+    release: str = _opt("raw", choices=("raw", "ema"))  # which weights the bundle holds
 
 
 @dataclass(frozen=True)
@@ -106,7 +111,7 @@ class ReportConfig:
     guidance_scale: float = _opt(3.0, ge=1.0)
     loss_timesteps: tuple[int, ...] = _opt((50, 100, 200, 400), each_ge=0)
     loss_draws: int = _opt(4, ge=1)  # noise draws per timestep for the denoising loss
-    extraction_delta: float = _opt(0.1, gt=0.0)  # normalized-L2 radius of an extraction
+    extraction_delta: float = _opt(0.07, gt=0.0)  # normalized-L2 radius of an extraction (see ExtractionConfig.delta)
     batch_size: int = _opt(256, ge=1)
     bootstrap: int = _opt(1000, ge=100)  # resamples behind every confidence interval
 
@@ -166,7 +171,9 @@ class ExtractionConfig:
     """Candidate generation and (k, l2, delta)-eidetic matching (Carlini et al. 2023)."""
 
     candidates: int = _opt(100, ge=1)  # generations per domain and model
-    delta: float = _opt(0.1, gt=0.0)  # match radius (tiled normalized L2)
+    # Match radius (tiled normalized L2). Carlini et al. use 0.1 on 512x512 Stable Diffusion images;
+    # on the 8x8 testbed 0.1 lets held-out digits match members by chance, 0.07 does not (issue 12).
+    delta: float = _opt(0.07, gt=0.0)
     max_copies: int = _opt(10, ge=1)  # k: only images seen at most k times count
     grid: int = _opt(0, ge=0)  # tile grid; 0 = auto: clamp(image size // 128, 1, 4)
     flag_delta: float = _opt(0.1, gt=0.0)  # near-duplicate radius between generations (attacker's flag)
@@ -596,6 +603,10 @@ def _check_cross_section(config: Config) -> None:
         problems.append(f"[model] text_hidden_size {m.text_hidden_size} is not divisible by text_heads {m.text_heads}")
     if any(step >= m.num_train_timesteps for step in config.report.loss_timesteps):
         problems.append(f"[report] loss_timesteps must be < [model] num_train_timesteps ({m.num_train_timesteps})")
+    if config.pretrain.release == "ema" and not config.pretrain.ema_decay:
+        problems.append("[pretrain] release = 'ema' needs an EMA; set ema_decay (e.g. 0.99) or release = 'raw'")
+    if config.pretrain.warmup_steps >= config.pretrain.steps:
+        problems.append(f"[pretrain] warmup_steps ({config.pretrain.warmup_steps}) must be < steps ({config.pretrain.steps})")
     private = [f"digit{d}" for d in t.private_domains]
     unknown = [d for d in config.attack.domains if d not in private]
     if unknown:

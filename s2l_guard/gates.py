@@ -92,15 +92,21 @@ def verdict(check: str, cell: dict | None, gates) -> Verdict:
         name = "AUC amplification (after shaking minus before, paired)"
     elif check == "tpr_at_1pct_fpr":
         entry = m["tpr_at_1pct_fpr"]
-        n = cell["samples"]["nonmembers"]
+        n = entry.get("test_nonmembers", cell["samples"]["nonmembers"])
         if not entry.get("resolvable", True):
-            return Verdict(check, cid, "skip", f"{cid}: TPR at 1% FPR needs at least 100 non-members, this cell has {n}; "
-                                                "gate it on the pooled cell ([gates] domains = 'pooled' or 'both')")  # fmt: skip
+            return Verdict(check, cid, "skip", f"{cid}: TPR at 1% FPR needs at least 100 test non-members (after the calibration split), "
+                                                f"this cell has {n}; add non-members or gate it on the pooled cell ([gates] domains = 'pooled' or 'both')")  # fmt: skip
         value, ci = entry["value"], entry["ci95"]
-        bound, text, name = (ci[1] if interval else value), _fmt(value, ci, False), "TPR at 1% FPR"
-    elif check == "extracted":
+        bound, text, name = (ci[1] if interval else value), _fmt(value, ci, False), "TPR at 1% FPR (threshold fitted on a calibration split)"
+    elif check == "extracted" and "extracted_above_null" not in m:  # a matrix from before the null was counted
         value = bound = m["extracted"]
         text, name = f"{value} (a count: no interval)", "members extracted"
+    elif check == "extracted":
+        excess = m["extracted_above_null"]
+        value = bound = excess["value"]
+        text = (f"{value:+.1f} [{excess['ci95'][0]:+.1f}, {excess['ci95'][1]:+.1f}] ({m['extracted']} members and "
+                f"{m['nonmembers_matched']} held-out non-members matched; the point is gated)")
+        name = "members extracted above chance (members minus held-out non-members matched)"
     else:
         entry = m["conditional_accuracy"]
         value, ci = entry["value"], entry["ci95"]

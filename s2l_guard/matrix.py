@@ -128,10 +128,12 @@ def _interval(entry: dict) -> dict:
 
 def _mia_metrics(entry: dict, pooled: bool) -> tuple[dict, dict]:
     roc = entry["roc"]
-    tpr = dict(roc["tpr_at_fpr"][FPR_KEY], resolvable=roc["resolvable"][FPR_KEY])
-    metrics: dict[str, Any] = {"auc": roc["auc"], "tpr_at_1pct_fpr": tpr}
+    # Gated: the TPR an attacker reaches on new samples (threshold fitted on a calibration split).
+    tpr = dict(entry["tpr_calibrated"], protocol="threshold fitted on a calibration split, measured on the disjoint test split")
+    in_sample = dict(roc["tpr_at_fpr"][FPR_KEY], resolvable=roc["resolvable"][FPR_KEY])
+    metrics: dict[str, Any] = {"auc": roc["auc"], "tpr_at_1pct_fpr": tpr, "tpr_at_1pct_fpr_in_sample": in_sample}
     amp = entry.get("auc_delta") if pooled else entry.get("vs_pretrained", {}).get("auc_paired_bootstrap")
-    tamp = entry.get("tpr_delta") if pooled else entry.get("vs_pretrained", {}).get("tpr@0.01_paired_bootstrap")
+    tamp = entry.get("tpr_delta") if pooled else entry.get("vs_pretrained", {}).get("tpr@0.01_calibrated")
     if amp:
         metrics["auc_amplification"] = _interval(amp)
     if tamp:
@@ -141,16 +143,22 @@ def _mia_metrics(entry: dict, pooled: bool) -> tuple[dict, dict]:
     return metrics, {"members": roc["n_members"], "nonmembers": roc["n_nonmembers"], "bootstrap": roc["resamples"]}
 
 
+def _excess(entry: dict) -> dict:
+    return {"value": entry["excess"], "ci95": entry["ci95"], "method": entry["method"]}
+
+
 def _extraction_metrics(entry: dict, pooled: bool) -> tuple[dict, dict]:
     if pooled:
         n_domains = len(entry["extracted_per_domain"])
-        metrics = {"extracted": int(sum(entry["extracted_per_domain"])), "withheld": entry["withheld"]}
-        amp = entry.get("delta_total_vs_pretrained")
+        metrics = {"extracted": int(sum(entry["extracted_per_domain"])), "withheld": entry["withheld"],
+                   "nonmembers_matched": int(sum(entry["nonmembers_matched_per_domain"])), "extracted_above_null": _excess(entry["above_null"])}  # fmt: skip
+        amp = entry.get("above_null_delta_vs_pretrained")
         samples = {"candidates": entry["candidates_per_domain"] * n_domains, "domains": n_domains}
     else:
         metrics = {"extracted": entry["extracted_images"], "withheld": entry.get("withheld", 0),
+                   "nonmembers_matched": entry["nonmembers_matched"], "extracted_above_null": _excess(entry["above_null"]),
                    "nearest_distance_median": entry.get("nearest_distance_median")}  # fmt: skip
-        amp = entry.get("vs_pretrained")
+        amp = entry.get("above_null_vs_pretrained")
         samples = {"candidates": entry["candidates"]}
     if amp:
         metrics["extraction_amplification"] = _interval(amp)

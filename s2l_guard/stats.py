@@ -23,7 +23,10 @@ import numpy as np
 from .metrics import (
     auc,
     auc_replicates,
+    calibration_split,
+    check_fpr,
     check_resamples,
+    fit_threshold,
     index_counts,
     resample_indices,
     scores_array,
@@ -187,6 +190,54 @@ def paired_bootstrap_delta(
     return _interval_test(name, "paired stratified bootstrap", float(point(bm, bn)), float(point(am, an)), deltas, n)
 
 
+def calibrated_tpr_delta(
+    before_members,
+    before_nonmembers,
+    after_members,
+    after_nonmembers,
+    *,
+    fpr: float = 0.01,
+    calibration_share: float = 0.5,
+    resamples: int = 2000,
+    seed: int = 0,
+) -> dict:
+    """Change in the TPR an attacker achieves at a target FPR on *new* samples, after minus before.
+
+    The in-sample TPR at 1% FPR (threshold chosen on the non-members it is judged on) is biased
+    upward and its threshold's real FPR exceeds the target. Here, as in
+    :func:`s2l_guard.metrics.threshold_protocol`: one seeded split (the same for both models,
+    since it depends only on the sample counts and the seed) into calibration and test parts;
+    each model's threshold is fitted on its own calibration non-members; each model's TPR is
+    measured on the same test members; the interval is a paired bootstrap over those test members
+    (conditional on the thresholds). ``resolvable`` is False when either part has fewer than
+    ``1 / fpr`` non-members: the target FPR cannot then be told from 0.
+
+    Returns:
+        A :class:`DeltaTest` dict plus ``resolvable``, ``thresholds`` and ``fpr_on_test`` (each
+        model's achieved FPR on the test non-members).
+    """
+    bm, am = _paired(before_members, after_members, "members")
+    bn, an = _paired(before_nonmembers, after_nonmembers, "nonmembers")
+    fpr = check_fpr(fpr)
+    resamples = check_resamples(resamples)
+    split = calibration_split(len(bm), len(bn), calibration_share=calibration_share, seed=seed)
+    cal, test_m, test_n = split["calibration_nonmembers"], split["test_members"], split["test_nonmembers"]
+    thresholds = {"before": fit_threshold(bn[cal], fpr), "after": fit_threshold(an[cal], fpr)}
+    hit_b = (bm[test_m] > thresholds["before"]).astype(float)
+    hit_a = (am[test_m] > thresholds["after"]).astype(float)
+    rng = np.random.default_rng(seed)
+    diffs = hit_a - hit_b
+    deltas = np.concatenate([diffs[idx].mean(1) for (idx,) in resample_indices(rng, (len(diffs),), resamples)])
+    n = {"test_members": len(test_m), "test_nonmembers": len(test_n), "calibration_nonmembers": len(cal)}
+    test = _interval_test(f"tpr@{fpr:g} (threshold fitted on a calibration split)", "paired bootstrap over test members",
+                          float(hit_b.mean()), float(hit_a.mean()), deltas, n)  # fmt: skip
+    return test.to_dict() | {
+        "resolvable": fpr >= 1 / min(len(cal), len(test_n)),
+        "thresholds": thresholds,
+        "fpr_on_test": {"before": float(np.mean(bn[test_n] > thresholds["before"])), "after": float(np.mean(an[test_n] > thresholds["after"]))},
+    }
+
+
 def _midranks(x: np.ndarray) -> np.ndarray:
     """1-based ranks, tied values sharing the mean of their ranks."""
     _, inverse, counts = np.unique(x, return_inverse=True, return_counts=True)
@@ -251,37 +302,84 @@ def delong_test(before_members, before_nonmembers, after_members, after_nonmembe
     )  # fmt: skip
 
 
-def _hits(values, name: str) -> np.ndarray:
-    """Validated per-candidate hits: training-image index, or -1 for no extraction."""
-    x = np.asarray(values)
-    if x.ndim != 1 or len(x) == 0:
-        raise ValueError(f"{name} must be a non-empty 1-D array with one entry per generated candidate")
-    if not np.issubdtype(x.dtype, np.integer) or (x < -1).any():
-        raise ValueError(f"{name} must hold integer training-image indices, or -1 where a candidate extracted nothing")
-    return x
+def _hits(values, name: str) -> list[tuple[int, ...]]:
+    """Validated per-candidate matches: the training images each candidate lies within delta of.
+
+    An entry is a list of image indices (Carlini et al. count *every* image within delta of a
+    generation, not only its nearest), or a single index, or -1 for none.
+    """
+    if isinstance(values, np.ndarray):
+        values = values.tolist()
+    if not isinstance(values, (list, tuple)) or len(values) == 0:
+        raise ValueError(f"{name} must be a non-empty list with one entry per generated candidate")
+    out = []
+    for entry in values:
+        items = entry if isinstance(entry, (list, tuple, np.ndarray)) else [entry]
+        items = items.tolist() if isinstance(items, np.ndarray) else list(items)
+        if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= -1 for i in items):
+            raise ValueError(f"{name} must hold integer training-image indices (or lists of them), or -1 where a candidate extracted nothing")
+        out.append(tuple(sorted({int(i) for i in items if i >= 0})))
+    return out
 
 
 def distinct_extracted(hits) -> int:
-    """Number of distinct training images among per-candidate hits (-1 = none).
+    """Number of distinct images among per-candidate matches (see :func:`_hits`).
 
     Raises:
-        ValueError: ``hits`` is empty, not 1-D, or not integers >= -1.
+        ValueError: ``hits`` is empty or not integers >= -1.
     """
-    hits = _hits(hits, "hits")
-    return len(np.unique(hits[hits >= 0]))
+    return len({i for entry in _hits(hits, "hits") for i in entry})
 
 
-def _shares(hits: np.ndarray) -> np.ndarray:
-    """Each candidate's share of the distinct count: 1/(hits of its image), 0 for a miss.
+def _shares(hits: list[tuple[int, ...]]) -> np.ndarray:
+    """Each candidate's share of the distinct count: the sum over the images it matched of
+    1/(candidates that matched that image), 0 for a miss.
 
     Summing the shares gives the distinct count; bootstrapping the shares is the
     linearised (influence-function) bootstrap of it.
     """
-    found = hits >= 0
-    _, inverse, counts = np.unique(hits[found], return_inverse=True, return_counts=True)
-    shares = np.zeros(len(hits))
-    shares[found] = 1.0 / counts[inverse]
+    counts: dict[int, int] = {}
+    for entry in hits:
+        for i in entry:
+            counts[i] = counts.get(i, 0) + 1
+    return np.array([sum(1.0 / counts[i] for i in entry) for entry in hits])
+
+
+def candidate_shares(hits, null=None, *, null_weight: float = 1.0) -> np.ndarray:
+    """Per candidate, its share of the distinct count of ``hits`` minus ``null_weight`` times its
+    share of the distinct count of ``null`` (the same candidates matched against held-out images).
+
+    Shares of disjoint image sets (other domains) can be concatenated: they pool into one count.
+    """
+    shares = _shares(_hits(hits, "hits"))
+    if null is not None:
+        null_hits = _hits(null, "null")
+        if len(null_hits) != len(shares):
+            raise ValueError(f"hits have {len(shares)} candidates but null has {len(null_hits)}; match the same candidates against both")
+        shares = shares - null_weight * _shares(null_hits)
     return shares
+
+
+def share_sum_interval(shares: np.ndarray, *, resamples: int = 1000, seed: int = 0) -> list[float]:
+    """95% percentile interval of a sum of candidate shares, resampling candidates."""
+    resamples = check_resamples(resamples)
+    rng = np.random.default_rng(seed)
+    replicates = np.concatenate([shares[idx].sum(1) for (idx,) in resample_indices(rng, (len(shares),), resamples)])
+    return [float(np.percentile(replicates, 2.5)), float(np.percentile(replicates, 97.5))]
+
+
+def excess_extraction(hits, null, *, null_weight: float = 1.0, resamples: int = 1000, seed: int = 0) -> dict:
+    """Extraction above chance: distinct members matched minus ``null_weight`` x distinct held-out
+    non-members matched by the *same* candidates (paired), with a bootstrap interval over candidates.
+
+    A model that draws new, realistic images lies within delta of some member by chance as often as
+    of some non-member; only the excess is memorization. ``null_weight`` = members / non-members
+    puts the two counts on the same footing when the sets differ in size.
+    """
+    shares = candidate_shares(hits, null, null_weight=null_weight)
+    return {"excess": float(shares.sum()), "ci95": share_sum_interval(shares, resamples=resamples, seed=seed),
+            "members_matched": distinct_extracted(hits), "nonmembers_matched": distinct_extracted(null), "null_weight": null_weight,
+            "candidates": len(shares), "method": "members minus weighted non-members matched by the same candidates; bootstrap of candidate shares"}  # fmt: skip
 
 
 def extraction_delta(before_hits, after_hits, *, resamples: int = 2000, seed: int = 0) -> DeltaTest:
@@ -324,14 +422,35 @@ def extraction_delta(before_hits, after_hits, *, resamples: int = 2000, seed: in
             f"before has {len(before)} candidates but after has {len(after)}; "
             "extraction counts are only comparable at equal candidate counts, so generate as many with both models"
         )
+    return share_delta(_shares(before), _shares(after), statistic="distinct_extracted", resamples=resamples, seed=seed)
+
+
+def share_delta(before: np.ndarray, after: np.ndarray, *, statistic: str, resamples: int = 2000, seed: int = 0) -> DeltaTest:
+    """After minus before of two sums of candidate shares (:func:`candidate_shares`), each model's
+    candidates bootstrapped independently; the building block of :func:`extraction_delta`."""
+    if len(before) != len(after):
+        raise ValueError(f"before has {len(before)} candidates but after has {len(after)}; compare at equal candidate counts")
     resamples = check_resamples(resamples)
-    share_b, share_a = _shares(before), _shares(after)
     rng = np.random.default_rng(seed)
     c = len(before)
     deltas = np.concatenate(
-        [share_a[idx_a].sum(1) - share_b[idx_b].sum(1) for idx_b, idx_a in resample_indices(rng, (c, c), resamples)]
+        [after[idx_a].sum(1) - before[idx_b].sum(1) for idx_b, idx_a in resample_indices(rng, (c, c), resamples)]
     )
     return _interval_test(
-        "distinct_extracted", "independent bootstrap of candidate shares",
-        float(distinct_extracted(before)), float(distinct_extracted(after)), deltas, {"candidates": c},
+        statistic, "independent bootstrap of candidate shares",
+        float(np.round(before.sum(), 9)), float(np.round(after.sum(), 9)), deltas, {"candidates": c},
     )  # fmt: skip
+
+
+def minimum_detectable_delta(se: float, *, alpha: float = 0.05, power: float = 0.8, scale: float = 1.0) -> float:
+    """The smallest true change a two-sided level-``alpha`` test detects with probability ``power``.
+
+    For an (approximately) normal estimate with standard error ``se``:
+    ``(z_{1 - alpha/2} + z_{power}) * se``. ``scale`` multiplies every sample count (members,
+    non-members, candidates): the standard error of a mean-like statistic (AUC, a share) shrinks
+    as ``1 / sqrt(scale)``, so the detectable change does too.
+    """
+    if se < 0 or not 0 < alpha < 1 or not 0 < power < 1 or scale <= 0:
+        raise ValueError(f"need se >= 0, alpha and power in (0, 1), scale > 0; got {se}, {alpha}, {power}, {scale}")
+    z = NormalDist().inv_cdf
+    return (z(1 - alpha / 2) + z(power)) * se / math.sqrt(scale)

@@ -5,7 +5,15 @@ import pytest
 from sklearn.metrics import roc_auc_score
 
 from s2l_guard.metrics import tpr_at_fpr
-from s2l_guard.stats import delong_test, distinct_extracted, extraction_delta, paired_bootstrap_delta
+from s2l_guard.stats import (
+    calibrated_tpr_delta,
+    candidate_shares,
+    delong_test,
+    distinct_extracted,
+    excess_extraction,
+    extraction_delta,
+    paired_bootstrap_delta,
+)
 
 
 def paired_scores(rng, n=100, gain=0.0):
@@ -148,7 +156,7 @@ def test_extraction_refuses_unequal_candidate_counts():
         extraction_delta([1, -1, 2, 3], [1, -1, 2, 3, 4])
 
 
-@pytest.mark.parametrize("hits", [[0.5, 1.0], [-2, 1], [], [[1, 2]]])
+@pytest.mark.parametrize("hits", [[0.5, 1.0], [-2, 1], [], [[1, -2]], [[1, "a"]]])
 def test_extraction_refuses_malformed_hits(hits):
     with pytest.raises(ValueError, match="before_hits"):
         extraction_delta(hits, [1] * max(1, len(hits)))
@@ -181,3 +189,65 @@ def test_extraction_interval_covers_the_true_difference(pool):
         for i in range(200)
     ]
     assert np.mean(covered) >= 0.9
+
+
+def test_several_images_per_candidate_count_each_distinct_image_once():
+    before = [[3, 4], [3], [], [-1]]
+    after = [[1], [1, 2], [2, 7], []]
+    result = extraction_delta(before, after, resamples=200)
+    assert result.before == 2 and result.after == 3 and result.delta == 1
+    assert candidate_shares(after).sum() == pytest.approx(3)  # shares still sum to the distinct count
+
+
+def test_excess_extraction_subtracts_the_nonmembers_the_same_candidates_match():
+    hits = [[0], [0], [1], [], []]
+    null = [[5], [], [], [6], []]
+    out = excess_extraction(hits, null, resamples=300)
+    assert out["members_matched"] == 2 and out["nonmembers_matched"] == 2 and out["excess"] == pytest.approx(0)
+    assert out["ci95"][0] < 0 < out["ci95"][1]
+    weighted = excess_extraction(hits, null, null_weight=0.5, resamples=300)  # twice as many non-members as members
+    assert weighted["excess"] == pytest.approx(1)
+    with pytest.raises(ValueError, match="same candidates"):
+        candidate_shares(hits, null[:3])
+
+
+def _in_sample_and_calibrated(seed, n=300, shift=1.2):
+    """True TPR at 1% FPR of N(shift, 1) members vs N(0, 1) non-members is 1 - Phi(z_0.99 - shift)."""
+    rng = np.random.default_rng(seed)
+    bm, bn = rng.normal(shift, 1, n), rng.normal(0, 1, n)
+    am, an = bm + rng.normal(0, 0.05, n), bn + rng.normal(0, 0.05, n)
+    return calibrated_tpr_delta(bm, bn, am, an, resamples=200, seed=seed), bm, bn
+
+
+def test_calibrated_tpr_delta_measures_on_samples_the_threshold_never_saw():
+    from scipy.stats import norm
+
+    truth = 1 - norm.cdf(norm.ppf(0.99) - 1.2)
+    results = [_in_sample_and_calibrated(seed)[0] for seed in range(60)]
+    assert all(r["resolvable"] and r["n"]["test_nonmembers"] == 150 for r in results)
+    # unbiased for the true TPR (the in-sample figure is biased upward), and about 1% FPR on new samples
+    assert abs(np.mean([r["before"] for r in results]) - truth) < 0.02
+    assert np.mean([r["fpr_on_test"]["before"] for r in results]) < 0.025
+    small = calibrated_tpr_delta([1.0] * 40, [0.0] * 40, [1.0] * 40, [0.0] * 40, resamples=50)
+    assert not small["resolvable"]  # 20 test non-members cannot resolve 1%
+
+
+def test_calibrated_tpr_delta_is_paired_on_the_same_test_members():
+    rng = np.random.default_rng(3)
+    m, n = rng.normal(1, 1, 400), rng.normal(0, 1, 400)
+    same = calibrated_tpr_delta(m, n, m, n, resamples=100)
+    assert same["delta"] == 0 and same["ci95"] == [0, 0]
+    shifted = calibrated_tpr_delta(m, n, m + 1, n, resamples=300)
+    assert shifted["delta"] > 0 and shifted["ci95"][0] > 0
+
+
+def test_minimum_detectable_delta_is_detected_with_the_stated_power():
+    from s2l_guard.stats import minimum_detectable_delta
+
+    rng = np.random.default_rng(0)
+    se = 0.015
+    mde = minimum_detectable_delta(se)
+    assert mde == pytest.approx(2.8016 * se, rel=1e-3)
+    estimates = rng.normal(mde, se, 20000)  # a true change of the MDE, measured with that error
+    assert np.mean(np.abs(estimates / se) > 1.96) == pytest.approx(0.8, abs=0.01)
+    assert minimum_detectable_delta(se, scale=4) == pytest.approx(mde / 2)
