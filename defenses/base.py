@@ -40,6 +40,8 @@ class PretrainContext:
     new_bundle: Callable[[], Bundle]  # the untrained model [model] describes, on the device
     train_settings: Any  # s2l_guard.training.TrainSettings of [pretrain]
     progress: Callable[[int, str], Callable[[int, float], None] | None] = lambda total, name: None  # (steps, name) -> on_step
+    # The undefended pre-trained model (a fresh copy, built or reused from the cache) and its summary.
+    undefended: Callable[[], tuple[Bundle, dict]] | None = None
 
 
 @dataclass
@@ -104,5 +106,6 @@ DEFENSES: Registry[type[Defense]] = Registry(
         "defenses.private_finetune",
         "defenses.finetune_filter",
         "defenses.output_filter",
+        "defenses.anneal",
     ),
 )

@@ -46,7 +46,7 @@ def test_every_defense_ran_under_its_threat_model(defended):
     _, results = defended
     assert set(results) == {("none", "open-weights"), ("dedup", "open-weights"), ("dp_sgd", "open-weights"),
                             ("private_finetune", "open-weights"), ("finetune_filter", "finetune-api"),
-                            ("output_filter", "finetune-api"), ("finetune_filter", "open-weights")}  # fmt: skip
+                            ("output_filter", "finetune-api"), ("finetune_filter", "open-weights"), ("anneal", "open-weights")}  # fmt: skip
     for (name, threat_model), r in results.items():
         u = r["utility"]
         assert u["status"] == "ok" and 0 <= u["conditional_accuracy_mean"] <= 1 and u["frechet_distance"] >= 0, name

@@ -12,7 +12,7 @@ from defenses.base import DEFENSES, POINTS
 from defenses.dedup import near_duplicate_keep
 from defenses.finetune_filter import FinetuneFilter, FinetuneFilterSettings, bootstrap_set_means, relative_drift
 from defenses.output_filter import OutputFilter, OutputFilterSettings
-from s2l_guard.config import Config
+from s2l_guard.config import Config, load_config
 from s2l_guard.data import ImageDataset, Record
 from s2l_guard.metrics import tiled_l2
 from s2l_guard.provider import FinetuneRequest, Provider, ThreatModelError
@@ -172,3 +172,34 @@ def test_filter_calibrated_on_the_testbeds_unused_digits_holds_its_rate_on_the_o
     for size in (5, 100):  # 100 images: the pool's own uncertainty dominates; the predictive calibration allows for it
         result = f.heldout_false_rejection(size, sets=2000, splits=20)
         assert abs(result["across_splits"]["mean"] - 0.1) < 0.04, result
+
+
+def test_anneal_continues_the_undefended_model_with_the_rate_decayed_to_zero(tmp_path):
+    """The anneal defense reuses the cached undefended model, trains it on for its own steps with
+    the rate falling to zero, and releases something else than the undefended weights."""
+    from pathlib import Path
+
+    from defenses.anneal import AnnealSettings
+    from s2l_guard.cache import Store
+    from s2l_guard.model import load_bundle
+    from s2l_guard.pipeline import pretrain_stage, testbed_stage
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "configs" / "smoke.toml").replace(run={"store": str(tmp_path / "store")})
+    store = Store(config.run.store)
+    data = testbed_stage(store, config)
+    plain = pretrain_stage(store, config, data, torch.device("cpu"))
+    defense = DEFENSES.get("anneal")(AnnealSettings(steps=6, warmup_steps=1, ema_decay=0.5))
+    annealed = pretrain_stage(store, config, data, torch.device("cpu"), defense)
+    assert annealed.key != plain.key and not annealed.reused
+    assert len(list((tmp_path / "store" / "bundle").iterdir())) == 2  # the undefended model was reused, not retrained
+    import json
+
+    summary = json.loads((annealed.path / "training.json").read_text())
+    assert summary["anneal"]["steps"] == 6 and summary["anneal"]["released"] == "ema" and summary["steps"] == config.pretrain.steps
+    a, b = load_bundle(plain.path), load_bundle(annealed.path)
+    moved = [n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(p, q)]
+    assert moved and all(n.startswith("unet.") for n in moved)
+    for bad in ({"steps": 0}, {"schedule": "constant"}, {"warmup_steps": 6, "steps": 6}, {"ema_decay": 1.0}):
+        with pytest.raises(ValueError, match="anneal"):
+            AnnealSettings(**bad)
