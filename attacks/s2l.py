@@ -495,7 +495,7 @@ def calibrated_tpr_text(entry: dict | None) -> str:
     if not entry:
         return ""
     text = f"{entry['value']:.3f}"
-    return text if entry["resolvable"] else f"{text} (unresolvable: {entry['test_nonmembers']} test non-members < 100)"
+    return text if entry["resolvable"] else f"{text} (unresolvable, n={entry['test_nonmembers']})"
 
 
 def summarize_mia(cell: dict, base: dict, config: Config, seed: int, controls: dict[str, dict]) -> dict:
@@ -810,6 +810,10 @@ def _footer(results: dict) -> list[str]:
         f"method: {results['method']}",
         "dAUC vs OoD / OoD-gen: paired against the same method trained on real images / on its own generations "
         "of a public digit (rows <method>-ood, <method>-ood-gen) where they ran, else against End-to-End's",
+        "TPR@1%FPR (calibrated): threshold fitted on the calibration split, TPR on the test split; unresolvable, n=N: "
+        "only N test non-members, under the 100 that 1% FPR needs",
+        "above null: members minus held-out non-members that the same candidates match (chance matches of new digits); "
+        "d above null: its change vs the pre-trained model",
         "best step: the fine-tuning step (trajectory or final) with the highest mean per-domain AUC, minus the "
         "pre-trained model's; choosing it needs membership labels, so it bounds the worst case and is no attack",
     ] + defense_lines(results)
