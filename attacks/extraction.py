@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from s2l_guard.config import ExtractionConfig
-from s2l_guard.metrics import nearest, tiled_l2, within
+from s2l_guard.metrics import nearest, pairwise, tiled_l2
 
 
 def auto_grid(size: int) -> int:
@@ -91,15 +91,31 @@ class ExtractionResult:
         }
 
 
-def match_candidates(
+@dataclass
+class CandidateDistances:
+    """What extraction needs from one set of candidates, at any radius: each candidate's distance
+    to every eligible domain member (seen at most k times) and to every held-out non-member, its
+    nearest training image of any domain, and the attacker's flag. Counting at a radius is then
+    :func:`count_at` - cheap, so a change of delta needs no new generations."""
+
+    member_ids: list[int]  # training indices of the domain's eligible members (columns of member_distances)
+    member_distances: np.ndarray  # [candidates, members]
+    nonmember_distances: np.ndarray  # [candidates, non-members]
+    nearest_index: np.ndarray  # [candidates] nearest training image of any domain
+    nearest_distance: np.ndarray
+    nearest_eligible: np.ndarray  # bool: that image was seen at most k times
+    flagged: np.ndarray
+
+
+def candidate_distances(
     candidates: torch.Tensor,
     training_images: torch.Tensor,
     training_copies: Sequence[int],
     domain_members: Sequence[int],
     settings: ExtractionConfig,
     nonmembers: torch.Tensor | None = None,
-) -> ExtractionResult:
-    """Match candidates against the whole training set and count eidetic extractions of the domain.
+) -> CandidateDistances:
+    """Distances from candidates to the training set, the domain's members and its non-members.
 
     Args:
         candidates: generations ``[N, C, H, W]`` in [0, 1].
@@ -111,16 +127,36 @@ def match_candidates(
     grid = settings.grid or auto_grid(candidates.shape[-1])
     distance, index = nearest(candidates, training_images, grid=grid, chunk=settings.chunk)
     copies = torch.as_tensor(list(training_copies))
-    eidetic = (distance <= settings.delta) & (copies[index] <= settings.max_copies)
-    any_hits = torch.where(eidetic, index, torch.full_like(index, -1)).numpy()
     members = torch.as_tensor(list(domain_members), dtype=torch.long)
     eligible = members[copies[members] <= settings.max_copies] if len(members) else members
-    close = within(candidates, training_images[eligible], settings.delta, grid=grid, chunk=settings.chunk)
-    matches = [[int(eligible[j]) for j in row] for row in close]
-    null = within(candidates, nonmembers, settings.delta, grid=grid, chunk=settings.chunk) if nonmembers is not None and len(nonmembers) else [[] for _ in matches]
+    empty = np.zeros((len(candidates), 0))
+    to_members = pairwise(candidates, training_images[eligible], grid=grid, chunk=settings.chunk).numpy() if len(eligible) else empty
+    has_null = nonmembers is not None and len(nonmembers)
+    to_nonmembers = pairwise(candidates, nonmembers, grid=grid, chunk=settings.chunk).numpy() if has_null else empty
+    return CandidateDistances(eligible.tolist(), to_members, to_nonmembers, index.numpy(), distance.numpy(),
+                              (copies[index] <= settings.max_copies).numpy(), flag_near_duplicates(candidates, settings, grid))  # fmt: skip
+
+
+def count_at(d: CandidateDistances, delta: float) -> ExtractionResult:
+    """Every eligible member and every non-member within ``delta`` of each candidate."""
+    matches = [[d.member_ids[j] for j in np.flatnonzero(row <= delta)] for row in d.member_distances]
+    null = [np.flatnonzero(row <= delta).tolist() for row in d.nonmember_distances]
+    any_hits = np.where((d.nearest_distance <= delta) & d.nearest_eligible, d.nearest_index, -1)
     extracted = sorted({i for m in matches for i in m})
-    flagged = flag_near_duplicates(candidates, settings, grid)
-    return ExtractionResult(len(candidates), matches, null, any_hits, flagged, distance.numpy(), extracted)
+    return ExtractionResult(len(matches), matches, null, any_hits, d.flagged, d.nearest_distance, extracted)
+
+
+def match_candidates(
+    candidates: torch.Tensor,
+    training_images: torch.Tensor,
+    training_copies: Sequence[int],
+    domain_members: Sequence[int],
+    settings: ExtractionConfig,
+    nonmembers: torch.Tensor | None = None,
+) -> ExtractionResult:
+    """Match candidates against the whole training set and count eidetic extractions of the domain
+    at ``settings.delta`` (:func:`candidate_distances`, then :func:`count_at`)."""
+    return count_at(candidate_distances(candidates, training_images, training_copies, domain_members, settings, nonmembers), settings.delta)
 
 
 def flag_near_duplicates(candidates: torch.Tensor, settings: ExtractionConfig, grid: int) -> np.ndarray:

@@ -49,11 +49,11 @@ from defenses.base import DEFENSES
 from defenses.report import defense_lines
 
 from .base import MIA, SHAKERS, FinetuneData
-from .extraction import match_candidates
+from .extraction import CandidateDistances, candidate_distances, count_at
 from .sp_set import generate_sp_set
 
 SCHEMA = "s2l-guard/attack-results/1"
-CELL_FORMAT = 6  # bump when what a cell stores changes, so cached cells are recomputed
+CELL_FORMAT = 7  # bump when what a cell stores changes, so cached cells are recomputed
 FPRS = (0.01, 0.001)
 
 
@@ -169,19 +169,40 @@ def measure(provider: Provider, domain: Domain, prompt: str, training: TrainingS
     e = config.extraction
     generated = provider.generate([prompt] * e.candidates, steps=e.sampler_steps, guidance_scale=e.guidance_scale, seed=seed, batch_size=e.batch_size)
     served = generated.served.numpy()
-    result = match_candidates(generated.images, training.images, training.copies, domain.member_index, e, domain.nonmembers.images)
+    d = candidate_distances(generated.images, training.images, training.copies, domain.member_index, e, domain.nonmembers.images)
+    # Distances, not matches: the counting radius (delta) is applied when the cell is read
+    # (extraction_at), so a change of delta needs no new generations.
+    rounded = lambda x: np.round(np.asarray(x, dtype=float), 5).tolist()  # noqa: E731
     out["extraction"] = {
+        "served": served.tolist(),  # a generate API may withhold candidates; the others are listed in order
+        "member_ids": d.member_ids, "member_distances": rounded(d.member_distances),
+        "nonmember_distances": rounded(d.nonmember_distances), "null_weight": len(domain.members) / len(domain.nonmembers),
+        "nearest_index": d.nearest_index.tolist(), "nearest_distance": rounded(d.nearest_distance),
+        "nearest_eligible": d.nearest_eligible.tolist(), "flagged": d.flagged.tolist(),
+    }  # fmt: skip
+    return out
+
+
+def extraction_at(raw: dict, delta: float, files: list[str]) -> dict:
+    """A cell's extraction counted at ``delta``: per requested candidate the members (``hits``) and
+    held-out non-members (``null_hits``) within delta, and the summary the tables print."""
+    served = np.asarray(raw["served"], dtype=bool)
+    d = CandidateDistances(raw["member_ids"], np.asarray(raw["member_distances"]).reshape(int(served.sum()), -1),
+                           np.asarray(raw["nonmember_distances"]).reshape(int(served.sum()), -1), np.asarray(raw["nearest_index"]),
+                           np.asarray(raw["nearest_distance"]), np.asarray(raw["nearest_eligible"], dtype=bool), np.asarray(raw["flagged"], dtype=bool))  # fmt: skip
+    result = count_at(d, delta)
+    withheld = int((~served).sum())
+    return {
         "hits": _spread(result.matches, served, []),  # every domain member within delta: what "extracted" counts
         "null_hits": _spread(result.null_matches, served, []),  # the domain's held-out non-members within delta
-        "null_weight": len(domain.members) / len(domain.nonmembers),
+        "null_weight": raw["null_weight"],
         "any_hits": _spread(result.any_hits, served, -1),
         "flagged": _spread(result.flagged, served, False),
         "nearest_distance": _spread(result.nearest_distance, served, None),
-        "withheld": int((~served).sum()),
-        "extracted": [training.files[i] for i in result.extracted],
-        "summary": dict(result.to_dict(), candidates=len(served), withheld=int((~served).sum())),
+        "withheld": withheld,
+        "extracted": [files[i] for i in result.extracted],
+        "summary": dict(result.to_dict(), candidates=len(served), withheld=withheld, delta=delta),
     }
-    return out
 
 
 def _spread(values: np.ndarray | list, served: np.ndarray, missing: Any) -> list:
@@ -278,7 +299,8 @@ class S2LRun:
             # the real out-of-domain images a row trains on (their number follows [sp_set] images)
             "ood_data": ood_spec(self.dataset, c) if row.data == "OoD" else None,
             "mia": {name: json.loads(json.dumps(c.mia_settings(name).__dict__, default=list)) for name in c.attack.mia},
-            "extraction": c.section("extraction"),
+            # every setting but the counting radius, which is applied when the cell is read
+            "extraction": {k: v for k, v in c.section("extraction").items() if k != "delta"},
             # only training rows record a trajectory; the others must not be recomputed when it changes
             "trajectory_every": c.attack.trajectory_every if row.shaker and row.data != "-" else 0,
         }  # fmt: skip
@@ -308,6 +330,8 @@ class S2LRun:
 
         artifact = self.store.get_or_build("cell", spec, build)
         cell = json.loads((artifact.path / "cell.json").read_text())
+        if "extraction" in cell:
+            cell["extraction"] = extraction_at(cell["extraction"], self.config.extraction.delta, self.training.files)
         cell.setdefault("status", "ok")
         cell["cached"] = artifact.reused
         return cell

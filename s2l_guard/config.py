@@ -111,7 +111,7 @@ class ReportConfig:
     guidance_scale: float = _opt(3.0, ge=1.0)
     loss_timesteps: tuple[int, ...] = _opt((50, 100, 200, 400), each_ge=0)
     loss_draws: int = _opt(4, ge=1)  # noise draws per timestep for the denoising loss
-    extraction_delta: float = _opt(0.07, gt=0.0)  # normalized-L2 radius of an extraction (see ExtractionConfig.delta)
+    extraction_delta: float = _opt(0.09, gt=0.0)  # normalized-L2 radius of an extraction (see ExtractionConfig.delta)
     batch_size: int = _opt(256, ge=1)
     bootstrap: int = _opt(1000, ge=100)  # resamples behind every confidence interval
 
@@ -172,8 +172,9 @@ class ExtractionConfig:
 
     candidates: int = _opt(100, ge=1)  # generations per domain and model
     # Match radius (tiled normalized L2). Carlini et al. use 0.1 on 512x512 Stable Diffusion images;
-    # on the 8x8 testbed 0.1 lets held-out digits match members by chance, 0.07 does not (issue 12).
-    delta: float = _opt(0.07, gt=0.0)
+    # on the 8x8 testbed 0.1 lets generations match held-out digits by chance; 0.09 keeps that
+    # null at most 1 in 120 (docs/calibration, issue 12). Applied when a cell is read.
+    delta: float = _opt(0.09, gt=0.0)
     max_copies: int = _opt(10, ge=1)  # k: only images seen at most k times count
     grid: int = _opt(0, ge=0)  # tile grid; 0 = auto: clamp(image size // 128, 1, 4)
     flag_delta: float = _opt(0.1, gt=0.0)  # near-duplicate radius between generations (attacker's flag)

@@ -60,18 +60,10 @@ def nearest(
     return torch.cat(dist), torch.cat(index)
 
 
-def within(
-    queries: torch.Tensor, references: torch.Tensor, radius: float, *, grid: int = 1, chunk: int = 1024
-) -> list[list[int]]:
-    """For each query image, the indices of *every* reference image within ``radius`` (ascending).
-
-    Memory stays bounded by ``chunk x len(references)`` pair distances.
-    """
-    out: list[list[int]] = []
-    for i in range(0, len(queries), chunk):
-        close = tiled_l2(queries[i : i + chunk], references, grid=grid) <= radius
-        out += [torch.nonzero(row).flatten().tolist() for row in close]
-    return out
+def pairwise(queries: torch.Tensor, references: torch.Tensor, *, grid: int = 1, chunk: int = 1024) -> torch.Tensor:
+    """Every query-reference distance ``[N, M]``, computed ``chunk`` queries at a time."""
+    parts = [tiled_l2(queries[i : i + chunk], references, grid=grid) for i in range(0, len(queries), chunk)]
+    return torch.cat(parts) if parts else torch.empty(0, len(references))
 
 
 @dataclass(frozen=True)

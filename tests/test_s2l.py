@@ -186,3 +186,23 @@ def test_an_unchanged_model_measures_exactly_as_the_pretrained_one(tmp_path, mon
     for mia in ("loss", "secmi"):
         assert same["mia"][mia]["roc"]["auc"] == base["mia"][mia]["roc"]["auc"]
         assert same["mia"][mia]["vs_pretrained"]["auc_paired_bootstrap"]["delta"] == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_new_extraction_radius_recounts_cached_cells(smoke_run, tmp_path):
+    """Cells keep each candidate's distances, so delta is applied when they are read: a wider
+    radius reuses every cell and can only match more members and non-members."""
+    folder, results, _ = smoke_run
+    wide = tmp_path / "wide.toml"
+    wide.write_text(f'extends = "{SMOKE}"\n[extraction]\ndelta = 1.0\n')  # the largest normalized L2: all match
+    with inside(folder):
+        assert main(["attack", "--config", str(wide)]) == 0
+    [run] = [r for r in (folder / "runs").iterdir() if r.name.startswith("wide-")]
+    again = json.loads((run / "results.json").read_text())
+    for name, domain in again["domains"].items():
+        for label, row in domain["rows"].items():
+            assert row["cached"], (name, label)
+            narrow = results["domains"][name]["rows"][label]["extraction"]
+            assert row["extraction"]["delta"] == 1.0 and narrow["delta"] == 0.09
+            assert row["extraction"]["extracted_images"] == domain["members"] >= narrow["extracted_images"]
+            assert row["extraction"]["nonmembers_matched"] == domain["nonmembers"] >= narrow["nonmembers_matched"]
+            assert row["extraction"]["above_null"]["excess"] == pytest.approx(0)  # as many of each: nothing above chance
