@@ -2,7 +2,7 @@
 
     .venv/bin/python benchmarks/resolution.py runs/<profile>-<hash>/results.json [more results.json ...]
 
-For every pooled row with a paired change against the pre-trained model, the paired bootstrap's
+For every pooled SP row with a paired change against the pre-trained model, the paired bootstrap's
 standard error (from the measured per-sample scores) gives the minimum detectable change at a
 two-sided 5% level with 80% power (``s2l_guard.stats.minimum_detectable_delta``), now and with
 every sample count (members and non-members per domain, candidates) multiplied by 2 and 4.
@@ -25,17 +25,18 @@ SCALES = (1, 2, 4)
 
 
 def rows(results: dict) -> list[tuple[str, str, float, list[float]]]:
-    """(row, measure, standard error, [MDE at each scale]) for each pooled row and measure."""
+    """(row, measure, standard error, [MDE at each scale]) for each pooled SP row and measure:
+    the rows whose amplification S2L is judged by."""
     out = []
     for row in results["table"]:
-        if row.get("status") != "ok" or "draws" in row:
+        if row.get("status") != "ok" or row.get("data") != "SP":
             continue
         for mia, entry in row["mia"].items():
             delta = entry.get("auc_delta")
             if delta:
                 out.append((row["row"], f"{mia} dAUC", delta["se"], [minimum_detectable_delta(delta["se"], scale=k) for k in SCALES]))
         moved = row["extraction"].get("above_null_delta_vs_pretrained")
-        if moved:  # in members per today's candidate count (a rate: k times the candidates, the count over k)
+        if moved and moved["se"] > 0:  # members per today's candidate count; se 0: nothing matched, nothing to size a test from
             out.append((row["row"], "extracted above null", moved["se"], [minimum_detectable_delta(moved["se"], scale=k) for k in SCALES]))
     return out
 
@@ -57,7 +58,7 @@ def main() -> None:
         for measure in sorted({m for _, m, _, _ in found}):
             ses = [se for _, m, se, _ in found if m == measure]
             median = float(np.median(ses))
-            print(f"median over rows, {measure}: se {median:.4f}, MDE " + ", ".join(f"x{k} {minimum_detectable_delta(median, scale=k):.4f}" for k in SCALES))
+            print(f"median over SP rows, {measure}: se {median:.4f}, MDE " + ", ".join(f"x{k} {minimum_detectable_delta(median, scale=k):.4f}" for k in SCALES))
         share = results["config"]["attack"]["calibration_share"]
         test = round(nonmembers * (1 - share))
         need = int(np.ceil(100 / (1 - share) / len(domains)))
