@@ -20,6 +20,22 @@ def test_shipped_profiles_load(profile):
     assert config.source.endswith(f"{profile}.toml")
 
 
+@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")) + sorted((CONFIGS.parent / "docs" / "calibration").glob("*.toml")),
+                         ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_every_shipped_config_loads(path):
+    load_config(path)
+
+
+def test_the_pretraining_recipes_say_what_they_are(tmp_path):
+    sd, annealed = load_config(CONFIGS / "sd-recipe.toml"), load_config(CONFIGS / "annealed.toml")
+    assert (sd.pretrain.lr_schedule, sd.pretrain.release, sd.pretrain.ema_decay) == ("constant_with_warmup", "ema", 0.99)
+    assert (annealed.pretrain.lr_schedule, annealed.pretrain.release) == ("cosine", "raw")
+    with pytest.raises(ConfigError, match="release = 'ema' needs an EMA"):
+        load_config(write(tmp_path, '[pretrain]\nrelease = "ema"\n'))
+    with pytest.raises(ConfigError, match="warmup_steps"):
+        load_config(write(tmp_path, "[pretrain]\nsteps = 10\nwarmup_steps = 10\n"))
+
+
 def test_standard_profile_equals_builtin_defaults():
     assert load_config(CONFIGS / "standard.toml") == Config()
 

@@ -29,15 +29,15 @@ def regime_rows(label: str, results: dict) -> tuple[list[list[str]], list[str]]:
     ext = pre["extraction"]
     out.append([label, "pretrained", "-"] + [f"{pre['mia'][m]['roc']['auc']['value']:.3f}" for m in ("secmi", "pia", "loss")]
                + ["", "", f"{sum(ext['extracted_per_domain'])} / {sum(ext['nonmembers_matched_per_domain'])}, "
-                  f"{ext['above_null']['excess']:+.1f} [{ext['above_null']['ci95'][0]:+.1f}, {ext['above_null']['ci95'][1]:+.1f}]", ""])  # fmt: skip
+                  f"{ext['above_null']['excess']:+.1f} [{ext['above_null']['ci95'][0]:+.1f}, {ext['above_null']['ci95'][1]:+.1f}]", "", ""])  # fmt: skip
     for name, row in table.items():
         if name == "pretrained" or row.get("status") != "ok":
             if name != "pretrained":
-                out.append([label, name, row.get("data") or "-", row.get("status", "")] + [""] * 6)
+                out.append([label, name, row.get("data") or "-", row.get("status", "")] + [""] * 7)
             continue
         if "draws" in row:  # a Gaussian mean over draws
             deltas = [f"{row['mia'][m]['auc_delta_mean']:+.3f} (mean)" for m in ("secmi", "pia", "loss")]
-            out.append([label, name, "-"] + deltas + ["", "", f"{row['extraction']['extracted_per_domain_mean']:.1f} / domain", ""])
+            out.append([label, name, "-"] + deltas + ["", "", f"{row['extraction']['extracted_per_domain_mean']:.1f} / domain", "", ""])
             continue
         if name.startswith("gaussian-"):
             continue  # single draws: see their mean row
@@ -46,10 +46,15 @@ def regime_rows(label: str, results: dict) -> tuple[list[list[str]], list[str]]:
         out.append([label, name, row["data"]] + [ci(mia[m].get("auc_delta")) for m in ("secmi", "pia", "loss")]
                    + [ci(mia["secmi"].get("auc_delta_vs_ood_control")), ci(mia["secmi"].get("auc_delta_vs_generated_ood_control")),
                       f"{sum(e['extracted_per_domain'])} / {sum(e['nonmembers_matched_per_domain'])}, "
-                      f"{e['above_null']['excess']:+.1f}", ci(e.get("above_null_delta_vs_pretrained"), 1)])  # fmt: skip
+                      f"{e['above_null']['excess']:+.1f}", ci(e.get("above_null_delta_vs_pretrained"), 1), best(row)])  # fmt: skip
         if row["data"] == "SP":
             verdicts.append(f"{label} {name}: " + rule(row, table))
     return out, verdicts
+
+
+def best(row: dict) -> str:
+    b = row.get("best_checkpoint")
+    return f"{b['delta']:+.3f} @ {b['step']}" if b else ""
 
 
 def rule(row: dict, table: dict) -> str:
@@ -71,7 +76,7 @@ def rule(row: dict, table: dict) -> str:
 
 def main(args: list[str]) -> None:
     header = ["regime", "row", "data", "SecMI (dAUC)", "PIA (dAUC)", "loss (dAUC)", "SecMI vs OoD", "SecMI vs OoD-gen",
-              "members / non-members matched, above null", "d above null"]  # fmt: skip
+              "members / non-members matched, above null", "d above null", "best step (oracle)"]  # fmt: skip
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     verdicts = []
     for arg in args:
