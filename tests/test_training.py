@@ -88,28 +88,27 @@ def test_ema_is_the_warmed_up_moving_average_of_the_weights():
     assert not torch.allclose(shadow, param)  # an average, not the last weights
 
 
-def test_constant_with_warmup_holds_the_rate_after_warmup():
+def rates_of(schedule: str, warmup: int, steps: int = 8) -> list[float]:
+    """The learning rate after each step of a run under ``schedule``."""
     bundle = tiny_bundle()
     images, captions = toy_data()
     trainable = dict(bundle.named_parameters())
     optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3)
     rates = []
-    settings = TrainSettings(steps=8, batch_size=4, lr_schedule="constant_with_warmup", warmup_steps=4)
+    settings = TrainSettings(steps=steps, batch_size=4, lr_schedule=schedule, warmup_steps=warmup)
     train(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings,
           on_step=lambda step, loss: rates.append(optimizer.param_groups[0]["lr"]))  # fmt: skip
+    return rates
+
+
+def test_constant_with_warmup_holds_the_rate_after_warmup():
+    rates = rates_of("constant_with_warmup", warmup=4)
     assert rates[0] == pytest.approx(0.25e-3) and rates[2] == pytest.approx(0.75e-3)
     assert rates[3:] == pytest.approx([1e-3] * 5)
 
 
 def test_cosine_schedule_decays_the_rate_to_zero():
-    bundle = tiny_bundle()
-    images, captions = toy_data()
-    trainable = dict(bundle.named_parameters())
-    optimizer = torch.optim.AdamW(trainable.values(), lr=1e-3)
-    rates = []
-    settings = TrainSettings(steps=8, batch_size=4, lr_schedule="cosine", warmup_steps=2)
-    train(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings,
-          on_step=lambda step, loss: rates.append(optimizer.param_groups[0]["lr"]))  # fmt: skip
+    rates = rates_of("cosine", warmup=2)
     assert rates[1] == pytest.approx(1e-3)  # after the warm-up
     assert rates[1] > rates[4] > rates[-1] and rates[-1] == pytest.approx(0.0)
 
