@@ -13,7 +13,7 @@ training steps on top of the undefended pre-training, which is reused from the c
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -62,10 +62,8 @@ class Anneal(Defense):
         trainable = pretrain_trainable(bundle, context.config)
         optimizer = torch.optim.AdamW(trainable.values(), lr=s.learning_rate or p.learning_rate, weight_decay=p.weight_decay)
         # Steps continue after pre-training's, with draws of their own (a seed pre-training never used).
-        settings = context.train_settings.__class__(
-            s.steps, p.batch_size, p.caption_dropout, p.grad_clip, context.config.run.seed + 1_000_000, p.checkpoint_every,
-            lr_schedule=s.schedule, warmup_steps=s.warmup_steps, ema_decay=s.ema_decay,
-        )  # fmt: skip
+        settings = replace(context.train_settings, steps=s.steps, seed=context.config.run.seed + 1_000_000,
+                           lr_schedule=s.schedule, warmup_steps=s.warmup_steps, ema_decay=s.ema_decay)  # fmt: skip
         start = time.perf_counter()
         result = train(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings,
                        checkpoint_dir=context.workdir, description="anneal", on_step=context.progress(s.steps, "anneal"))  # fmt: skip
