@@ -116,3 +116,19 @@ def test_release_profile_plans_a_given_model_and_refuses_pretraining_defenses(tm
     standard = apply_model_options(load_config("configs/standard.toml"), str(tmp_path), None)
     with pytest.raises(ConfigError, match="dedup, a pre-training recipe"):
         plan(standard)
+
+
+def extraction_cell(members: int, nonmembers: int, excess_ci=(-1.0, 2.0), legacy: bool = False) -> dict:
+    metrics = {"extracted": members, "withheld": 0}
+    if not legacy:
+        metrics |= {"nonmembers_matched": nonmembers, "extracted_above_null": {"value": members - nonmembers, "ci95": list(excess_ci)}}
+    return {"id": "x-lora-extraction-all", "defense": "x", "attack": "lora", "measure": "extraction", "domain": POOLED, "seed": 0,
+            "status": "ok", "metrics": metrics, "samples": {"candidates": 500, "domains": 5}}  # fmt: skip
+
+
+def test_the_extraction_gate_judges_members_above_the_held_out_null():
+    gates = GatesConfig(max_extracted=0)
+    chance = verdict("extracted", extraction_cell(2, 2), gates)  # as many held-out digits matched: nothing above chance
+    assert chance.outcome == "pass" and "2 members and 2 held-out non-members matched" in chance.message
+    assert verdict("extracted", extraction_cell(3, 1, (0.5, 4.0)), gates).outcome == "fail"
+    assert verdict("extracted", extraction_cell(2, 2, legacy=True), gates).outcome == "fail"  # an old matrix: the raw count
