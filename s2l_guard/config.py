@@ -55,8 +55,8 @@ class TestbedConfig:
 
     private_domains: tuple[int, ...] = _opt((5, 6, 7, 8, 9), each_ge=0, each_le=9)
     public_domains: tuple[int, ...] = _opt((0, 1, 2, 3, 4), each_ge=0, each_le=9)
-    members_per_domain: int = _opt(24, ge=1)  # distinct member images per private domain
-    nonmembers_per_domain: int = _opt(24, ge=1)  # held-out images, never trained on
+    members_per_domain: int = _opt(40, ge=1)  # distinct member images per private domain
+    nonmembers_per_domain: int = _opt(40, ge=1)  # held-out images, never trained on
     public_per_domain: int = _opt(0, ge=0)  # 0 = every image of a public domain
     duplicated_share: float = _opt(0.5, ge=0.0, le=1.0)  # share of members duplicated
     copies: int = _opt(4, ge=1)  # copies of a duplicated member in pre-training
