@@ -227,8 +227,8 @@ class MatrixConfig:
 
     # a registered defense, attacked under its `auto` threat model, or "<name>@<threat model>"
     # (e.g. "finetune_filter@open-weights": an API defense protects nothing against the weights)
-    defenses: tuple[str, ...] = ("none", "dedup", "dp_sgd", "private_finetune", "finetune_filter", "output_filter",
-                                 "finetune_filter@open-weights")  # fmt: skip
+    defenses: tuple[str, ...] = ("none", "dedup", "anneal", "dp_sgd", "private_finetune", "finetune_filter",
+                                 "output_filter", "finetune_filter@open-weights")  # fmt: skip
     seeds: tuple[int, ...] = _opt((), each_ge=0)  # empty: [run] seed only
     shakers: tuple[str, ...] = ("end2end", "lora")  # S2L methods, each fine-tuned on the domain's SP set
     member_shakers: tuple[str, ...] = ("end2end",)  # oracle rows (see [attack] member_shakers)
