@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from s2l_guard.errors import SettingsError
+
 from .base import SHAKERS, FinetuneData, Shaker, ShakeResult
 
 
@@ -23,9 +25,9 @@ class GaussianSettings:
 
     def __post_init__(self) -> None:
         if self.sigma < 0:
-            raise ValueError(f"gaussian sigma must be >= 0, got {self.sigma}")
+            raise SettingsError(f"gaussian sigma must be >= 0, got {self.sigma}")
         if not self.targets:
-            raise ValueError("gaussian targets is empty; name at least one prefix such as 'unet.'")
+            raise SettingsError("gaussian targets is empty; name at least one prefix such as 'unet.'")
 
 
 @SHAKERS.register
@@ -48,6 +50,6 @@ class Gaussian(Shaker):
                     param.add_(noise.to(param.device, param.dtype))
                     touched += param.numel()
         if touched == 0:
-            raise ValueError(f"no weight name starts with {self.settings.targets}; use prefixes like 'unet.' or 'text_encoder.'")
+            raise SettingsError(f"no weight name starts with {self.settings.targets}; use prefixes like 'unet.' or 'text_encoder.'")
         prompt = data.prompt if data is not None else ""
         return ShakeResult(bundle=shaken, prompt=prompt, trainable_parameters=touched)

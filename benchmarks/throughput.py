@@ -19,13 +19,14 @@ import torch
 from attacks.base import MIA, SHAKERS, FinetuneData
 from s2l_guard.config import load_config
 from s2l_guard.model import build_testbed_bundle
+from s2l_guard.runner.settings import mia_settings, shaker_settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def finetune_seconds_per_step(config, name: str, steps: int) -> tuple[int, float, int]:
     bundle = build_testbed_bundle(config.model, seed=0)
-    settings = config.shaker_settings(name)
+    settings = shaker_settings(config, name)
     images = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     data = FinetuneData(images, ["a handwritten digit seven"] * 64, "a handwritten digit seven")
     stamps: list[float] = []
@@ -37,7 +38,7 @@ def finetune_seconds_per_step(config, name: str, steps: int) -> tuple[int, float
 
 def mia_seconds_per_image(config, name: str, n: int) -> float:
     bundle = build_testbed_bundle(config.model, seed=0)
-    attack = MIA.get(name)(config.mia_settings(name))
+    attack = MIA.get(name)(mia_settings(config, name))
     images = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(0))
     captions = ["a handwritten digit seven"] * n
     attack.score(bundle, images[:4], captions[:4], seed=0)  # warm-up

@@ -17,6 +17,8 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from s2l_guard.errors import InputError, SettingsError
+
 from .base import DEFENSES, Defense, PretrainContext
 
 
@@ -30,15 +32,15 @@ class AnnealSettings:
 
     def __post_init__(self) -> None:
         if self.steps < 1:
-            raise ValueError(f"anneal steps must be >= 1, got {self.steps}")
+            raise SettingsError(f"anneal steps must be >= 1, got {self.steps}")
         if self.schedule not in ("cosine", "linear"):
-            raise ValueError(f"anneal schedule must be 'cosine' or 'linear' (a decay to zero), got {self.schedule!r}")
+            raise SettingsError(f"anneal schedule must be 'cosine' or 'linear' (a decay to zero), got {self.schedule!r}")
         if self.learning_rate < 0:
-            raise ValueError(f"anneal learning_rate must be >= 0 (0: the pre-training rate), got {self.learning_rate}")
+            raise SettingsError(f"anneal learning_rate must be >= 0 (0: the pre-training rate), got {self.learning_rate}")
         if not 0 <= self.warmup_steps < self.steps:
-            raise ValueError(f"anneal warmup_steps must be in [0, steps), got {self.warmup_steps}")
+            raise SettingsError(f"anneal warmup_steps must be in [0, steps), got {self.warmup_steps}")
         if not 0 <= self.ema_decay < 1:
-            raise ValueError(f"anneal ema_decay must be in [0, 1), got {self.ema_decay}")
+            raise SettingsError(f"anneal ema_decay must be in [0, 1), got {self.ema_decay}")
 
 
 @DEFENSES.register
@@ -51,12 +53,11 @@ class Anneal(Defense):
     Settings = AnnealSettings
 
     def pretrain(self, context: PretrainContext):
-        from s2l_guard.pipeline import pretrain_trainable
-        from s2l_guard.training import train
+        from s2l_guard.training import pretrain_trainable, train
 
         s, p = self.settings, context.config.pretrain
         if context.undefended is None:
-            raise ValueError("the anneal defense needs the undefended pre-trained model; run it through s2l_guard.pipeline.pretrain_stage")
+            raise InputError("the anneal defense needs the undefended pre-trained model; run it through s2l_guard.runner.stages.pretrain_stage")
         bundle, base_summary = context.undefended()
         images, captions = context.dataset.training_set()
         trainable = pretrain_trainable(bundle, context.config)

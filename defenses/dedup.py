@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
+from s2l_guard.errors import SettingsError
 from s2l_guard.metrics import tiled_l2
 
 from .base import DEFENSES, Defense, PretrainContext
@@ -25,9 +26,9 @@ class DedupSettings:
 
     def __post_init__(self) -> None:
         if self.radius < 0:
-            raise ValueError(f"dedup radius must be >= 0, got {self.radius}")
+            raise SettingsError(f"dedup radius must be >= 0, got {self.radius}")
         if self.grid < 1:
-            raise ValueError(f"dedup grid must be >= 1, got {self.grid}")
+            raise SettingsError(f"dedup grid must be >= 1, got {self.grid}")
 
 
 def near_duplicate_keep(images: torch.Tensor, radius: float, grid: int = 1) -> torch.Tensor:

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 
 import torch
 
+from s2l_guard.errors import SettingsError
+
 from .base import DEFENSES, Defense, PretrainContext
 
 
@@ -31,13 +33,13 @@ class DPSGDSettings:
 
     def __post_init__(self) -> None:
         if self.target_epsilon <= 0:
-            raise ValueError(f"target_epsilon must be > 0, got {self.target_epsilon}")
+            raise SettingsError(f"target_epsilon must be > 0, got {self.target_epsilon}")
         if not 0 <= self.delta < 1:
-            raise ValueError(f"delta must be in [0, 1), got {self.delta}")
+            raise SettingsError(f"delta must be in [0, 1), got {self.delta}")
         if self.max_grad_norm <= 0 or self.physical_batch_size < 1:
-            raise ValueError("max_grad_norm must be > 0 and physical_batch_size >= 1")
+            raise SettingsError("max_grad_norm must be > 0 and physical_batch_size >= 1")
         if self.accountant not in ("rdp", "prv"):
-            raise ValueError(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
+            raise SettingsError(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
 
 
 def privacy_settings(s) -> "PrivacySettings":  # noqa: F821
@@ -69,8 +71,8 @@ class DPSGD(Defense):
     Settings = DPSGDSettings
 
     def pretrain(self, context: PretrainContext):
-        from s2l_guard.pipeline import pretrain_trainable
         from s2l_guard.privacy import train_private
+        from s2l_guard.training import pretrain_trainable
 
         images, captions = context.dataset.training_set()
         bundle = context.new_bundle()

@@ -26,10 +26,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from scipy.stats import binomtest
 
 from s2l_guard.data import load_imagefolder
-from s2l_guard.errors import ConfigError
+from s2l_guard.errors import ConfigError, SettingsError
+from s2l_guard.metrics import rate_with_interval
 from s2l_guard.model import Bundle
 from s2l_guard.provider import FinetuneRequest
 from s2l_guard.testbed import unused_digits
@@ -54,15 +54,15 @@ class FinetuneFilterSettings:
 
     def __post_init__(self) -> None:
         if not 0 < self.false_rejection_rate < 1:
-            raise ValueError(f"false_rejection_rate must be in (0, 1), got {self.false_rejection_rate}")
+            raise SettingsError(f"false_rejection_rate must be in (0, 1), got {self.false_rejection_rate}")
         if self.calibration not in ("predictive", "plain"):
-            raise ValueError(f"calibration must be 'predictive' or 'plain', got {self.calibration!r}")
+            raise SettingsError(f"calibration must be 'predictive' or 'plain', got {self.calibration!r}")
         if self.calibration_sets < 100:
-            raise ValueError(f"calibration_sets must be >= 100, got {self.calibration_sets}")
+            raise SettingsError(f"calibration_sets must be >= 100, got {self.calibration_sets}")
         if not self.timesteps or self.draws < 1:
-            raise ValueError("finetune_filter needs at least one timestep and one draw")
+            raise SettingsError("finetune_filter needs at least one timestep and one draw")
         if self.max_steps < 0 or self.max_drift < 0:
-            raise ValueError("max_steps and max_drift must be >= 0 (0 disables the limit)")
+            raise SettingsError("max_steps and max_drift must be >= 0 (0 disables the limit)")
 
 
 def bootstrap_set_means(losses: np.ndarray, size: int, sets: int, seed: int) -> np.ndarray:
@@ -85,12 +85,6 @@ def predictive_set_means(losses: np.ndarray, size: int, sets: int, seed: int) ->
         positions, which = np.unique(rng.integers(0, n, size), return_inverse=True)
         out[k] = losses[rng.integers(0, n, len(positions))][which].mean()
     return out
-
-
-def rate_with_interval(hits: int, n: int) -> dict[str, Any]:
-    """A proportion with its Wilson 95% interval and the count behind it."""
-    ci = binomtest(hits, n).proportion_ci(method="wilson") if n else None
-    return {"rate": hits / n if n else None, "ci95": [ci.low, ci.high] if ci else None, "n": n}
 
 
 def relative_drift(base: Bundle, shaken: Bundle) -> float:

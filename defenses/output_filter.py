@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from s2l_guard.errors import SettingsError
 from s2l_guard.metrics import nearest
 
 from .base import DEFENSES, Defense
@@ -26,9 +27,9 @@ class OutputFilterSettings:
 
     def __post_init__(self) -> None:
         if self.radius <= 0:
-            raise ValueError(f"output_filter radius must be > 0, got {self.radius}")
+            raise SettingsError(f"output_filter radius must be > 0, got {self.radius}")
         if self.grid < 1:
-            raise ValueError(f"output_filter grid must be >= 1, got {self.grid}")
+            raise SettingsError(f"output_filter grid must be >= 1, got {self.grid}")
 
 
 @DEFENSES.register

@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
-from s2l_guard.errors import ConfigError
+from s2l_guard.errors import ConfigError, SettingsError
 
 from .base import DEFENSES, Defense, PretrainContext
 from .dp_sgd import DPSGDSettings, last_losses, privacy_settings, privacy_summary
@@ -28,9 +28,9 @@ class PrivateFinetuneSettings(DPSGDSettings):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.steps < 1 or self.batch_size < 1 or self.learning_rate <= 0:
-            raise ValueError("private_finetune steps and batch_size must be >= 1 and learning_rate > 0")
+            raise SettingsError("private_finetune steps and batch_size must be >= 1 and learning_rate > 0")
         if not self.layers:
-            raise ValueError("private_finetune layers is empty; name parameter-name parts such as 'attn2.'")
+            raise SettingsError("private_finetune layers is empty; name parameter-name parts such as 'attn2.'")
 
 
 @DEFENSES.register

@@ -28,20 +28,25 @@ def _add_config(parser: argparse.ArgumentParser) -> None:
     )  # fmt: skip
 
 
-def _cmd_config_show(args) -> int:
+def _load(path: Path):
+    """A profile, checked in full: core sections and the plugins it names."""
     from .config import load_config
+    from .runner.settings import check_plugins
 
-    print(load_config(args.config).to_toml(), end="")
+    return check_plugins(load_config(path))
+
+
+def _cmd_config_show(args) -> int:
+    print(_load(args.config).to_toml(), end="")
     return 0
 
 
 def _cmd_testbed_build(args) -> int:
     from .cache import Store
-    from .config import load_config
     from .data import load_imagefolder
-    from .pipeline import testbed_stage
+    from .runner.stages import testbed_stage
 
-    config = load_config(args.config)
+    config = _load(args.config)
     artifact = testbed_stage(Store(config.run.store), config)
     folder = artifact.path
     if args.out:
@@ -62,9 +67,7 @@ def _cmd_testbed_build(args) -> int:
 
 def _run_config(args):
     """The config a run command works on (``--device`` applied), printed first as every output is."""
-    from .config import load_config
-
-    config = load_config(args.config)
+    config = _load(args.config)
     if args.device:
         config = config.replace(run={"device": args.device})
     print(config.to_toml())
@@ -72,23 +75,22 @@ def _run_config(args):
 
 
 def _cmd_pretrain(args) -> int:
-    from .pipeline import run_pretrain
+    from .runner.stages import run_pretrain
 
     run_pretrain(_run_config(args))
     return 0
 
 
 def _cmd_attack(args) -> int:
-    from attacks.s2l import format_table, run_attack, write_results
-    from defenses.base import DEFENSES
-    from defenses.report import format_defense_summary
-
-    from .pipeline import log
+    from .runner.defense_summary import format_defense_summary
+    from .runner.settings import registered
+    from .runner.table import format_table, run_attack, write_results
+    from .runtime import log
 
     config = _run_config(args)
-    names = [config.defense.name] if args.defense is None else DEFENSES.names() if args.defense == "all" else [args.defense]
+    names = [config.defense.name] if args.defense is None else registered("defenses") if args.defense == "all" else [args.defense]
     if args.defense not in (None, "all"):
-        DEFENSES.get(args.defense)  # an unknown name fails here, with the list of known ones
+        registered("defenses", args.defense)  # an unknown name fails here, with the list of known ones
     summaries = []
     for name in names:
         defended = config.replace(defense={"name": name, "threat_model": args.threat_model or config.defense.threat_model})
@@ -115,9 +117,11 @@ def apply_model_options(config, model: str | None, data: str | None):
 
 def _cmd_matrix(args) -> int:
     from .gates import evaluate
-    from .matrix import matrix_folder, plan, run_matrix, write_matrix
-    from .pipeline import log, run_folder
     from .report import write_report
+    from .runner.matrix import matrix_folder, run_matrix, write_matrix
+    from .runner.plan import plan
+    from .runner.stages import run_folder
+    from .runtime import log
 
     config = apply_model_options(_run_config(args), args.model, args.data)
     defenses = args.defense or None
@@ -136,9 +140,10 @@ def _cmd_matrix(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .matrix import load_matrix
-    from .pipeline import log, run_folder
     from .report import config_of, write_report
+    from .runner.matrix import load_matrix
+    from .runner.stages import run_folder
+    from .runtime import log
 
     results = load_matrix(Path(args.run_dir))
     files = write_report(Path(args.run_dir), ablation_dirs=[run_folder(config_of(results))])
@@ -147,10 +152,10 @@ def _cmd_report(args) -> int:
 
 
 def _cmd_ablate(args) -> int:
-    from attacks.ablation import format_ablation, run_ablation, write_ablation
-    from attacks.s2l import S2LRun
-
-    from .pipeline import log, run_folder
+    from .runner.ablation import format_ablation, run_ablation, write_ablation
+    from .runner.cells import S2LRun
+    from .runner.stages import run_folder
+    from .runtime import log
 
     config = _run_config(args)
     run = S2LRun(config)
@@ -209,7 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     report.add_argument("run_dir", help="a folder holding a matrix results.json")
     report.set_defaults(func=_cmd_report)
 
-    from attacks.ablation import ABLATIONS
+    from .runner.ablation import ABLATIONS
 
     ablate = commands.add_parser("ablate", help="sweep LoRA rank, TI tokens or Gaussian sigma (table + plot)")
     ablate.add_argument("ablations", nargs="+", choices=sorted(ABLATIONS), metavar="ABLATION",

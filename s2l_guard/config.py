@@ -260,8 +260,9 @@ class GatesConfig:
 class Config:
     """The resolved configuration: every section, plus the file it came from.
 
-    ``shakers`` and ``mia`` hold per-method settings tables (``[shakers.lora]``,
-    ``[mia.secmi]``), validated against each method's own ``Settings`` dataclass.
+    ``shakers``, ``mia`` and ``defenses`` hold per-plugin settings tables (``[shakers.lora]``,
+    ``[mia.secmi]``) as written; the runner checks them against each plugin's own ``Settings``
+    (``s2l_guard.runner.settings``), since the plugins live above this module.
     """
 
     run: RunConfig = field(default_factory=RunConfig)
@@ -282,31 +283,8 @@ class Config:
     mia: dict[str, dict[str, Any]] = field(default_factory=dict)
     defenses: dict[str, dict[str, Any]] = field(default_factory=dict)
     source: str = field(default="<defaults>", compare=False)
-
-    def shaker_settings(self, name: str):
-        """The ``Settings`` of a registered shaker, with this config's overrides."""
-        from attacks.base import SHAKERS
-
-        return _settings(SHAKERS.get(name).Settings, self.shakers.get(name, {}))
-
-    def mia_settings(self, name: str):
-        from attacks.base import MIA
-
-        return _settings(MIA.get(name).Settings, self.mia.get(name, {}))
-
-    def defense_settings(self, name: str):
-        from defenses.base import DEFENSES
-
-        return _settings(DEFENSES.get(name).Settings, self.defenses.get(name, {}))
-
-    def method_settings(self) -> dict[str, dict[str, dict[str, Any]]]:
-        """Every setting of every method the attack runs, defaults included: the method
-        tables in a profile only state what differs, and defaults can change between versions."""
-        a = self.attack
-        shakers = dict.fromkeys(a.shakers + a.ood_shakers + a.ood_generated_shakers + a.member_shakers + (("gaussian",) if a.gaussian_sigmas else ()))
-        resolve = lambda settings: json.loads(json.dumps(dataclasses.asdict(settings), default=list))  # noqa: E731
-        return {"shakers": {name: resolve(self.shaker_settings(name)) for name in shakers},
-                "mia": {name: resolve(self.mia_settings(name)) for name in a.mia}}  # fmt: skip
+    # "shakers.lora" -> "profile.toml:12": where each plugin table was written, for the runner's error messages
+    plugin_origins: dict[str, str] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def name(self) -> str:
@@ -316,6 +294,7 @@ class Config:
         """The resolved config as plain JSON-ready data (``source`` excluded)."""
         data = dataclasses.asdict(self)
         data.pop("source")
+        data.pop("plugin_origins")
         return json.loads(json.dumps(data))
 
     def section(self, name: str) -> dict[str, Any]:
@@ -369,17 +348,10 @@ SECTIONS: dict[str, type] = {
 PLUGIN_TABLES = ("shakers", "mia", "defenses")  # [shakers.<name>] / [mia.<name>] / [defenses.<name>]: one table each
 
 
-def _registry(table: str):
-    from attacks.base import MIA, SHAKERS
-    from defenses.base import DEFENSES
-
-    return {"shakers": SHAKERS, "mia": MIA, "defenses": DEFENSES}[table]
-
-
-def _settings(cls: type, values: dict[str, Any]):
-    """Build a method's Settings from an already validated table."""
+def settings_from_table(cls: type, values: dict[str, Any]):
+    """Build a plugin's Settings from its table, already checked with :func:`check_table`."""
     hints = typing.get_type_hints(cls)
-    return cls(**{key: _check_value(value, hints[key], _metadata(cls, key))[0] for key, value in values.items()})
+    return cls(**{key: check_value(value, hints[key], _metadata(cls, key))[0] for key, value in values.items()})
 
 
 def _metadata(cls: type, key: str) -> typing.Mapping:
@@ -468,19 +440,20 @@ def _build(raw: dict[str, Any], origins: dict, source: str) -> Config:
     for section, cls in SECTIONS.items():
         values = raw.get(section, {})
         if isinstance(values, dict):
-            kwargs = _check_table(cls, values, f"[{section}]", section, origins, source, problems)
+            kwargs = check_table(cls, values, f"[{section}]", section, origins, source, problems)
             if not problems:
                 sections[section] = cls(**kwargs)
+    plugin_origins: dict[str, str] = {}
     for table in PLUGIN_TABLES:
-        sections[table] = _check_plugin_tables(table, raw.get(table, {}), origins, source, problems)
+        sections[table] = _plugin_tables(table, raw.get(table, {}), origins, source, problems, plugin_origins)
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in {source}: " + "; ".join(problems))
-    config = Config(**sections, source=source)
+    config = Config(**sections, source=source, plugin_origins=plugin_origins)
     _check_cross_section(config)
     return config
 
 
-def _check_table(cls: type, values: dict, label: str, section: str, origins: dict, source: str, problems: list) -> dict:
+def check_table(cls: type, values: dict, label: str, section: str, origins: dict, source: str, problems: list) -> dict:
     """Validate one table against a dataclass; append problems, return the accepted values."""
     kwargs = {}
     known = {f.name: f for f in dataclasses.fields(cls)}
@@ -491,7 +464,7 @@ def _check_table(cls: type, values: dict, label: str, section: str, origins: dic
             near = _closest(key, known)
             problems.append(f"{where}: unknown key '{key}' in {label}{near}; known: {', '.join(known)}")
             continue
-        value, problem = _check_value(value, hints[key], known[key].metadata)
+        value, problem = check_value(value, hints[key], known[key].metadata)
         if problem:
             problems.append(f"{where}: {label} {key} = {values[key]!r}: {problem}")
         else:
@@ -499,30 +472,19 @@ def _check_table(cls: type, values: dict, label: str, section: str, origins: dic
     return kwargs
 
 
-def _check_plugin_tables(table: str, tables: Any, origins: dict, source: str, problems: list) -> dict[str, dict]:
-    """``[shakers.<name>]`` tables: the name must be registered, the keys its Settings fields."""
+def _plugin_tables(table: str, tables: Any, origins: dict, source: str, problems: list, plugin_origins: dict) -> dict[str, dict]:
+    """``[shakers.<name>]`` tables, kept as written: each must be a table of settings. Whether the
+    name is registered and the keys are its Settings fields is the runner's check."""
     if not isinstance(tables, dict):
         return {}
     out = {}
     for name, values in tables.items():
-        where = _where(origins, table, "", source)
-        try:
-            cls = _registry(table).get(name)
-        except ConfigError as exc:
-            problems.append(f"{where}: [{table}.{name}]: {exc}")
-            continue
+        where = _where(origins, table, name, source)
         if not isinstance(values, dict):
             problems.append(f"{where}: [{table}.{name}] must be a table of settings")
             continue
-        before = len(problems)
-        kwargs = _check_table(cls.Settings, values, f"[{table}.{name}]", table, origins, source, problems)
-        if len(problems) == before:
-            try:
-                cls.Settings(**{k: _check_value(v, typing.get_type_hints(cls.Settings)[k], {})[0] for k, v in kwargs.items()})
-            except (ValueError, TypeError) as exc:
-                problems.append(f"{where}: [{table}.{name}]: {exc}")
-                continue
-            out[name] = {key: list(v) if isinstance(v, tuple) else v for key, v in kwargs.items()}
+        plugin_origins[f"{table}.{name}"] = where
+        out[name] = values
     return out
 
 
@@ -533,7 +495,7 @@ def _closest(key: str, known: dict) -> str:
     return f" (did you mean '{match[0]}'?)" if match else ""
 
 
-def _check_value(value: Any, hint: Any, checks: typing.Mapping) -> tuple[Any, str | None]:
+def check_value(value: Any, hint: Any, checks: typing.Mapping) -> tuple[Any, str | None]:
     """Coerce a TOML value to the field's type; return (value, problem or None)."""
     origin = typing.get_origin(hint)
     if origin is tuple:
@@ -612,23 +574,13 @@ def _check_cross_section(config: Config) -> None:
     unknown = [d for d in config.attack.domains if d not in private]
     if unknown:
         problems.append(f"[attack] domains {unknown} are not private testbed domains; choose from {private}")
-    a, mx = config.attack, config.matrix
-    shakers = a.shakers + a.ood_shakers + a.ood_generated_shakers + a.member_shakers + config.adaptive.shakers
-    checks = (("attack", "shakers", shakers), ("attack", "mia", a.mia), ("defense", "defenses", (config.defense.name,)),
-              ("matrix", "shakers", mx.shakers + mx.member_shakers),
-              ("matrix", "defenses", tuple(entry.partition("@")[0] for entry in mx.defenses)))  # fmt: skip
+    mx = config.matrix
     if len(set(mx.defenses)) != len(mx.defenses):
         problems.append("[matrix] defenses lists a defense twice")
     for entry in mx.defenses:
         threat_model = entry.partition("@")[2]
         if "@" in entry and threat_model not in THREAT_MODEL_CHOICES:
             problems.append(f"[matrix] defenses {entry!r}: the threat model after '@' must be one of {', '.join(THREAT_MODEL_CHOICES)}")
-    for section, table, names in checks:
-        for name in names:
-            try:
-                _registry(table).get(name)
-            except ConfigError as exc:
-                problems.append(f"[{section}] {table}: {exc}")
     bad_templates = [tpl for tpl in config.sp_set.prompt_templates if "{prompt}" not in tpl]
     if bad_templates or not config.sp_set.prompt_templates:
         problems.append(f"[sp_set] every prompt template needs '{{prompt}}', got {list(config.sp_set.prompt_templates)}")

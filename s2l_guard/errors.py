@@ -23,3 +23,11 @@ class UnsafeWeightsError(BundleError):
 
 class CacheError(S2LError):
     """The artifact store is unreadable or an artifact in it is incomplete."""
+
+
+class SettingsError(ConfigError, ValueError):
+    """A setting is out of range: a plugin's ``Settings``, or an argument that comes from a config."""
+
+
+class InputError(S2LError, ValueError):
+    """A function was given data it cannot use: wrong shape, NaN scores, unpaired samples."""

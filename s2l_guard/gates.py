@@ -14,7 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from .matrix import POOLED, PlannedCell
+from .runner.plan import POOLED, PlannedCell
 
 MIA_CHECKS = ("auc_amplification", "tpr_at_1pct_fpr")
 # the metric each gate reads, and the [gates] key holding its threshold

@@ -18,22 +18,15 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import roc_auc_score
 
 from .config import ReportConfig
 from .data import ImageDataset
-from .metrics import bootstrap, nearest
+from .metrics import auc, bootstrap, nearest
 from .model import Bundle
 from .sampling import sample
 from .training import denoising_losses
 
 QUANTILES = (0.0, 0.1, 0.25, 0.5, 0.75)
-
-
-def _auc(member_scores: np.ndarray, nonmember_scores: np.ndarray) -> float:
-    """AUC of telling members (label 1) by a *higher* score."""
-    labels = np.r_[np.ones(len(member_scores)), np.zeros(len(nonmember_scores))]
-    return float(roc_auc_score(labels, np.r_[member_scores, nonmember_scores]))
 
 
 EXAMPLES = 8  # closest generation/member pairs kept per domain for the figure
@@ -87,7 +80,7 @@ def _domain_report(bundle: Bundle, members: ImageDataset, nonmembers: ImageDatas
             "gap_nonmember_minus_member": bootstrap(lambda a, b: b.mean() - a.mean(), loss_in, loss_out, **boot).to_dict(),
             "member_mean_duplicated": float(loss_in[copies > 1].mean()) if (copies > 1).any() else None,
             "member_mean_single": float(loss_in[copies == 1].mean()) if (copies == 1).any() else None,
-            "loss_auc": bootstrap(lambda a, b: _auc(-a, -b), loss_in, loss_out, **boot).to_dict(),
+            "loss_auc": bootstrap(lambda a, b: auc(-a, -b), loss_in, loss_out, **boot).to_dict(),
         },
         "generations": {
             "count": len(generated),
@@ -128,11 +121,11 @@ def format_report(report: dict[str, Any]) -> str:
     lines = [head, "-" * len(head)]
     for domain, r in report["domains"].items():
         loss, gen = r["denoising_loss"], r["generations"]
-        auc = loss["loss_auc"]
+        loss_auc = loss["loss_auc"]
         m, n = gen["nearest_member_quantiles"], gen["nearest_nonmember_quantiles"]
         lines.append(
             f"{domain:<8} {r['members']:>7} {r['duplicated_members']:>4} {loss['member_mean']['value']:>12.4f} "
-            f"{loss['nonmember_mean']['value']:>9.4f} {auc['value']:>8.3f} [{auc['ci95'][0]:.3f}, {auc['ci95'][1]:.3f}] "
+            f"{loss['nonmember_mean']['value']:>9.4f} {loss_auc['value']:>8.3f} [{loss_auc['ci95'][0]:.3f}, {loss_auc['ci95'][1]:.3f}] "
             f"{m['q10']:>9.3f}/{m['q50']:.3f} {n['q10']:>10.3f}/{n['q50']:.3f} "
             f"{gen['extracted_members']:>4}/{r['members']}"
         )

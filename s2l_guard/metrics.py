@@ -19,14 +19,17 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from scipy.stats import binomtest
 from sklearn.metrics import roc_auc_score, roc_curve
+
+from .errors import InputError, SettingsError
 
 
 def _tiles(x: torch.Tensor, grid: int) -> torch.Tensor:
     """``[N, C, H, W]`` -> ``[N, grid*grid, C*(H/grid)*(W/grid)]``."""
     n, c, h, w = x.shape
     if h % grid or w % grid:
-        raise ValueError(f"a {grid}x{grid} tile grid does not divide {h}x{w} images; pick a grid that divides the size")
+        raise SettingsError(f"a {grid}x{grid} tile grid does not divide {h}x{w} images; pick a grid that divides the size")
     x = x.reshape(n, c, grid, h // grid, grid, w // grid).permute(0, 2, 4, 1, 3, 5)
     return x.reshape(n, grid * grid, -1)
 
@@ -48,7 +51,7 @@ def nearest(
     Memory stays bounded by ``chunk x len(references)`` pair distances.
     """
     if len(references) == 0:
-        raise ValueError("no reference images to compare with")
+        raise InputError("no reference images to compare with")
     dist, index = [], []
     for i in range(0, len(queries), chunk):
         d = tiled_l2(queries[i : i + chunk], references, grid=grid)
@@ -120,12 +123,12 @@ def scores_array(values, name: str) -> np.ndarray:
     """
     x = np.asarray(values, dtype=float)
     if x.ndim != 1:
-        raise ValueError(f"{name} has shape {x.shape}; pass a 1-D array with one score per sample")
+        raise InputError(f"{name} has shape {x.shape}; pass a 1-D array with one score per sample")
     if len(x) == 0:
-        raise ValueError(f"{name} is empty; pass at least one score")
+        raise InputError(f"{name} is empty; pass at least one score")
     bad = int((~np.isfinite(x)).sum())
     if bad:
-        raise ValueError(f"{name} holds {bad} NaN or infinite scores; fix or drop those samples before computing metrics")
+        raise InputError(f"{name} holds {bad} NaN or infinite scores; fix or drop those samples before computing metrics")
     return x
 
 
@@ -137,7 +140,7 @@ def check_fpr(fpr: float) -> float:
     """
     fpr = float(fpr)
     if not 0 < fpr < 1:
-        raise ValueError(f"target false-positive rate {fpr} is outside (0, 1); pass e.g. 0.01 for 1%")
+        raise SettingsError(f"target false-positive rate {fpr} is outside (0, 1); pass e.g. 0.01 for 1%")
     return fpr
 
 
@@ -148,7 +151,7 @@ def check_resamples(resamples: int) -> int:
         ValueError: ``resamples`` is below 1.
     """
     if int(resamples) < 1:
-        raise ValueError(f"resamples={resamples} is below 1; pass a positive number of bootstrap resamples (e.g. 1000)")
+        raise SettingsError(f"resamples={resamples} is below 1; pass a positive number of bootstrap resamples (e.g. 1000)")
     return int(resamples)
 
 
@@ -177,6 +180,12 @@ def auc(member_scores, nonmember_scores) -> float:
     members = scores_array(member_scores, "member_scores")
     nonmembers = scores_array(nonmember_scores, "nonmember_scores")
     return float(roc_auc_score(*_labelled(members, nonmembers)))
+
+
+def rate_with_interval(hits: int, n: int) -> dict:
+    """A proportion with its Wilson 95% interval (``scipy.stats.binomtest``) and the count behind it."""
+    ci = binomtest(hits, n).proportion_ci(method="wilson") if n else None
+    return {"rate": hits / n if n else None, "ci95": [ci.low, ci.high] if ci else None, "n": n}
 
 
 def tpr_at_fpr(member_scores, nonmember_scores, fpr: float) -> float:
@@ -388,12 +397,12 @@ def calibration_split(
         ValueError: the share is outside (0, 1), or a class has fewer than 2 samples.
     """
     if not 0 < calibration_share < 1:
-        raise ValueError(f"calibration_share={calibration_share} is outside (0, 1); pass e.g. 0.5")
+        raise SettingsError(f"calibration_share={calibration_share} is outside (0, 1); pass e.g. 0.5")
     rng = np.random.default_rng(seed)
     out = {}
     for name, n in (("members", n_members), ("nonmembers", n_nonmembers)):
         if n < 2:
-            raise ValueError(f"{n} {name} cannot be split into a calibration and a test part; score at least 2")
+            raise InputError(f"{n} {name} cannot be split into a calibration and a test part; score at least 2")
         # Round to the nearest count, but never leave a part empty.
         k = min(max(int(round(calibration_share * n)), 1), n - 1)
         perm = rng.permutation(n)

@@ -25,7 +25,6 @@ from .model import Bundle
 from .registry import THREAT_MODELS
 from .sampling import sample
 
-
 # What each threat model lets the attacker do.
 ACCESS = {"weights": ("open-weights",), "finetune": ("open-weights", "finetune-api"), "generate": THREAT_MODELS}
 

@@ -25,8 +25,9 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from .config import Config  # noqa: E402
+from .formatting import format_interval  # noqa: E402
 from .gates import THRESHOLDS, Verdict, evaluate  # noqa: E402
-from .matrix import POOLED, plan  # noqa: E402
+from .runner.plan import POOLED, plan  # noqa: E402
 
 # the worst verdict marks a tile that stands for several gated cells
 RANK = {"fail": 3, "error": 2, "pass": 1, "skip": 0}
@@ -298,13 +299,9 @@ def sample_lines(cells: list[dict]) -> list[str]:
     ]  # fmt: skip
 
 
-def fmt_ci(value: float, ci, spec: str = ".3f") -> str:
-    return f"{value:{spec}} [{ci[0]:{spec}}, {ci[1]:{spec}}]"
-
-
 def matrix_entry(t: Tile) -> str:
     if t.status == "ok" and t.value is not None:
-        return f"{fmt_ci(t.value, t.ci, '+.3f')} {LABEL.get(t.verdict, '')}".strip()
+        return f"{format_interval(t.value, t.ci, signed=True)} {LABEL.get(t.verdict, '')}".strip()
     return t.text()
 
 
@@ -316,7 +313,7 @@ def defense_rows(results: dict, m: Matrix) -> list[list[str]]:
         epsilon = f"{privacy['epsilon']:.2f} (delta {privacy['delta']:.1e})" if privacy else "-"
         cell = utility_cell(results, defense, seed) or {}
         metrics = cell.get("metrics", {})
-        accuracy = f"{fmt_ci(u.value, u.ci)} {LABEL.get(u.verdict, '')}".strip() if u.status == "ok" else u.text()
+        accuracy = f"{format_interval(u.value, u.ci)} {LABEL.get(u.verdict, '')}".strip() if u.status == "ok" else u.text()
         served = f"{metrics['served_share']:.1%}" if "served_share" in metrics else "-"
         frechet = f"{metrics['frechet_distance']:.2f}" if metrics.get("frechet_distance") is not None else "-"
         wall = f"{table['wall_seconds']:.1f}" if "wall_seconds" in table else "-"

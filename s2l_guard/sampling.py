@@ -14,6 +14,7 @@ import torch
 from diffusers import DDIMScheduler
 from tqdm.auto import tqdm
 
+from .errors import SettingsError
 from .model import Bundle
 
 
@@ -42,7 +43,7 @@ def sample(
         negative_prompt: the prompt guidance steers away from ("" = unconditional).
     """
     if steps < 1 or guidance_scale < 1.0 or batch_size < 1:
-        raise ValueError(f"need steps >= 1, guidance_scale >= 1 and batch_size >= 1, got {steps}, {guidance_scale}, {batch_size}")
+        raise SettingsError(f"need steps >= 1, guidance_scale >= 1 and batch_size >= 1, got {steps}, {guidance_scale}, {batch_size}")
     scheduler = DDIMScheduler.from_config(bundle.scheduler.config)
     scheduler.set_timesteps(steps)
     generator = torch.Generator().manual_seed(seed)

@@ -20,6 +20,7 @@ from typing import Callable
 
 import numpy as np
 
+from .errors import InputError
 from .metrics import (
     auc,
     auc_replicates,
@@ -82,7 +83,7 @@ def _paired(before, after, name: str) -> tuple[np.ndarray, np.ndarray]:
     """Validated score arrays of one class, scored by both models, as a pair."""
     b, a = scores_array(before, f"before_{name}"), scores_array(after, f"after_{name}")
     if len(b) != len(a):
-        raise ValueError(
+        raise InputError(
             f"before_{name} has {len(b)} scores but after_{name} has {len(a)}; "
             "score the same samples, in the same order, with both models"
         )
@@ -103,7 +104,7 @@ def _named_statistic(statistic: str) -> tuple[Statistic, Callable[..., np.ndarra
                 lambda m, n: tpr_at_fpr(m, n, fpr),
                 lambda m, n, cm, cn: tpr_at_fpr_replicates(m, n, cm, cn, fpr),
             )
-    raise ValueError(f"unknown statistic {statistic!r}; pass 'auc', 'tpr@<fpr>' such as 'tpr@0.01', or a callable")
+    raise InputError(f"unknown statistic {statistic!r}; pass 'auc', 'tpr@<fpr>' such as 'tpr@0.01', or a callable")
 
 
 def _replicates(statistic: str | Statistic, members: np.ndarray, nonmembers: np.ndarray, idx_m: np.ndarray, idx_n: np.ndarray) -> np.ndarray:
@@ -288,7 +289,7 @@ def delong_test(before_members, before_nonmembers, after_members, after_nonmembe
     bm, am = _paired(before_members, after_members, "members")
     bn, an = _paired(before_nonmembers, after_nonmembers, "nonmembers")
     if min(len(bm), len(bn)) < 2:
-        raise ValueError(
+        raise InputError(
             f"DeLong's test needs at least 2 members and 2 non-members, got {len(bm)} and {len(bn)}; score more samples"
         )
     auc_b, v10_b, v01_b = _delong_components(bm, bn)
@@ -311,13 +312,13 @@ def _hits(values, name: str) -> list[tuple[int, ...]]:
     if isinstance(values, np.ndarray):
         values = values.tolist()
     if not isinstance(values, (list, tuple)) or len(values) == 0:
-        raise ValueError(f"{name} must be a non-empty list with one entry per generated candidate")
+        raise InputError(f"{name} must be a non-empty list with one entry per generated candidate")
     out = []
     for entry in values:
         items = entry if isinstance(entry, (list, tuple, np.ndarray)) else [entry]
         items = items.tolist() if isinstance(items, np.ndarray) else list(items)
         if not all(isinstance(i, (int, np.integer)) and not isinstance(i, bool) and i >= -1 for i in items):
-            raise ValueError(f"{name} must hold integer training-image indices (or lists of them), or -1 where a candidate extracted nothing")
+            raise InputError(f"{name} must hold integer training-image indices (or lists of them), or -1 where a candidate extracted nothing")
         out.append(tuple(sorted({int(i) for i in items if i >= 0})))
     return out
 
@@ -355,7 +356,7 @@ def candidate_shares(hits, null=None, *, null_weight: float = 1.0) -> np.ndarray
     if null is not None:
         null_hits = _hits(null, "null")
         if len(null_hits) != len(shares):
-            raise ValueError(f"hits have {len(shares)} candidates but null has {len(null_hits)}; match the same candidates against both")
+            raise InputError(f"hits have {len(shares)} candidates but null has {len(null_hits)}; match the same candidates against both")
         shares = shares - null_weight * _shares(null_hits)
     return shares
 
@@ -418,7 +419,7 @@ def extraction_delta(before_hits, after_hits, *, resamples: int = 2000, seed: in
     """
     before, after = _hits(before_hits, "before_hits"), _hits(after_hits, "after_hits")
     if len(before) != len(after):
-        raise ValueError(
+        raise InputError(
             f"before has {len(before)} candidates but after has {len(after)}; "
             "extraction counts are only comparable at equal candidate counts, so generate as many with both models"
         )
@@ -429,7 +430,7 @@ def share_delta(before: np.ndarray, after: np.ndarray, *, statistic: str, resamp
     """After minus before of two sums of candidate shares (:func:`candidate_shares`), each model's
     candidates bootstrapped independently; the building block of :func:`extraction_delta`."""
     if len(before) != len(after):
-        raise ValueError(f"before has {len(before)} candidates but after has {len(after)}; compare at equal candidate counts")
+        raise InputError(f"before has {len(before)} candidates but after has {len(after)}; compare at equal candidate counts")
     resamples = check_resamples(resamples)
     rng = np.random.default_rng(seed)
     c = len(before)
@@ -451,6 +452,6 @@ def minimum_detectable_delta(se: float, *, alpha: float = 0.05, power: float = 0
     as ``1 / sqrt(scale)``, so the detectable change does too.
     """
     if se < 0 or not 0 < alpha < 1 or not 0 < power < 1 or scale <= 0:
-        raise ValueError(f"need se >= 0, alpha and power in (0, 1), scale > 0; got {se}, {alpha}, {power}, {scale}")
+        raise InputError(f"need se >= 0, alpha and power in (0, 1), scale > 0; got {se}, {alpha}, {power}, {scale}")
     z = NormalDist().inv_cdf
     return (z(1 - alpha / 2) + z(power)) * se / math.sqrt(scale)

@@ -287,3 +287,9 @@ def denoising_losses(
             for d in range(draws):
                 total[part] += denoising_loss(bundle, z0[part], context[part], t, noise[part, j, d], noise_scheduler)
     return (total / (len(timesteps) * draws)).cpu()
+
+
+def pretrain_trainable(bundle, config) -> dict[str, torch.nn.Parameter]:
+    """What pre-training trains: the UNet, and the text encoder if [pretrain] says so."""
+    train_text = config.pretrain.train_text_encoder
+    return {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") or (train_text and n.startswith("text_encoder."))}

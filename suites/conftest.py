@@ -15,7 +15,7 @@ import pytest
 
 from s2l_guard.config import Config
 from s2l_guard.gates import gate_plan, judge
-from s2l_guard.matrix import PlannedCell, plan
+from s2l_guard.runner.plan import PlannedCell, plan
 
 PROFILES = Path(__file__).resolve().parents[1] / "configs"
 # each gate test and the [gates] check it runs
@@ -78,7 +78,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 def s2l_matrix(request: pytest.FixtureRequest) -> dict:
     """The measured matrix: run for the selected gates' defenses (and none, for the controls), or loaded."""
     from s2l_guard.gates import cells_by_key
-    from s2l_guard.matrix import load_matrix, matrix_folder, run_matrix, write_matrix
+    from s2l_guard.runner.matrix import load_matrix, matrix_folder, run_matrix, write_matrix
 
     config = s2l_config(request.config)
     given = request.config.getoption("--s2l-run-dir")

@@ -3,16 +3,17 @@ from pathlib import Path
 
 import pytest
 
-from attacks.ablation import ABLATIONS, ablation_rows
 from s2l_guard.cli import main
 from s2l_guard.config import load_config
+from s2l_guard.runner.ablation import ABLATIONS, ablation_rows
+from s2l_guard.runner.settings import shaker_settings
 
 SMOKE = Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"
 
 
 def test_rows_sweep_the_setting_and_repeat_gaussian_draws():
     config = load_config(SMOKE)
-    assert config.shaker_settings("lora").rank == 2
+    assert shaker_settings(config, "lora").rank == 2
     lora = ablation_rows(ABLATIONS["lora-rank"], config)
     assert [(v, r.label) for v, r in lora] == [(1, "lora-rank1"), (2, "lora")]  # rank 2 is the S2L table's row
     assert lora[0][1].overrides == (("rank", 1),) and lora[0][1].data == "SP" and lora[1][1].overrides == ()

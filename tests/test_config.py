@@ -1,9 +1,12 @@
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from s2l_guard.config import Config, load_config
 from s2l_guard.errors import ConfigError
+from s2l_guard.runner.settings import check_plugins, mia_settings, shaker_settings
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -23,7 +26,7 @@ def test_shipped_profiles_load(profile):
 @pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")) + sorted((CONFIGS.parent / "docs" / "calibration").glob("*.toml")),
                          ids=lambda p: f"{p.parent.name}/{p.name}")
 def test_every_shipped_config_loads(path):
-    load_config(path)
+    check_plugins(load_config(path))
 
 
 def test_the_pretraining_recipes_say_what_they_are(tmp_path):
@@ -120,9 +123,9 @@ def test_config_is_frozen():
 
 def test_method_tables_are_validated_against_each_methods_settings(tmp_path):
     config = load_config(write(tmp_path, '[shakers.lora]\nrank = 2\n\n[shakers."dreambooth+lora"]\nsteps = 3\n\n[mia.secmi]\nk = 5\n'))
-    assert config.shaker_settings("lora").rank == 2 and config.shaker_settings("dreambooth+lora").steps == 3
-    assert config.mia_settings("secmi").k == 5
-    assert config.shaker_settings("end2end") == type(config.shaker_settings("end2end"))()  # defaults when absent
+    assert shaker_settings(config, "lora").rank == 2 and shaker_settings(config, "dreambooth+lora").steps == 3
+    assert mia_settings(config, "secmi").k == 5
+    assert shaker_settings(config, "end2end") == type(shaker_settings(config, "end2end"))()  # defaults when absent
     assert load_config(write(tmp_path, config.to_toml(), "again.toml")) == config  # round trip with method tables
 
 
@@ -140,14 +143,22 @@ def test_method_tables_are_validated_against_each_methods_settings(tmp_path):
     ],
 )
 def test_attack_config_errors_name_the_problem(tmp_path, text, fragment):
+    """Core sections are checked on load; plugin names and settings by the runner before it starts."""
     with pytest.raises(ConfigError) as err:
-        load_config(write(tmp_path, text))
+        check_plugins(load_config(write(tmp_path, text)))
     assert fragment in str(err.value)
+
+
+def test_the_config_module_imports_no_plugin_and_no_torch():
+    """config.py is a leaf: the registries and heavy libraries load only where the runner needs them."""
+    code = "import sys, s2l_guard.config; print(sorted(m for m in ('torch', 'diffusers', 'attacks', 'defenses') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
 
 
 def test_method_tables_merge_key_by_key_across_extends(tmp_path):
     """A profile that changes one setting of a method keeps the others its base set."""
     write(tmp_path, "[shakers.lora]\nsteps = 7\nrank = 2\n", "base.toml")
     config = load_config(write(tmp_path, 'extends = "base.toml"\n[shakers.lora]\nlearning_rate = 0.5\n'))
-    lora = config.shaker_settings("lora")
+    lora = shaker_settings(config, "lora")
     assert (lora.steps, lora.rank, lora.learning_rate) == (7, 2, 0.5)

@@ -4,10 +4,9 @@ import json
 from pathlib import Path
 
 import pytest
+from test_s2l import inside
 
 from s2l_guard.cli import main
-
-from test_s2l import inside
 
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = f"""extends = "{ROOT / 'configs' / 'smoke.toml'}"

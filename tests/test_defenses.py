@@ -7,7 +7,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attacks.base import SHAKERS, FinetuneData
-from attacks.s2l import resolve_threat_model
 from defenses.base import DEFENSES, POINTS
 from defenses.dedup import near_duplicate_keep
 from defenses.finetune_filter import FinetuneFilter, FinetuneFilterSettings, bootstrap_set_means, relative_drift
@@ -16,6 +15,7 @@ from s2l_guard.config import Config, load_config
 from s2l_guard.data import ImageDataset, Record
 from s2l_guard.metrics import tiled_l2
 from s2l_guard.provider import FinetuneRequest, Provider, ThreatModelError
+from s2l_guard.runner.plan import resolve_threat_model
 from s2l_guard.testing import tiny_bundle
 
 
@@ -182,7 +182,7 @@ def test_anneal_continues_the_undefended_model_with_the_rate_decayed_to_zero(tmp
     from defenses.anneal import AnnealSettings
     from s2l_guard.cache import Store
     from s2l_guard.model import load_bundle
-    from s2l_guard.pipeline import pretrain_stage, testbed_stage
+    from s2l_guard.runner.stages import pretrain_stage, testbed_stage
 
     root = Path(__file__).resolve().parents[1]
     config = load_config(root / "configs" / "smoke.toml").replace(run={"store": str(tmp_path / "store")})

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from s2l_guard.config import GatesConfig, load_config
 from s2l_guard.errors import ConfigError
 from s2l_guard.gates import control_problem, gate_plan, judge, verdict
-from s2l_guard.matrix import POOLED, PlannedCell, plan
+from s2l_guard.runner.plan import POOLED, PlannedCell, plan
 
 SMOKE = "configs/smoke.toml"
 
@@ -38,7 +38,7 @@ def test_threat_model_suffix_runs_an_api_defense_against_the_weights():
     with pytest.raises(ConfigError, match="after '@'"):
         load_config(SMOKE).replace(matrix={"defenses": ["none", "finetune_filter@nowhere"]})
     with pytest.raises(ConfigError, match="unknown defense"):
-        load_config(SMOKE).replace(matrix={"defenses": ["none", "dp_sdg"]})
+        plan(load_config(SMOKE).replace(matrix={"defenses": ["none", "dp_sdg"]}))
 
 
 def test_gates_judge_shaken_rows_on_the_chosen_domains():

@@ -2,6 +2,7 @@ import pytest
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import create_accountant
+from test_training import snapshot, toy_data
 
 from s2l_guard.errors import ConfigError, S2LError
 from s2l_guard.model import load_bundle
@@ -9,8 +10,6 @@ from s2l_guard.privacy import DenoisingLossModule, PrivacySettings, train_privat
 from s2l_guard.sampling import sample
 from s2l_guard.testing import tiny_bundle
 from s2l_guard.training import TrainSettings, denoising_losses
-
-from test_training import snapshot, toy_data
 
 BOTH = ("unet.", "text_encoder.")
 LOOSE = 1e4  # an epsilon so large the noise is small: for tests about what training does

@@ -77,7 +77,7 @@ def test_trajectories_are_recorded(smoke_run):
 
 
 def test_best_checkpoint_is_the_step_with_the_highest_mean_domain_auc():
-    from attacks.s2l import best_checkpoint
+    from s2l_guard.runner.summaries import best_checkpoint
 
     def cell(members, nonmembers, trajectory):
         return {"mia": {"secmi": {"members": members, "nonmembers": nonmembers}},
@@ -154,8 +154,9 @@ def without_timings(value):
 
 def test_the_out_of_domain_cell_key_follows_the_number_of_its_images(tmp_path, monkeypatch):
     """The real-image control trains on min(public images, [sp_set] images): a new count is a new cell."""
-    from attacks.s2l import Row, S2LRun
     from s2l_guard.config import load_config
+    from s2l_guard.runner.cells import S2LRun
+    from s2l_guard.runner.plan import Row
 
     monkeypatch.chdir(tmp_path)
     config = load_config(SMOKE)

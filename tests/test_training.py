@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from s2l_guard.errors import S2LError
-from s2l_guard.training import TrainSettings, denoising_losses, train
 from s2l_guard.testing import tiny_bundle
+from s2l_guard.training import TrainSettings, denoising_losses, train
 
 
 def toy_data(n=16):

@@ -28,7 +28,7 @@ from typing import Any, Callable, ClassVar
 import torch
 
 from attacks.base import FinetuneData, Shaker, ShakeResult, StepCallback
-from s2l_guard.errors import S2LError
+from s2l_guard.errors import S2LError, SettingsError
 from s2l_guard.model import Bundle
 from s2l_guard.training import PriorPreservation, TrainSettings, train
 
@@ -68,7 +68,7 @@ class FinetuneSettings:
         for f in dataclasses.fields(self):
             problem = _check(getattr(self, f.name), f.metadata)
             if problem:
-                raise ValueError(f"{type(self).__qualname__}.{f.name} = {getattr(self, f.name)!r}: {problem}")
+                raise SettingsError(f"{type(self).__qualname__}.{f.name} = {getattr(self, f.name)!r}: {problem}")
 
 
 def _check(value: Any, checks: dict) -> str | None:

@@ -31,7 +31,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from attacks.base import SHAKERS, FinetuneData
-from s2l_guard.errors import BundleError, S2LError
+from s2l_guard.errors import BundleError, S2LError, SettingsError
 from s2l_guard.model import Bundle, load_bundle
 
 from .base import Adaptation, FinetuneMethod, FinetuneSettings, setting
@@ -152,7 +152,7 @@ class HypernetworkShaker(FinetuneMethod):
         def __post_init__(self):
             super().__post_init__()
             if len(self.layer_structure) < 2 or self.layer_structure[0] != 1 or self.layer_structure[-1] != 1:
-                raise ValueError(f"layer_structure {self.layer_structure} must start and end with 1 (e.g. 1, 2, 1)")
+                raise SettingsError(f"layer_structure {self.layer_structure} must start and end with 1 (e.g. 1, 2, 1)")
 
     def adapt(self, bundle: Bundle, data: FinetuneData) -> Adaptation:
         """Install a fresh hypernetwork on the UNet's cross-attention and train only it.

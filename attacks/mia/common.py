@@ -11,6 +11,7 @@ from typing import Iterator, Sequence
 import torch
 from diffusers import DDPMScheduler
 
+from s2l_guard.errors import BundleError, InputError, SettingsError
 from s2l_guard.model import Bundle
 
 
@@ -25,18 +26,18 @@ def check_inputs(bundle: Bundle, images: torch.Tensor, captions: Sequence[str], 
         batch_size: should be at least 1.
     """
     if not isinstance(images, torch.Tensor) or images.ndim != 4:
-        raise ValueError(f"images must be a [N, C, H, W] tensor, got {_describe(images)}; stack them with torch.stack")
+        raise InputError(f"images must be a [N, C, H, W] tensor, got {_describe(images)}; stack them with torch.stack")
     if len(captions) != len(images):
-        raise ValueError(f"got {len(images)} images but {len(captions)} captions; pass one caption per image")
+        raise InputError(f"got {len(images)} images but {len(captions)} captions; pass one caption per image")
     channels = {bundle.image_channels} | ({1} if bundle.vae is not None else set())
     if images.shape[1] not in channels:
-        raise ValueError(f"images have {images.shape[1]} channels but the model takes {sorted(channels)}; "
+        raise InputError(f"images have {images.shape[1]} channels but the model takes {sorted(channels)}; "
                          "convert them (e.g. RGB <-> grey)")  # fmt: skip
     if len(images) and not (torch.isfinite(images).all() and images.min() >= 0.0 and images.max() <= 1.0):
         low, high = images.min().item(), images.max().item()
-        raise ValueError(f"image values must lie in [0, 1], got [{low:.3g}, {high:.3g}]; divide uint8 pixels by 255")
+        raise InputError(f"image values must lie in [0, 1], got [{low:.3g}, {high:.3g}]; divide uint8 pixels by 255")
     if batch_size < 1:
-        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        raise SettingsError(f"batch_size must be at least 1, got {batch_size}")
 
 
 def _describe(images) -> str:
@@ -51,7 +52,7 @@ def noise_schedule(bundle: Bundle) -> torch.Tensor:
     """
     scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
     if scheduler.config.prediction_type != "epsilon":
-        raise ValueError(f"these attacks need an epsilon-predicting model, the scheduler says {scheduler.config.prediction_type!r}; "
+        raise BundleError(f"these attacks need an epsilon-predicting model, the scheduler says {scheduler.config.prediction_type!r}; "
                          "use a model trained with prediction_type='epsilon'")  # fmt: skip
     return scheduler.alphas_cumprod.to(bundle.device)
 
@@ -59,7 +60,7 @@ def noise_schedule(bundle: Bundle) -> torch.Tensor:
 def check_timestep(attack: str, what: str, value: int, num_train_timesteps: int) -> None:
     """Raise ``ValueError`` unless ``0 <= value < num_train_timesteps``, naming the setting to change."""
     if not 0 <= value < num_train_timesteps:
-        raise ValueError(f"{attack}: {what} = {value} is outside this model's timesteps 0..{num_train_timesteps - 1}; "
+        raise SettingsError(f"{attack}: {what} = {value} is outside this model's timesteps 0..{num_train_timesteps - 1}; "
                          f"scale the settings to the schedule (defaults assume 1000 steps)")  # fmt: skip
 
 

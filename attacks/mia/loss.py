@@ -16,8 +16,10 @@ import torch
 
 from attacks.base import MIA, MembershipInference
 from attacks.mia.common import check_inputs, check_timestep
+from s2l_guard.errors import SettingsError
 from s2l_guard.model import Bundle
 from s2l_guard.training import denoising_losses
+
 
 @MIA.register
 class LossAttack(MembershipInference):
@@ -42,7 +44,7 @@ class LossAttack(MembershipInference):
 
         def __post_init__(self):
             if not self.timesteps or self.draws < 1:
-                raise ValueError(f"loss attack needs at least one timestep and draws >= 1, got {self.timesteps} and {self.draws}")
+                raise SettingsError(f"loss attack needs at least one timestep and draws >= 1, got {self.timesteps} and {self.draws}")
 
     def score(
         self, bundle: Bundle, images: torch.Tensor, captions: Sequence[str], *, seed: int, batch_size: int = 256

@@ -27,6 +27,7 @@ import torch
 
 from attacks.base import MIA, MembershipInference
 from attacks.mia.common import check_inputs, check_timestep, model_space_batches, noise_schedule, predict_noise
+from s2l_guard.errors import SettingsError
 from s2l_guard.model import Bundle
 
 NORMAL_MEAN_ABS = math.sqrt(2.0 / math.pi)  # E|z| for z ~ N(0, 1)
@@ -73,7 +74,7 @@ class PIA(MembershipInference):
 
         def __post_init__(self):
             if self.t < 1 or self.p <= 0:
-                raise ValueError(f"pia needs t >= 1 and p > 0, got t={self.t}, p={self.p}")
+                raise SettingsError(f"pia needs t >= 1 and p > 0, got t={self.t}, p={self.p}")
 
     def score(
         self, bundle: Bundle, images: torch.Tensor, captions: Sequence[str], *, seed: int, batch_size: int = 256

@@ -26,6 +26,7 @@ import torch
 
 from attacks.base import MIA, MembershipInference
 from attacks.mia.common import check_inputs, check_timestep, model_space_batches, noise_schedule, predict_noise
+from s2l_guard.errors import SettingsError
 from s2l_guard.model import Bundle
 
 
@@ -74,9 +75,9 @@ class SecMI(MembershipInference):
 
         def __post_init__(self):
             if self.k < 1 or self.t_sec < 0 or self.t_sec % self.k:
-                raise ValueError(f"secmi needs k >= 1 and t_sec a non-negative multiple of k, got t_sec={self.t_sec}, k={self.k}")
+                raise SettingsError(f"secmi needs k >= 1 and t_sec a non-negative multiple of k, got t_sec={self.t_sec}, k={self.k}")
             if self.guidance_scale < 0:
-                raise ValueError(f"secmi guidance_scale must be >= 0 (1 = no guidance), got {self.guidance_scale}")
+                raise SettingsError(f"secmi guidance_scale must be >= 0 (1 = no guidance), got {self.guidance_scale}")
 
     def score(
         self, bundle: Bundle, images: torch.Tensor, captions: Sequence[str], *, seed: int, batch_size: int = 256

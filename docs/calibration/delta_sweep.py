@@ -16,9 +16,9 @@ import argparse
 
 import torch
 
-from attacks.s2l import S2LRun
 from s2l_guard.config import load_config
 from s2l_guard.metrics import tiled_l2
+from s2l_guard.runner.cells import S2LRun
 
 
 def main() -> None:

@@ -17,30 +17,18 @@ from typing import Any
 
 import torch
 
-from . import __version__
-from .cache import Artifact, Store, content_key, folder_key
-from .config import Config
-from .data import load_imagefolder
-from .errors import ConfigError
-from .figures import plot_nearest_members
-from .memorization import format_report, memorization_report
-from .model import build_testbed_bundle, load_bundle
-from .testbed import build_testbed
-from .training import TrainSettings, train
-
-
-def log(message: str) -> None:
-    print(f"[s2l-guard] {message}", flush=True)
-
-
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when torch sees it; naming an absent device is a config error."""
-    available = {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}
-    if name == "auto":
-        return torch.device("cuda" if available["cuda"] else "cpu")
-    if not available.get(name, False):
-        raise ConfigError(f"[run] device = {name!r} but torch sees no such device; use device = 'auto' or 'cpu'")
-    return torch.device(name)
+from defenses.base import PretrainContext
+from s2l_guard import __version__
+from s2l_guard.cache import Artifact, Store, content_key, folder_key
+from s2l_guard.config import Config
+from s2l_guard.data import load_imagefolder
+from s2l_guard.errors import ConfigError
+from s2l_guard.figures import plot_nearest_members
+from s2l_guard.memorization import format_report, memorization_report
+from s2l_guard.model import build_testbed_bundle, load_bundle
+from s2l_guard.runtime import log, resolve_device
+from s2l_guard.testbed import build_testbed
+from s2l_guard.training import TrainSettings, pretrain_trainable, train
 
 
 def folder_artifact(kind: str, folder: str) -> Artifact:
@@ -92,12 +80,6 @@ def fresh_bundle(config: Config, dataset, device: torch.device):
     return build_testbed_bundle(config.model, image_size=shape[-1], channels=shape[1], seed=config.run.seed).to(device)
 
 
-def pretrain_trainable(bundle, config: Config) -> dict[str, torch.nn.Parameter]:
-    """What pre-training trains: the UNet, and the text encoder if [pretrain] says so."""
-    train_text = config.pretrain.train_text_encoder
-    return {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") or (train_text and n.startswith("text_encoder."))}
-
-
 def standard_pretrain(config: Config, dataset, device: torch.device, images, captions, checkpoint_dir: Path):
     """The undefended recipe: AdamW on the UNet (and text encoder if configured). Returns (bundle, summary)."""
     bundle = fresh_bundle(config, dataset, device)
@@ -143,8 +125,6 @@ def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.d
         return artifact
 
     def build(folder: Path, key: str) -> None:
-        from defenses.base import PretrainContext
-
         start = time.perf_counter()
         dataset = load_imagefolder(data.path)
         workdir = store.workdir("bundle", key)
@@ -235,4 +215,3 @@ def run_pretrain(config: Config) -> PretrainOutputs:
     log(f"outputs in {run_dir}/ (pretrain.json, memorization.txt, samples.png, config.toml); "
         f"model in {bundle_art.path}; took {results['wall_seconds']:.1f} s")  # fmt: skip
     return PretrainOutputs(run_dir, data, bundle_art, report)
-

@@ -20,8 +20,12 @@ from typing import Any, Callable
 import numpy as np
 
 from s2l_guard.config import Config
+from s2l_guard.formatting import format_interval, short_count
 
-from .s2l import Row, S2LRun, _interval, _short, pooled, run_cells
+from .cells import S2LRun, run_cells
+from .plan import Row
+from .settings import shaker_settings
+from .summaries import pooled
 
 
 @dataclass(frozen=True)
@@ -48,7 +52,7 @@ def ablation_rows(ablation: Ablation, config: Config) -> list[tuple[Any, Row]]:
     """(swept value, row) pairs. The configured value of a fine-tune setting is the S2L
     table's own row, so the ablation reuses that cached cell instead of training it again."""
     pairs = []
-    configured = None if ablation.shaker == "gaussian" else getattr(config.shaker_settings(ablation.shaker), ablation.setting)
+    configured = None if ablation.shaker == "gaussian" else getattr(shaker_settings(config, ablation.shaker), ablation.setting)
     for value in ablation.values(config):
         for draw in range(ablation.draws(config)):
             if ablation.shaker == "gaussian":  # the same labels as the table's Gaussian rows
@@ -112,8 +116,8 @@ def format_ablation(results: dict) -> str:
             lines.append(f"| {p['value']:g} | {p['status']}: {'; '.join(p.get('reasons', []))} | | | |")
             continue
         draws = f" (mean of {p['draws']})" if p["draws"] > 1 else ""
-        lines.append(f"| {p['value']:g} | {_short(p['trainable_parameters'])} | {p['auc']:.3f}{draws} | "
-                     f"{_interval(p['auc_delta'], p['auc_delta_ci95'], signed=True)} | {p['extracted_per_domain']:.1f} |")  # fmt: skip
+        lines.append(f"| {p['value']:g} | {short_count(p['trainable_parameters'])} | {p['auc']:.3f}{draws} | "
+                     f"{format_interval(p['auc_delta'], p['auc_delta_ci95'], signed=True)} | {p['extracted_per_domain']:.1f} |")  # fmt: skip
     pre = results["pretrained"]
     lines.append(f"\npre-trained: AUC {pre['auc']:.3f}, extracted / domain {pre['extracted_per_domain']:.1f}; "
                  f"domains {', '.join(results['domains'])}; interval: {results['interval']}")  # fmt: skip

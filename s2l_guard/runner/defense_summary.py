@@ -4,14 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-
-def _ci(entry: dict | None, signed: bool = False) -> str:
-    if not entry:
-        return "-"
-    f = "{:+.3f}" if signed else "{:.3f}"
-    value = entry.get("value", entry.get("delta", entry.get("rate")))
-    ci = entry.get("ci95")
-    return f"{f.format(value)} [{f.format(ci[0])}, {f.format(ci[1])}]" if ci else f.format(value)
+from s2l_guard.formatting import format_entry
 
 
 def privacy_line(defense: dict) -> str | None:
@@ -48,8 +41,8 @@ def defense_lines(results: dict) -> list[str]:
                      f"dropped {x['dropped_members']} members as near-duplicates within {x['radius']}")  # fmt: skip
     f = d.get("filter")
     if f:
-        found = ", ".join(f"{k} ({v['size']} images) {_ci(v)}" for k, v in f["detection"].items())
-        frr = ", ".join(f"{size} images {_ci(v)}" + (f", {v['across_splits']['mean']:.3f} over {v['across_splits']['splits']} re-splits "
+        found = ", ".join(f"{k} ({v['size']} images) {format_entry(v)}" for k, v in f["detection"].items())
+        frr = ", ".join(f"{size} images {format_entry(v)}" + (f", {v['across_splits']['mean']:.3f} over {v['across_splits']['splits']} re-splits "
                         f"(95% of splits {v['across_splits']['range95'][0]:.3f}-{v['across_splits']['range95'][1]:.3f})" if "across_splits" in v else "")
                         + f" (target {v['target']})" for size, v in f["false_rejection_heldout"].items())  # fmt: skip
         lines.append(f"fine-tune filter detection: {found}; false rejection on held-out benign sets: {frr}")
@@ -90,12 +83,12 @@ def format_defense_summary(all_results: list[dict]) -> str:
     for results in all_results:
         d, u, h = results["defense"], results.get("utility", {}), _headline(results)
         privacy = d.get("pretraining", {}).get("privacy")
-        best = f"{h['best'][0]}: {_ci(h['best'][1], signed=True)}" if h["best"] else "-"
+        best = f"{h['best'][0]}: {format_entry(h['best'][1], signed=True)}" if h["best"] else "-"
         extracted = f"{h['pre_extracted']:.1f} / {h['after_extracted']:.1f}" if h["after_extracted"] is not None else (
             f"{h['pre_extracted']:.1f} / -" if h["pre_extracted"] is not None else "-")  # fmt: skip
         ok = u.get("status") == "ok"
         rows.append([d["name"], d["threat_model"], f"{privacy['epsilon']:.2f}" if privacy else "-",
-                     f"{h['primary']} {_ci(h['pre_auc'])}" if h["pre_auc"] else "-", best, extracted,
+                     f"{h['primary']} {format_entry(h['pre_auc'])}" if h["pre_auc"] else "-", best, extracted,
                      str(len(h["refused"])), f"{u['conditional_accuracy_mean']:.3f}" if ok else "-",
                      f"{u['frechet_distance']:.2f}" if ok and u["frechet_distance"] is not None else "-",
                      f"{u['heldout_denoising_loss']:.4f}" if ok and u["heldout_denoising_loss"] is not None else "-",

@@ -1,11 +1,8 @@
-"""The defense x attack matrix: one cell per (defense, attack, measure, domain, seed).
+"""The defense x attack matrix: every defense's S2L table, flattened into gate cells.
 
-Each defense's S2L table runs through :mod:`attacks.s2l`, whose (domain, row) cells
-are cached in the content-addressed store: cells are independent, a rerun or a
-resumed run computes only what is missing, and a matrix after ``s2l-guard attack``
-reuses the table's cells. This module plans the cells from a config alone (the gate
-suite parametrizes over the plan before anything runs), runs the tables with a
-progress bar, and flattens them into results.json (schema: docs/results.md).
+A defense's table is the S2L table (`table.py`) with [matrix] rows, run under that
+defense; each (row, measure, domain) of it becomes one cell of results.json
+(schema below), which `s2l_guard/gates.py` judges and `s2l_guard/report.py` draws.
 """
 
 from __future__ import annotations
@@ -14,100 +11,28 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from . import __version__
-from .cache import content_key
-from .config import Config
-from .errors import ConfigError, S2LError
+from s2l_guard import __version__
+from s2l_guard.cache import content_key
+from s2l_guard.config import Config
+from s2l_guard.errors import ConfigError, S2LError
+from s2l_guard.metrics import rate_with_interval
+from s2l_guard.runtime import log
+
+from .plan import POOLED, PlannedCell, defended_config, domain_names, plan, seeds
+from .table import run_attack
 
 SCHEMA = "s2l-guard/matrix/1"
-POOLED = "all"  # the domain name of a cell pooled over every attacked domain
+
+
 FPR_KEY = "0.01"  # TPR is gated at 1% FPR
-
-
-@dataclass(frozen=True)
-class PlannedCell:
-    """What identifies a cell; ``measure`` is an MIA name, "extraction" or "utility"."""
-
-    defense: str
-    attack: str  # the S2L table's row label: pretrained, lora, gaussian-0.0008-draw1, end2end-perturb, ...
-    measure: str
-    domain: str
-    seed: int
-    many_seeds: bool = False
-    base_attack: str = ""  # an adaptive request's plain SP attack (its positive control), else the attack itself
-
-    @property
-    def id(self) -> str:
-        parts = [self.defense, self.attack, self.measure, self.domain] if self.measure != "utility" else [self.defense, "utility"]
-        return "-".join(parts + ([f"seed{self.seed}"] if self.many_seeds else []))
-
-
-def seeds(config: Config) -> list[int]:
-    return list(config.matrix.seeds) or [config.run.seed]
-
-
-def defended_config(config: Config, defense: str, seed: int) -> Config:
-    """The config of one defense's table in the matrix ("name" or "name@threat-model"):
-    [matrix] rows replace [attack]'s."""
-    m = config.matrix
-    name, _, threat_model = defense.partition("@")
-    attack = {"shakers": list(m.shakers), "member_shakers": list(m.member_shakers), "ood_shakers": [],
-              "ood_generated_shakers": [], "gaussian_sigmas": list(m.gaussian_sigmas)}  # fmt: skip
-    return config.replace(run={"seed": seed}, defense={"name": name, "threat_model": threat_model or config.defense.threat_model},
-                          attack=attack)  # fmt: skip
-
-
-def domain_names(config: Config) -> list[str]:
-    """The attacked domains: [attack] domains, else every private domain of the data set."""
-    if config.attack.domains:
-        return list(config.attack.domains)
-    if config.run.data:  # read from the metadata only: the images are loaded when the tables run
-        from .data import METADATA, _read_records
-
-        path = Path(config.run.data) / METADATA
-        if not path.is_file():
-            raise ConfigError(f"[run] data = {config.run.data!r} has no {METADATA}; see docs/testbed.md for the layout")
-        return sorted({r.domain for r in _read_records(path) if r.membership == "member"})
-    return [f"digit{d}" for d in config.testbed.private_domains]
-
-
-def _table_plan(config: Config) -> tuple[list, list[str]]:
-    """The rows one defense's table runs and every MIA the config names (those the threat
-    model rules out still get cells: they are reported as not run)."""
-    from attacks.s2l import plan_rows, resolve_threat_model
-    from defenses.base import DEFENSES
-
-    defense = DEFENSES.get(config.defense.name)(config.defense_settings(config.defense.name))
-    if config.run.model and "training" in defense.points:
-        raise ConfigError(f"[matrix] defenses lists {defense.name}, a pre-training recipe, which cannot be applied to a given "
-                          f"model ([run] model / --model); remove it here, or gate it on the testbed model")  # fmt: skip
-    threat_model = resolve_threat_model(config.defense.threat_model, defense)
-    adaptive = threat_model != "open-weights" and "finetune" in defense.points
-    return plan_rows(config, adaptive=adaptive), list(config.attack.mia)
-
-
-def plan(config: Config, defenses: list[str] | None = None) -> list[PlannedCell]:
-    """Every cell the matrix of ``config`` will report, without running anything."""
-    out = []
-    many = len(seeds(config)) > 1
-    for seed in seeds(config):
-        for defense in defenses or config.matrix.defenses:
-            rows, mias = _table_plan(defended_config(config, defense, seed))
-            for row in rows:
-                for measure in mias + ["extraction"]:
-                    base = row.shaker if row.variant else row.label
-                    out += [PlannedCell(defense, row.label, measure, d, seed, many, base) for d in domain_names(config) + [POOLED]]
-            out.append(PlannedCell(defense, "-", "utility", POOLED, seed, many))
-    return out
 
 
 def code_version() -> str:
     """The package version and, in a git checkout, the commit (``+dirty`` with local changes)."""
-    root = Path(__file__).resolve().parents[1]
+    root = Path(__file__).resolve().parents[2]
     try:
         commit = subprocess.run(["git", "-C", str(root), "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"], capture_output=True, text=True, timeout=10)
@@ -118,10 +43,7 @@ def code_version() -> str:
     return f"{__version__}+{commit.stdout.strip()}" + ("-dirty" if dirty.stdout.strip() else "")
 
 
-# ---------------------------------------------------------------- flattening a table into cells
-
-
-def _interval(entry: dict) -> dict:
+def _trimmed(entry: dict) -> dict:
     """A DeltaTest dict cut to what a gate and a reader need."""
     return {k: entry[k] for k in ("before", "after", "delta", "ci95", "p_value", "method") if k in entry}
 
@@ -135,9 +57,9 @@ def _mia_metrics(entry: dict, pooled: bool) -> tuple[dict, dict]:
     amp = entry.get("auc_delta") if pooled else entry.get("vs_pretrained", {}).get("auc_paired_bootstrap")
     tamp = entry.get("tpr_delta") if pooled else entry.get("vs_pretrained", {}).get("tpr@0.01_calibrated")
     if amp:
-        metrics["auc_amplification"] = _interval(amp)
+        metrics["auc_amplification"] = _trimmed(amp)
     if tamp:
-        metrics["tpr_amplification"] = _interval(tamp)
+        metrics["tpr_amplification"] = _trimmed(tamp)
     if not pooled and entry.get("curve"):
         metrics["roc_curve"] = entry["curve"]
     return metrics, {"members": roc["n_members"], "nonmembers": roc["n_nonmembers"], "bootstrap": roc["resamples"]}
@@ -161,7 +83,7 @@ def _extraction_metrics(entry: dict, pooled: bool) -> tuple[dict, dict]:
         amp = entry.get("above_null_vs_pretrained")
         samples = {"candidates": entry["candidates"]}
     if amp:
-        metrics["extraction_amplification"] = _interval(amp)
+        metrics["extraction_amplification"] = _trimmed(amp)
     return metrics, samples
 
 
@@ -194,8 +116,6 @@ def _cell(planned: PlannedCell, entry: dict | None, unavailable: list[str], thre
 
 def utility_cell(planned: PlannedCell, utility: dict, threat_model: str) -> dict:
     """The deployed model's conditional accuracy with a Wilson interval over the served generations."""
-    from defenses.finetune_filter import rate_with_interval
-
     cell = {"id": planned.id, "defense": planned.defense, "threat_model": threat_model, "attack": "-", "measure": "utility",
             "domain": POOLED, "seed": planned.seed}  # fmt: skip
     if utility.get("status") != "ok":
@@ -229,9 +149,6 @@ def failed_cells(planned: list[PlannedCell], error: str) -> list[dict]:
              "domain": p.domain, "seed": p.seed, "status": "failed", "reason": error} for p in planned]  # fmt: skip
 
 
-# ---------------------------------------------------------------- running
-
-
 class Progress:
     """One bar over every (defense, domain, row) table cell, with an ETA from the cells computed so
     far (cached cells cost nothing; a defense's own pre-training is not in it); without a
@@ -245,8 +162,6 @@ class Progress:
         self.bar = tqdm(total=total, unit="cell", desc="matrix", dynamic_ncols=True) if sys.stderr.isatty() else None
 
     def __call__(self, cell: dict, label: str) -> None:
-        from .pipeline import log
-
         self.done += 1
         if not cell.get("cached") and cell.get("seconds") is not None:
             self.seconds += cell["seconds"]
@@ -271,10 +186,6 @@ def run_matrix(config: Config, defenses: list[str] | None = None) -> dict:
     its cells reported as failed with the error; bad input (an S2LError: a broken config, model
     folder or data set) stops the run with its one-line message.
     """
-    from attacks.s2l import run_attack
-
-    from .pipeline import log
-
     start = time.perf_counter()
     names = list(defenses or config.matrix.defenses)
     planned = plan(config, names)

@@ -1,0 +1,168 @@
+"""What a run will compute, without running anything: the table's rows and the matrix's cells.
+
+A *row* is one model of the S2L table (the pre-trained model, or a shaker on some
+data); a table run computes every (domain, row) pair. A *planned cell* is one
+entry of the defense x attack matrix: (defense, row, measure, domain, seed).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from attacks.base import FinetuneData
+from defenses.base import DEFENSES
+from s2l_guard.config import Config
+from s2l_guard.data import ImageDataset
+from s2l_guard.errors import ConfigError
+
+from .settings import check_plugins, defense_settings
+
+
+def derive_seed(seed: int, *labels: object) -> int:
+    """A seed for one (domain, row, ...) that does not shift when other cells are added."""
+    digest = hashlib.sha256(json.dumps([seed, *map(str, labels)]).encode()).digest()
+    return int.from_bytes(digest[:4], "little")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the S2L table: a shaker on some data (or none: the pre-trained model)."""
+
+    label: str
+    shaker: str | None
+    # "-" (no data), "SP" (the domain's SP set), "OoD" (real images of a public domain),
+    # "OoD-gen" (the model's own generations of a public domain's prompt)
+    # or "members" (the domain's real members: the oracle SP set, an upper bound)
+    data: str
+    overrides: tuple[tuple[str, Any], ...] = ()  # settings changed from the config's (Gaussian sigma, ablated rank)
+    draw: int = 0
+    variant: str = ""  # an adaptive attacker's change to the SP request ([adaptive] variants)
+
+    @property
+    def sigma(self) -> float | None:
+        return dict(self.overrides).get("sigma")
+
+
+def plan_rows(config: Config, *, adaptive: bool = False) -> list[Row]:
+    """The table's rows; ``adaptive`` adds the requests of an attacker who knows a fine-tune filter."""
+    a = config.attack
+    rows = [Row("pretrained", None, "-")]
+    rows += [Row(f"{name}-ood", name, "OoD") for name in a.ood_shakers]
+    rows += [Row(f"{name}-ood-gen", name, "OoD-gen") for name in a.ood_generated_shakers]
+    rows += [Row(name, name, "SP") for name in a.shakers]
+    rows += [Row(f"{name}-members", name, "members") for name in a.member_shakers]
+    if adaptive:
+        rows += [Row(f"{name}-{v}", name, "SP", variant=v) for name in config.adaptive.shakers for v in config.adaptive.variants]
+    rows += [Row(f"gaussian-{s:g}-draw{d}", "gaussian", "-", (("sigma", s),), d) for s in a.gaussian_sigmas for d in range(a.gaussian_draws)]
+    return rows
+
+
+def ood_domain(dataset: ImageDataset) -> str | None:
+    """The public domain whose data serves as the out-of-domain control (the first one)."""
+    public = sorted({r.domain for r in dataset.records if r.membership == "public"})
+    return public[0] if public else None
+
+
+def ood_data(dataset: ImageDataset, config: Config) -> FinetuneData | None:
+    """Real images of a public domain: the paper's out-of-domain control."""
+    name = ood_domain(dataset)
+    if name is None:
+        return None
+    chosen = dataset.select(membership="public", domain=name)
+    take = min(len(chosen), config.sp_set.images)
+    return FinetuneData(chosen.images[:take], [r.text for r in chosen.records[:take]], chosen.records[0].text)
+
+
+def ood_spec(dataset: ImageDataset, config: Config) -> dict | None:
+    """What identifies :func:`ood_data` in a cell's cache key (the data set key covers the pixels)."""
+    data = ood_data(dataset, config)
+    return None if data is None else {"domain": ood_domain(dataset), "images": len(data.images)}
+
+
+def resolve_threat_model(name: str, defense) -> str:
+    """``auto``: an API defense is attacked through its API (finetune-api), any other under open-weights."""
+    if name != "auto":
+        return name
+    return "finetune-api" if {"finetune", "generate"} & set(defense.points) else "open-weights"
+
+
+POOLED = "all"  # the domain name of a cell pooled over every attacked domain
+
+
+@dataclass(frozen=True)
+class PlannedCell:
+    """What identifies a cell; ``measure`` is an MIA name, "extraction" or "utility"."""
+
+    defense: str
+    attack: str  # the S2L table's row label: pretrained, lora, gaussian-0.0008-draw1, end2end-perturb, ...
+    measure: str
+    domain: str
+    seed: int
+    many_seeds: bool = False
+    base_attack: str = ""  # an adaptive request's plain SP attack (its positive control), else the attack itself
+
+    @property
+    def id(self) -> str:
+        parts = [self.defense, self.attack, self.measure, self.domain] if self.measure != "utility" else [self.defense, "utility"]
+        return "-".join(parts + ([f"seed{self.seed}"] if self.many_seeds else []))
+
+
+def seeds(config: Config) -> list[int]:
+    return list(config.matrix.seeds) or [config.run.seed]
+
+
+def defended_config(config: Config, defense: str, seed: int) -> Config:
+    """The config of one defense's table in the matrix ("name" or "name@threat-model"):
+    [matrix] rows replace [attack]'s."""
+    m = config.matrix
+    name, _, threat_model = defense.partition("@")
+    attack = {"shakers": list(m.shakers), "member_shakers": list(m.member_shakers), "ood_shakers": [],
+              "ood_generated_shakers": [], "gaussian_sigmas": list(m.gaussian_sigmas)}  # fmt: skip
+    return config.replace(run={"seed": seed}, defense={"name": name, "threat_model": threat_model or config.defense.threat_model},
+                          attack=attack)  # fmt: skip
+
+
+def domain_names(config: Config) -> list[str]:
+    """The attacked domains: [attack] domains, else every private domain of the data set."""
+    if config.attack.domains:
+        return list(config.attack.domains)
+    if config.run.data:  # read from the metadata only: the images are loaded when the tables run
+        from .data import METADATA, _read_records
+
+        path = Path(config.run.data) / METADATA
+        if not path.is_file():
+            raise ConfigError(f"[run] data = {config.run.data!r} has no {METADATA}; see docs/testbed.md for the layout")
+        return sorted({r.domain for r in _read_records(path) if r.membership == "member"})
+    return [f"digit{d}" for d in config.testbed.private_domains]
+
+
+def _table_plan(config: Config) -> tuple[list, list[str]]:
+    """The rows one defense's table runs and every MIA the config names (those the threat
+    model rules out still get cells: they are reported as not run)."""
+    check_plugins(config)
+    defense = DEFENSES.get(config.defense.name)(defense_settings(config, config.defense.name))
+    if config.run.model and "training" in defense.points:
+        raise ConfigError(f"[matrix] defenses lists {defense.name}, a pre-training recipe, which cannot be applied to a given "
+                          f"model ([run] model / --model); remove it here, or gate it on the testbed model")  # fmt: skip
+    threat_model = resolve_threat_model(config.defense.threat_model, defense)
+    adaptive = threat_model != "open-weights" and "finetune" in defense.points
+    return plan_rows(config, adaptive=adaptive), list(config.attack.mia)
+
+
+def plan(config: Config, defenses: list[str] | None = None) -> list[PlannedCell]:
+    """Every cell the matrix of ``config`` will report, without running anything."""
+    out = []
+    many = len(seeds(config)) > 1
+    for seed in seeds(config):
+        for defense in defenses or config.matrix.defenses:
+            rows, mias = _table_plan(defended_config(config, defense, seed))
+            for row in rows:
+                for measure in mias + ["extraction"]:
+                    base = row.shaker if row.variant else row.label
+                    out += [PlannedCell(defense, row.label, measure, d, seed, many, base) for d in domain_names(config) + [POOLED]]
+            out.append(PlannedCell(defense, "-", "utility", POOLED, seed, many))
+    return out
