@@ -99,13 +99,5 @@ class Defense(ABC):
 DEFENSES: Registry[type[Defense]] = Registry(
     "defense",
     "s2l_guard.defenses",
-    (
-        "defenses.none",
-        "defenses.dedup",
-        "defenses.dp_sgd",
-        "defenses.private_finetune",
-        "defenses.finetune_filter",
-        "defenses.output_filter",
-        "defenses.anneal",
-    ),
+    ("defenses",),  # every module of defenses/
 )

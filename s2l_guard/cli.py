@@ -41,6 +41,19 @@ def _cmd_config_show(args) -> int:
     return 0
 
 
+def _cmd_plugins(args) -> int:
+    """Every registered shaker, membership inference attack and defense: what a profile may name."""
+    from .runner.settings import REGISTRIES
+
+    titles = {"shakers": "shakers ([attack] shakers)", "mia": "membership inference attacks ([attack] mia)",
+              "defenses": "defenses ([defense] name, [matrix] defenses)"}  # fmt: skip
+    for table, registry in REGISTRIES.items():
+        print(titles[table])
+        for name, cls in registry.items():
+            print(f"  {name:<26} {cls.summary} ({', '.join(cls.threat_models)}; {cls.paper})")
+    return 0
+
+
 def _cmd_testbed_build(args) -> int:
     from .cache import Store
     from .data import load_imagefolder
@@ -180,6 +193,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_cmds.add_parser("show", help="print the resolved config (profile + its bases)")
     _add_config(show)
     show.set_defaults(func=_cmd_config_show)
+
+    plugins = commands.add_parser("plugins", help="list the registered shakers, attacks and defenses a profile may name")
+    plugins.set_defaults(func=_cmd_plugins)
 
     testbed = commands.add_parser("testbed", help="the embedded digits testbed")
     testbed_cmds = testbed.add_subparsers(dest="action", required=True, metavar="ACTION")

@@ -136,7 +136,9 @@ class AttackConfig:
     # Oracle rows: these methods fine-tuned on the domain's real members, i.e. an SP set that
     # reproduced every member. An upper bound on S2L, and a positive control for the gates.
     member_shakers: tuple[str, ...] = ()
-    mia: tuple[str, ...] = ("secmi", "pia", "pian", "loss")
+    # Membership inference attacks, the first one primary (trajectories, the table's main column).
+    # "all": every other registered attack (s2l-guard plugins), so a new one joins without an edit.
+    mia: tuple[str, ...] = ("secmi", "pia", "pian", "loss", "all")
     gaussian_sigmas: tuple[float, ...] = _opt((2e-4, 8e-4, 3.2e-3), each_ge=0.0)  # empty: no Gaussian shaking
     gaussian_draws: int = _opt(3, ge=1)  # Gaussian shaking is averaged over this many draws
     calibration_share: float = _opt(0.5, gt=0.0, lt=1.0)  # members/non-members used to fit thresholds

@@ -2,8 +2,10 @@
 
 A registry refuses malformed names and classes that lack the metadata every
 plugin declares, and answers a miss with the closest name and the full list.
+Built-in plugins are found, not listed: on the first lookup every module of the
+registry's packages is imported (a new attack is one new file in ``attacks/mia/``).
 Third-party plugins join through the entry-point group named by the registry
-(e.g. ``s2l_guard.shakers``), loaded on the first lookup.
+(e.g. ``s2l_guard.shakers``).
 """
 
 from __future__ import annotations
@@ -22,10 +24,10 @@ REQUIRED_METADATA = ("name", "paper", "threat_models", "summary")
 
 
 class Registry(Generic[T]):
-    def __init__(self, kind: str, entry_point_group: str, builtin_modules: tuple[str, ...] = ()):
+    def __init__(self, kind: str, entry_point_group: str, builtin_packages: tuple[str, ...] = ()):
         self.kind = kind
         self.group = entry_point_group
-        self._builtin_modules = builtin_modules
+        self._builtin_packages = builtin_packages  # packages or single modules whose modules register built-ins
         self._items: dict[str, T] = {}
         self._loaded = False
 
@@ -49,9 +51,12 @@ class Registry(Generic[T]):
             return
         self._loaded = True
         import importlib
+        import pkgutil
 
-        for module in self._builtin_modules:
-            importlib.import_module(module)
+        for name in self._builtin_packages:
+            package = importlib.import_module(name)
+            for module in pkgutil.iter_modules(getattr(package, "__path__", [])):
+                importlib.import_module(f"{name}.{module.name}")
         for entry in entry_points(group=self.group):
             entry.load()
 

@@ -26,6 +26,7 @@ class LossAttack(MembershipInference):
     """Score = minus the denoising loss at fixed timesteps and seeded noise (Matsumoto et al. 2023)."""
 
     name = "loss"
+    tiny_settings = {"timesteps": (10,)}
     paper = "https://arxiv.org/abs/2302.03262"  # Matsumoto, Miura, Yanai: Membership Inference Attacks against Diffusion Models
     summary = "Naive loss threshold: training images have a lower denoising loss at fixed t and noise"
     threat_models = ("open-weights",)

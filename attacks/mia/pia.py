@@ -54,6 +54,7 @@ class PIA(MembershipInference):
     """Score = minus ``|| eps_theta(x_t, t) - eps_0 ||_p^p`` from the proximal initialization (Kong et al., ICLR 2024)."""
 
     name = "pia"
+    tiny_settings = {"t": 10}
     paper = "https://openreview.net/forum?id=rpH9FcCEV6"
     summary = "PIA: members' noise predicted at t=0, diffused to t, is predicted back closely"
     threat_models = ("open-weights",)
@@ -115,5 +116,6 @@ class PIAN(PIA):
     """PIA with ``eps_0`` rescaled to a standard normal's mean absolute value (Kong et al., ICLR 2024)."""
 
     name = "pian"
+    tiny_settings = {"t": 60}  # see tests/test_mia.py: PIAN needs a larger t on the tiny model
     summary = "PIAN: PIA with the t=0 noise prediction rescaled to look Gaussian before diffusing"
     normalize = True

@@ -54,6 +54,7 @@ class SecMI(MembershipInference):
     """Score = minus the t-error of a DDIM round trip at ``t_sec`` (Duan et al., ICML 2023)."""
 
     name = "secmi"
+    tiny_settings = {"t_sec": 10, "k": 5}
     paper = "https://proceedings.mlr.press/v202/duan23b.html"
     summary = "SecMI: members' deterministic DDIM inversion round trips at t_sec have a smaller t-error"
     threat_models = ("open-weights",)

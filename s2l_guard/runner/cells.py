@@ -47,7 +47,7 @@ class S2LRun:
     """
 
     def __init__(self, config: Config):
-        check_plugins(config)
+        config = check_plugins(config)
         self.defense = DEFENSES.get(config.defense.name)(defense_settings(config, config.defense.name))
         self.threat_model = resolve_threat_model(config.defense.threat_model, self.defense)
         # Membership inference needs what the threat model gives; the others are left out and listed.

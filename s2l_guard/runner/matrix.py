@@ -22,6 +22,7 @@ from s2l_guard.metrics import rate_with_interval
 from s2l_guard.runtime import log
 
 from .plan import POOLED, PlannedCell, defended_config, domain_names, plan, seeds
+from .settings import check_plugins
 from .table import run_attack
 
 SCHEMA = "s2l-guard/matrix/1"
@@ -187,6 +188,7 @@ def run_matrix(config: Config, defenses: list[str] | None = None) -> dict:
     folder or data set) stops the run with its one-line message.
     """
     start = time.perf_counter()
+    config = check_plugins(config)
     names = list(defenses or config.matrix.defenses)
     planned = plan(config, names)
     table_units = sum(1 for p in planned if p.measure == "extraction" and p.domain != POOLED)  # one per (domain, row)

@@ -155,6 +155,7 @@ def _table_plan(config: Config) -> tuple[list, list[str]]:
 
 def plan(config: Config, defenses: list[str] | None = None) -> list[PlannedCell]:
     """Every cell the matrix of ``config`` will report, without running anything."""
+    config = check_plugins(config)
     out = []
     many = len(seeds(config)) > 1
     for seed in seeds(config):

@@ -18,10 +18,12 @@ from s2l_guard.config import Config, check_table, settings_from_table
 from s2l_guard.errors import ConfigError
 
 REGISTRIES = {"shakers": SHAKERS, "mia": MIA, "defenses": DEFENSES}  # plugin table -> registry
+ALL = "all"  # in [attack] mia / shakers and [matrix] defenses: every registered one not named before it
 
 
 def check_plugins(config: Config) -> Config:
-    """Raise a ConfigError listing every unregistered name and every bad plugin setting; else return ``config``."""
+    """Raise a ConfigError listing every unregistered name and every bad plugin setting; else return
+    ``config`` with each ``"all"`` expanded to the registered names (see :func:`expand_all`)."""
     problems: list[str] = []
     for table, registry in REGISTRIES.items():
         for name, values in getattr(config, table).items():
@@ -45,13 +47,33 @@ def check_plugins(config: Config) -> Config:
              ("matrix", "defenses", tuple(entry.partition("@")[0] for entry in mx.defenses)))  # fmt: skip
     for section, table, names in named:
         for name in dict.fromkeys(names):
+            if name == ALL:
+                continue
             try:
                 REGISTRIES[table].get(name)
             except ConfigError as exc:
                 problems.append(f"[{section}] {table}: {exc}")
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in {config.source}: " + "; ".join(problems))
-    return config
+    return expand_all(config)
+
+
+def expand_all(config: Config) -> Config:
+    """``"all"`` in a list: the names before it in their order, then every other registered one,
+    sorted - so a new attack file joins every profile that says ``all`` without an edit.
+    Fine-tune lists take the shakers that train on data (Gaussian shaking has its own rows)."""
+
+    def expanded(names: tuple[str, ...], registered: list[str]) -> list[str]:
+        named = [n for n in names if n != ALL]
+        base = {n.partition("@")[0] for n in named}
+        return named + [n for n in registered if n not in base] if ALL in names else named
+
+    a, mx = config.attack, config.matrix
+    if ALL not in a.mia + a.shakers + mx.defenses:
+        return config
+    trains = [n for n in SHAKERS.names() if SHAKERS.get(n).needs_data]
+    return config.replace(attack={"mia": expanded(a.mia, MIA.names()), "shakers": expanded(a.shakers, trains)},
+                          matrix={"defenses": expanded(mx.defenses, DEFENSES.names())})  # fmt: skip
 
 
 def registered(table: str, name: str | None = None) -> list[str]:
