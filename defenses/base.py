@@ -91,6 +91,14 @@ class Defense(ABC):
         return Review(True)
 
     # -- generate API
+    def serve(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """What the generate API returns for ``images`` ``[N, C, H, W]``: the served images (in
+        request order, possibly changed: noised, blurred, replaced) and a boolean mask ``[N]`` of
+        the requests they answer. The default withholds what :meth:`withhold` marks and changes
+        nothing else; a defense that transforms outputs overrides this."""
+        withheld = self.withhold(images)
+        return images[~withheld], ~withheld
+
     def withhold(self, images: torch.Tensor) -> torch.Tensor:
         """A boolean mask ``[N]``: which generations the API must not return."""
         return torch.zeros(len(images), dtype=torch.bool)

@@ -92,10 +92,14 @@ class Provider:
         """Sample one image per prompt; behind an API the defense may withhold some."""
         images = sample(self._bundle, list(prompts), steps=steps, guidance_scale=guidance_scale, seed=seed,
                         batch_size=batch_size, negative_prompt=negative_prompt, progress=progress)  # fmt: skip
-        served = torch.ones(len(images), dtype=torch.bool)
-        if self.behind_api and self.defense is not None and "generate" in self.defense.points:
-            served = ~self.defense.withhold(images)
-        return Generations(images[served], served)
+        if not (self.behind_api and self.defense is not None and "generate" in self.defense.points):
+            return Generations(images, torch.ones(len(images), dtype=torch.bool))
+        served_images, served = self.defense.serve(images)
+        served = torch.as_tensor(served, dtype=torch.bool)
+        if served.shape != (len(images),) or len(served_images) != int(served.sum()) or served_images.shape[1:] != images.shape[1:]:
+            raise S2LError(f"defense {self.defense.name}.serve returned {len(served_images)} images of shape {tuple(served_images.shape[1:])} "
+                           f"for a mask of {int(served.sum())} served out of {len(images)}; return one image per True entry, shaped as generated")  # fmt: skip
+        return Generations(served_images, served)
 
     def finetune(self, request: FinetuneRequest, *, callback: Callable | None = None, callback_every: int = 0) -> FinetuneOutcome:
         """Run a fine-tuning request; behind the fine-tune API the defense reviews it first

@@ -1,5 +1,7 @@
 """Defenses and the provider: threat models, the API gates, de-duplication and the fine-tune filter."""
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -7,12 +9,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from attacks.base import SHAKERS, FinetuneData
-from defenses.base import DEFENSES, POINTS
+from defenses.base import DEFENSES, POINTS, Defense
 from defenses.dedup import near_duplicate_keep
 from defenses.finetune_filter import FinetuneFilter, FinetuneFilterSettings, bootstrap_set_means, relative_drift
 from defenses.output_filter import OutputFilter, OutputFilterSettings
 from s2l_guard.config import Config, load_config
 from s2l_guard.data import ImageDataset, Record
+from s2l_guard.errors import S2LError
 from s2l_guard.metrics import tiled_l2
 from s2l_guard.provider import FinetuneRequest, Provider, ThreatModelError
 from s2l_guard.runner.plan import resolve_threat_model
@@ -80,6 +83,43 @@ def test_output_filter_acts_behind_the_api_only():
     # With the weights the attacker samples locally: the API's filter never sees it.
     local = Provider(bundle, "open-weights", defense).generate(["a digit one"] * 6, steps=2, guidance_scale=1.0, seed=3)
     assert local.served.all() and torch.equal(local.images, plain.images)
+
+
+class _NoisyOutputs(Defense):
+    """An output-noise defense in a few lines: the generate API serves every image, each noised."""
+
+    name, paper, summary, threat_models, points = "noisy_outputs", "-", "noise on served images", ("generate-api",), ("generate",)
+
+    @dataclasses.dataclass(frozen=True)
+    class Settings:
+        sd: float = 0.2
+        drop_first: bool = False
+
+    def serve(self, images):
+        served = torch.ones(len(images), dtype=torch.bool)
+        served[0] = not self.settings.drop_first
+        noise = self.settings.sd * torch.randn(images.shape, generator=torch.Generator().manual_seed(0))
+        return (images + noise).clamp(0, 1)[served], served
+
+
+def test_a_defense_may_change_what_the_generate_api_serves():
+    bundle = tiny_bundle()
+    plain = Provider(bundle, "open-weights").generate(["a digit one"] * 4, steps=2, guidance_scale=1.0, seed=3)
+    noisy = Provider(bundle, "generate-api", _NoisyOutputs()).generate(["a digit one"] * 4, steps=2, guidance_scale=1.0, seed=3)
+    assert noisy.served.all() and noisy.images.shape == plain.images.shape and not torch.equal(noisy.images, plain.images)
+    dropped = Provider(bundle, "generate-api", _NoisyOutputs(_NoisyOutputs.Settings(drop_first=True)))
+    out = dropped.generate(["a digit one"] * 4, steps=2, guidance_scale=1.0, seed=3)
+    assert out.served.tolist() == [False, True, True, True] and len(out.images) == 3
+    assert torch.equal(out.images, noisy.images[1:])  # the served images answer requests 1-3, in order
+
+
+def test_a_serve_hook_that_miscounts_is_refused():
+    class Broken(_NoisyOutputs):
+        def serve(self, images):
+            return images, torch.zeros(len(images), dtype=torch.bool)  # claims nothing served, returns everything
+
+    with pytest.raises(S2LError, match="one image per True entry"):
+        Provider(tiny_bundle(), "generate-api", Broken()).generate(["a digit one"] * 2, steps=2, guidance_scale=1.0, seed=0)
 
 
 @settings(max_examples=25, deadline=None)
