@@ -14,39 +14,20 @@ group size), which is exactly the case the testbed's duplicated members model.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import fields
 
 import torch
 
-from s2l_guard.errors import SettingsError
+from s2l_guard.privacy_settings import PrivacySettings
 
 from .base import DEFENSES, Defense, PretrainContext
 
-
-@dataclass(frozen=True)
-class DPSGDSettings:
-    target_epsilon: float = 10.0
-    delta: float = 0.0  # 0: 1 / (10 x training rows)
-    max_grad_norm: float = 1.0  # per-sample clipping bound
-    accountant: str = "rdp"  # "rdp" or "prv"
-    physical_batch_size: int = 64  # memory bound on the per-sample gradients
-
-    def __post_init__(self) -> None:
-        if self.target_epsilon <= 0:
-            raise SettingsError(f"target_epsilon must be > 0, got {self.target_epsilon}")
-        if not 0 <= self.delta < 1:
-            raise SettingsError(f"delta must be in [0, 1), got {self.delta}")
-        if self.max_grad_norm <= 0 or self.physical_batch_size < 1:
-            raise SettingsError("max_grad_norm must be > 0 and physical_batch_size >= 1")
-        if self.accountant not in ("rdp", "prv"):
-            raise SettingsError(f"accountant must be 'rdp' or 'prv', got {self.accountant!r}")
+DPSGDSettings = PrivacySettings  # the defense's settings are the guarantee it trains for, nothing more
 
 
-def privacy_settings(s) -> "PrivacySettings":  # noqa: F821
-    from s2l_guard.privacy import PrivacySettings
-
-    return PrivacySettings(target_epsilon=s.target_epsilon, delta=s.delta, max_grad_norm=s.max_grad_norm,
-                           accountant=s.accountant, physical_batch_size=s.physical_batch_size)  # fmt: skip
+def privacy_settings(s: PrivacySettings) -> PrivacySettings:
+    """The privacy part of a DP defense's settings (which may add fields of their own)."""
+    return PrivacySettings(**{f.name: getattr(s, f.name) for f in fields(PrivacySettings)})
 
 
 def last_losses(losses: list[float], n: int = 50) -> float | None:

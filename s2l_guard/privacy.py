@@ -60,42 +60,12 @@ from tqdm.auto import tqdm
 
 from .errors import ConfigError, S2LError
 from .model import Bundle
+from .privacy_settings import ACCOUNTANTS, PrivacySettings
 from .training import TrainSettings, _freeze_all_but, _in_batches, _set_train_mode, denoising_loss
 
-ACCOUNTANTS = ("rdp", "prv")
-# opacus' PRV noise search overflows and runs for many minutes far above this (e.g. epsilon 1e3).
-PRV_MAX_EPSILON = 100.0
 # What opacus (and torch's hooks) leave on parameters and modules while training privately.
 _PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad")
 _MODULE_ATTRS = ("activations", "max_batch_len", "ft_compute_sample_grad", "autograd_grad_sample_hooks")
-
-
-@dataclass(frozen=True)
-class PrivacySettings:
-    """The DP guarantee to train for and how to compute it."""
-
-    target_epsilon: float = 10.0  # > 0
-    delta: float = 0.0  # 0: 1 / (10 N) for N training rows; must be below 1 / N
-    max_grad_norm: float = 1.0  # per-sample clipping bound C
-    accountant: str = "rdp"  # "rdp" or "prv" (opacus accountants)
-    physical_batch_size: int = 64  # memory bound: logical Poisson batches are split into physical ones
-
-    def __post_init__(self) -> None:
-        if self.accountant not in ACCOUNTANTS:
-            raise ConfigError(f"privacy accountant {self.accountant!r} is unknown; use one of {', '.join(ACCOUNTANTS)}")
-        if not self.target_epsilon > 0:
-            raise ConfigError(f"privacy target_epsilon must be > 0, got {self.target_epsilon}; use e.g. 1 to 10")
-        if self.accountant == "prv" and self.target_epsilon > PRV_MAX_EPSILON:
-            raise ConfigError(
-                f"privacy target_epsilon = {self.target_epsilon} is beyond what opacus' PRV accountant can "
-                f"calibrate (<= {PRV_MAX_EPSILON:g}); use accountant = 'rdp' for such budgets"
-            )
-        if not 0 <= self.delta < 1:
-            raise ConfigError(f"privacy delta must be in [0, 1), got {self.delta}; use 0 for 1 / (10 N)")
-        if not self.max_grad_norm > 0:
-            raise ConfigError(f"privacy max_grad_norm must be > 0, got {self.max_grad_norm}; use e.g. 1.0")
-        if self.physical_batch_size < 1:
-            raise ConfigError(f"privacy physical_batch_size must be >= 1, got {self.physical_batch_size}")
 
 
 @dataclass

@@ -1,0 +1,40 @@
+"""The DP guarantee a run asks for, checked on its own: light (no opacus), so the DP defenses
+register, and their settings are validated, without loading the privacy engine."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import SettingsError
+
+ACCOUNTANTS = ("rdp", "prv")
+# opacus' PRV noise search overflows and runs for many minutes far above this (e.g. epsilon 1e3).
+PRV_MAX_EPSILON = 100.0
+
+
+@dataclass(frozen=True)
+class PrivacySettings:
+    """The DP guarantee to train for and how to compute it."""
+
+    target_epsilon: float = 10.0  # > 0
+    delta: float = 0.0  # 0: 1 / (10 N) for N training rows; must be below 1 / N
+    max_grad_norm: float = 1.0  # per-sample clipping bound C
+    accountant: str = "rdp"  # "rdp" or "prv" (opacus accountants)
+    physical_batch_size: int = 64  # memory bound: logical Poisson batches are split into physical ones
+
+    def __post_init__(self) -> None:
+        if self.accountant not in ACCOUNTANTS:
+            raise SettingsError(f"privacy accountant {self.accountant!r} is unknown; use one of {', '.join(ACCOUNTANTS)}")
+        if not self.target_epsilon > 0:
+            raise SettingsError(f"privacy target_epsilon must be > 0, got {self.target_epsilon}; use e.g. 1 to 10")
+        if self.accountant == "prv" and self.target_epsilon > PRV_MAX_EPSILON:
+            raise SettingsError(
+                f"privacy target_epsilon = {self.target_epsilon} is beyond what opacus' PRV accountant can "
+                f"calibrate (<= {PRV_MAX_EPSILON:g}); use accountant = 'rdp' for such budgets"
+            )
+        if not 0 <= self.delta < 1:
+            raise SettingsError(f"privacy delta must be in [0, 1), got {self.delta}; use 0 for 1 / (10 N)")
+        if not self.max_grad_norm > 0:
+            raise SettingsError(f"privacy max_grad_norm must be > 0, got {self.max_grad_norm}; use e.g. 1.0")
+        if self.physical_batch_size < 1:
+            raise SettingsError(f"privacy physical_batch_size must be >= 1, got {self.physical_batch_size}")
