@@ -36,9 +36,7 @@ class MembershipInference(ABC):
         self.settings = settings if settings is not None else self.Settings()
 
     @abstractmethod
-    def score(
-        self, bundle: Bundle, images: torch.Tensor, captions: Sequence[str], *, seed: int, batch_size: int = 256
-    ) -> np.ndarray:
+    def score(self, bundle: Bundle, images: torch.Tensor, captions: Sequence[str], *, seed: int, batch_size: int = 256) -> np.ndarray:
         """One score per image (``images``: ``[N, C, H, W]`` in [0, 1]); higher = member."""
 
 

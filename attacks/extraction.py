@@ -166,4 +166,3 @@ def flag_near_duplicates(candidates: torch.Tensor, settings: ExtractionConfig, g
         d = tiled_l2(candidates[i : i + settings.chunk], candidates, grid=grid)
         counts[i : i + settings.chunk] = (d <= settings.flag_delta).sum(1) - 1  # minus itself
     return (counts >= settings.flag_neighbours).numpy()
-

@@ -58,7 +58,10 @@ def main() -> None:
         for measure in sorted({m for _, m, _, _ in found}):
             ses = [se for _, m, se, _ in found if m == measure]
             median = float(np.median(ses))
-            print(f"median over SP rows, {measure}: se {median:.4f}, MDE " + ", ".join(f"x{k} {minimum_detectable_delta(median, scale=k):.4f}" for k in SCALES))
+            print(
+                f"median over SP rows, {measure}: se {median:.4f}, MDE "
+                + ", ".join(f"x{k} {minimum_detectable_delta(median, scale=k):.4f}" for k in SCALES)
+            )
         share = results["config"]["attack"]["calibration_share"]
         test = round(nonmembers * (1 - share))
         need = int(np.ceil(100 / (1 - share) / len(domains)))

@@ -148,7 +148,9 @@ class FinetuneFilter(Defense):
         s = self.settings
         steps = bundle.scheduler.config.num_train_timesteps
         if max(s.timesteps) >= steps:
-            raise ConfigError(f"[defenses.finetune_filter] timesteps {list(s.timesteps)} reach past the model's {steps} training timesteps; use values below {steps}")
+            raise ConfigError(
+                f"[defenses.finetune_filter] timesteps {list(s.timesteps)} reach past the model's {steps} training timesteps; use values below {steps}"
+            )
         return denoising_losses(bundle, images, captions, timesteps=s.timesteps, draws=s.draws, seed=s.seed).numpy()
 
     @functools.lru_cache(maxsize=64)
@@ -200,5 +202,7 @@ class FinetuneFilter(Defense):
     def review_result(self, base: Bundle, shaken: Bundle, request: FinetuneRequest) -> Review:
         drift = relative_drift(base, shaken)
         if self.settings.max_drift and drift > self.settings.max_drift:
-            return Review(False, f"the trained weights moved {drift:.3f} (relative L2); the API deploys at most {self.settings.max_drift}", {"drift": drift})
+            return Review(
+                False, f"the trained weights moved {drift:.3f} (relative L2); the API deploys at most {self.settings.max_drift}", {"drift": drift}
+            )
         return Review(True, "", {"drift": drift})

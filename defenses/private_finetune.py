@@ -56,8 +56,9 @@ class PrivateFinetune(Defense):
         if not trainable:
             raise ConfigError(f"no UNet parameter name contains any of {list(s.layers)}; name attention layers such as 'attn2.'")
         optimizer = torch.optim.AdamW(trainable.values(), lr=s.learning_rate)
-        settings = replace(context.train_settings, steps=s.steps, batch_size=s.batch_size, lr_schedule="constant", warmup_steps=0,
-                           checkpoint_every=0, ema_decay=0.0)  # the short DP fine-tune releases its own weights
+        settings = replace(
+            context.train_settings, steps=s.steps, batch_size=s.batch_size, lr_schedule="constant", warmup_steps=0, checkpoint_every=0, ema_decay=0.0
+        )  # the short DP fine-tune releases its own weights
         result = train_private(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings,
                                privacy=privacy_settings(s), description="dp-finetune",
                                on_step=context.progress(s.steps, "dp-finetune"))  # fmt: skip

@@ -56,9 +56,7 @@ class ImageDataset:
 
     def select(self, *, membership: str | None = None, domain: str | None = None) -> "ImageDataset":
         keep = [
-            i
-            for i, r in enumerate(self.records)
-            if (membership is None or r.membership == membership) and (domain is None or r.domain == domain)
+            i for i, r in enumerate(self.records) if (membership is None or r.membership == membership) and (domain is None or r.domain == domain)
         ]
         return ImageDataset([self.records[i] for i in keep], self.images[keep])
 

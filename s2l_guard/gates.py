@@ -104,8 +104,10 @@ def verdict(check: str, cell: dict | None, gates) -> Verdict:
     elif check == "extracted":
         excess = m["extracted_above_null"]
         value = bound = excess["value"]
-        text = (f"{value:+.1f} [{excess['ci95'][0]:+.1f}, {excess['ci95'][1]:+.1f}] ({m['extracted']} members and "
-                f"{m['nonmembers_matched']} held-out non-members matched; the point is gated)")
+        text = (
+            f"{value:+.1f} [{excess['ci95'][0]:+.1f}, {excess['ci95'][1]:+.1f}] ({m['extracted']} members and "
+            f"{m['nonmembers_matched']} held-out non-members matched; the point is gated)"
+        )
         name = "members extracted above chance (members minus held-out non-members matched)"
     else:
         entry = m["conditional_accuracy"]

@@ -43,9 +43,7 @@ def tiled_l2(a: torch.Tensor, b: torch.Tensor, *, grid: int = 1) -> torch.Tensor
     return (sq.clamp_min(0) / pixels).sqrt().amax(-1).float()
 
 
-def nearest(
-    queries: torch.Tensor, references: torch.Tensor, *, grid: int = 1, chunk: int = 1024
-) -> tuple[torch.Tensor, torch.Tensor]:
+def nearest(queries: torch.Tensor, references: torch.Tensor, *, grid: int = 1, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
     """For each query image, the distance to and index of its nearest reference image.
 
     Memory stays bounded by ``chunk x len(references)`` pair distances.
@@ -85,15 +83,11 @@ class Estimate:
         return {"value": self.value, "ci95": [self.low, self.high], "n": self.n}
 
 
-def bootstrap(
-    statistic: Callable[..., float], *samples: np.ndarray, resamples: int = 1000, seed: int = 0
-) -> Estimate:
+def bootstrap(statistic: Callable[..., float], *samples: np.ndarray, resamples: int = 1000, seed: int = 0) -> Estimate:
     """Percentile bootstrap of ``statistic(*samples)``; each sample is resampled independently."""
     samples = tuple(np.asarray(s, dtype=float) for s in samples)
     rng = np.random.default_rng(seed)
-    values = [
-        statistic(*(s[rng.integers(0, len(s), len(s))] for s in samples)) for _ in range(resamples)
-    ]
+    values = [statistic(*(s[rng.integers(0, len(s), len(s))] for s in samples)) for _ in range(resamples)]
     low, high = np.nanpercentile(values, [2.5, 97.5])
     return Estimate(float(statistic(*samples)), float(low), float(high), sum(len(s) for s in samples))
 
@@ -217,9 +211,7 @@ def tpr_at_fpr(member_scores, nonmember_scores, fpr: float) -> float:
     return float(tprs[fprs <= fpr].max())
 
 
-def resample_indices(
-    rng: np.random.Generator, sizes: Sequence[int], resamples: int
-) -> Iterator[tuple[np.ndarray, ...]]:
+def resample_indices(rng: np.random.Generator, sizes: Sequence[int], resamples: int) -> Iterator[tuple[np.ndarray, ...]]:
     """Bootstrap indices, one ``[rows, size]`` array per sample, in chunks of replicates.
 
     Each chunk draws its index arrays in the order of ``sizes`` from ``rng``, so two
@@ -307,9 +299,7 @@ def _percentile_estimate(value: float, replicates: np.ndarray, n: int) -> Estima
     return Estimate(float(value), float(low), float(high), n)
 
 
-def roc_metrics(
-    member_scores, nonmember_scores, *, fprs: Sequence[float] = (0.01, 0.001), resamples: int = 1000, seed: int = 0
-) -> dict:
+def roc_metrics(member_scores, nonmember_scores, *, fprs: Sequence[float] = (0.01, 0.001), resamples: int = 1000, seed: int = 0) -> dict:
     """ROC AUC and TPR at low FPRs with stratified percentile-bootstrap 95% intervals.
 
     Point estimates come from scikit-learn (:func:`auc`, :func:`tpr_at_fpr`).
@@ -374,9 +364,7 @@ def metrics_to_dict(result):
     return result
 
 
-def calibration_split(
-    n_members: int, n_nonmembers: int, *, calibration_share: float = 0.5, seed: int = 0
-) -> dict[str, np.ndarray]:
+def calibration_split(n_members: int, n_nonmembers: int, *, calibration_share: float = 0.5, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded split of members and of non-members into calibration and test indices.
 
     Each class is split separately with the same share (stratified), so both

@@ -50,7 +50,7 @@ class Bundle:
 
     @property
     def image_channels(self) -> int:
-        return (self.vae.config.in_channels if self.vae else self.unet.config.in_channels)
+        return self.vae.config.in_channels if self.vae else self.unet.config.in_channels
 
     @property
     def image_size(self) -> int:

@@ -74,4 +74,3 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return [(name, self._items[name]) for name in self.names()]
-

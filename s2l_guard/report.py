@@ -204,7 +204,10 @@ def plot_matrix(m: Matrix, path: Path, title: str, scale_min: float = 0.05) -> P
         side.text(0.5, i, text, ha="center", va="center", fontsize=6.5)
 
     bar = fig.colorbar(image, cax=cax)
-    bar.set_label(f"AUC amplification (after shaking minus before); extraction columns:\nchange in members extracted, same colours at +-{count_limit:g}", fontsize=7)
+    bar.set_label(
+        f"AUC amplification (after shaking minus before); extraction columns:\nchange in members extracted, same colours at +-{count_limit:g}",
+        fontsize=7,
+    )
     bar.ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=8.5)
     fig.savefig(path, dpi=130, bbox_inches="tight")
@@ -351,34 +354,53 @@ def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Mat
     blocks = [
         ("h", 1, f"S2L matrix report: {config.name}"),
         ("h", 2, "How it was obtained"),
-        ("ul", [f"config: `{results['config_source']}` (resolved config in results.json)",
+        (
+            "ul",
+            [
+                f"config: `{results['config_source']}` (resolved config in results.json)",
                 f"code version: `{results['code_version']}` (s2l-guard {results['s2l_guard_version']})",
                 f"defenses: {', '.join(results['defenses'])}; seeds: {', '.join(map(str, results['seeds']))}",
                 f"private domains attacked: {', '.join(results['domains'])} (matrix tiles pool them: domain `{POOLED}`)",
                 *sample_lines(results["cells"]),
-                f"wall time: {results['wall_seconds']:.1f} s for the whole matrix (cached cells cost nothing)"]),  # fmt: skip
+                f"wall time: {results['wall_seconds']:.1f} s for the whole matrix (cached cells cost nothing)",
+            ],
+        ),  # fmt: skip
         ("h", 2, "Gates"),
-        ("p", f"compare = {g.compare} ({'the unfavourable end of the 95% interval' if g.compare == 'interval' else 'the estimate'} "
-              f"is compared with the threshold); domains = {g.domains}; a leakage gate is judged only when its positive control "
-              f"(the undefended model, same attack, pooled) raises leakage by more than control_min_amplification = "
-              f"{g.control_min_amplification:g}, else it is an error."),  # fmt: skip
+        (
+            "p",
+            f"compare = {g.compare} ({'the unfavourable end of the 95% interval' if g.compare == 'interval' else 'the estimate'} "
+            f"is compared with the threshold); domains = {g.domains}; a leakage gate is judged only when its positive control "
+            f"(the undefended model, same attack, pooled) raises leakage by more than control_min_amplification = "
+            f"{g.control_min_amplification:g}, else it is an error.",
+        ),  # fmt: skip
         ("table", ["check", "threshold", "value", "enabled"], thresholds),
-        ("p", f"Verdicts: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error, {counts['skip']} skip "
-              f"({len(verdicts)} gates)."),  # fmt: skip
+        (
+            "p",
+            f"Verdicts: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error, {counts['skip']} skip ({len(verdicts)} gates).",
+        ),  # fmt: skip
         ("h", 2, "Matrix"),
-        ("p", "Each entry: amplification delta (after shaking minus before; AUC for MIAs, distinct members extracted for extraction) "
-              "of the cell pooled over domains, its 95% interval, and the gate verdict (the pooled cell's, else the worst "
-              "over its domains: FAIL > ERR > PASS > skip)."),  # fmt: skip
+        (
+            "p",
+            "Each entry: amplification delta (after shaking minus before; AUC for MIAs, distinct members extracted for extraction) "
+            "of the cell pooled over domains, its 95% interval, and the gate verdict (the pooled cell's, else the worst "
+            "over its domains: FAIL > ERR > PASS > skip).",
+        ),  # fmt: skip
         ("img", "matrix", "matrix.png"),
-        ("table", ["defense"] + [Matrix.label(c) for c in m.columns],
-         [[label.split("\n")[0]] + [matrix_entry(m.tiles[i, j]) for j in range(len(m.columns))] for i, label in enumerate(m.row_labels)]),
+        (
+            "table",
+            ["defense"] + [Matrix.label(c) for c in m.columns],
+            [[label.split("\n")[0]] + [matrix_entry(m.tiles[i, j]) for j in range(len(m.columns))] for i, label in enumerate(m.row_labels)],
+        ),
     ]
     if m.omitted:
         blocks.append(("p", f"Left out (no defense ran them): {', '.join(Matrix.label(c) for c in m.omitted)}."))
     blocks += [
         ("h", 2, "Defenses"),
-        ("table", ["defense", "threat model", "epsilon", "conditional accuracy [95% CI]", "served share", "Frechet distance",
-                   "wall seconds", "table"], defense_rows(results, m)),  # fmt: skip
+        (
+            "table",
+            ["defense", "threat model", "epsilon", "conditional accuracy [95% CI]", "served share", "Frechet distance", "wall seconds", "table"],
+            defense_rows(results, m),
+        ),  # fmt: skip
         ("h", 2, "Failed gates"),
         ("ul", failure_lines([v for v in verdicts if v.outcome == "fail"]) or ["none"]),
         ("h", 2, "Errored gates"),

@@ -84,8 +84,7 @@ def _paired(before, after, name: str) -> tuple[np.ndarray, np.ndarray]:
     b, a = scores_array(before, f"before_{name}"), scores_array(after, f"after_{name}")
     if len(b) != len(a):
         raise InputError(
-            f"before_{name} has {len(b)} scores but after_{name} has {len(a)}; "
-            "score the same samples, in the same order, with both models"
+            f"before_{name} has {len(b)} scores but after_{name} has {len(a)}; score the same samples, in the same order, with both models"
         )
     return b, a
 
@@ -125,15 +124,11 @@ def _bootstrap_p(deltas: np.ndarray) -> float:
     return float(min(1.0, 2 * (tail + 1) / (len(deltas) + 1)))
 
 
-def _interval_test(
-    statistic: str, method: str, before: float, after: float, deltas: np.ndarray, n: dict[str, int]
-) -> DeltaTest:
+def _interval_test(statistic: str, method: str, before: float, after: float, deltas: np.ndarray, n: dict[str, int]) -> DeltaTest:
     """A DeltaTest from the point values and the bootstrap replicates of the difference."""
     low, high = np.percentile(deltas, [2.5, 97.5])
     se = float(deltas.std(ddof=1)) if len(deltas) > 1 else 0.0
-    return DeltaTest(
-        statistic, method, before, after, after - before, float(low), float(high), se, _bootstrap_p(deltas), n, len(deltas)
-    )
+    return DeltaTest(statistic, method, before, after, after - before, float(low), float(high), se, _bootstrap_p(deltas), n, len(deltas))
 
 
 def paired_bootstrap_delta(
@@ -289,9 +284,7 @@ def delong_test(before_members, before_nonmembers, after_members, after_nonmembe
     bm, am = _paired(before_members, after_members, "members")
     bn, an = _paired(before_nonmembers, after_nonmembers, "nonmembers")
     if min(len(bm), len(bn)) < 2:
-        raise InputError(
-            f"DeLong's test needs at least 2 members and 2 non-members, got {len(bm)} and {len(bn)}; score more samples"
-        )
+        raise InputError(f"DeLong's test needs at least 2 members and 2 non-members, got {len(bm)} and {len(bn)}; score more samples")
     auc_b, v10_b, v01_b = _delong_components(bm, bn)
     auc_a, v10_a, v01_a = _delong_components(am, an)
     delta = auc_a - auc_b
@@ -434,9 +427,7 @@ def share_delta(before: np.ndarray, after: np.ndarray, *, statistic: str, resamp
     resamples = check_resamples(resamples)
     rng = np.random.default_rng(seed)
     c = len(before)
-    deltas = np.concatenate(
-        [after[idx_a].sum(1) - before[idx_b].sum(1) for idx_b, idx_a in resample_indices(rng, (c, c), resamples)]
-    )
+    deltas = np.concatenate([after[idx_a].sum(1) - before[idx_b].sum(1) for idx_b, idx_a in resample_indices(rng, (c, c), resamples)])
     return _interval_test(
         statistic, "independent bootstrap of candidate shares",
         float(np.round(before.sum(), 9)), float(np.round(after.sum(), 9)), deltas, {"candidates": c},

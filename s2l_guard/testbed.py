@@ -48,10 +48,7 @@ def split_digits(labels: np.ndarray, config: TestbedConfig, seed: int) -> list[A
         pool = _shuffled(labels, digit, seed)
         need = config.members_per_domain + config.nonmembers_per_domain
         if len(pool) < need:
-            raise DataError(
-                f"digit {digit} has {len(pool)} images but members_per_domain + nonmembers_per_domain = {need}; "
-                "lower them in [testbed]"
-            )
+            raise DataError(f"digit {digit} has {len(pool)} images but members_per_domain + nonmembers_per_domain = {need}; lower them in [testbed]")
         duplicated = round(config.duplicated_share * config.members_per_domain)
         for rank, index in enumerate(pool[: config.members_per_domain]):
             out.append(Assignment(int(index), digit, "member", config.copies if rank < duplicated else 1))

@@ -72,9 +72,7 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
 
 
-def denoising_loss(
-    bundle: Bundle, z0: torch.Tensor, context: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, noise_scheduler
-) -> torch.Tensor:
+def denoising_loss(bundle: Bundle, z0: torch.Tensor, context: torch.Tensor, t: torch.Tensor, noise: torch.Tensor, noise_scheduler) -> torch.Tensor:
     """Per-example epsilon-prediction loss ``[N]`` (mean squared error over each example)."""
     noisy = noise_scheduler.add_noise(z0, noise, t)
     prediction = bundle.unet(noisy, t, context).sample

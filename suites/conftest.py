@@ -110,4 +110,3 @@ def judged(gate: PlannedCell, s2l_matrix: dict, pytestconfig: pytest.Config, req
     if v.outcome == "error":  # failing in a fixture makes pytest report an error, not a failure
         pytest.fail(v.message, pytrace=False)
     return v
-

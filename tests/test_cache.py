@@ -58,10 +58,7 @@ def test_builds_abandoned_by_dead_processes_are_cleaned(tmp_path):
 
 
 def pretrain(store: Path, out: Path, config: Path, **popen):
-    code = (
-        "import sys; from s2l_guard.cli import main; "
-        f"sys.exit(main(['pretrain', '--config', {str(config)!r}]))"
-    )
+    code = f"import sys; from s2l_guard.cli import main; sys.exit(main(['pretrain', '--config', {str(config)!r}]))"
     return subprocess.Popen([sys.executable, "-c", code], cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 

@@ -23,8 +23,11 @@ def test_shipped_profiles_load(profile):
     assert config.source.endswith(f"{profile}.toml")
 
 
-@pytest.mark.parametrize("path", sorted(CONFIGS.glob("*.toml")) + sorted((CONFIGS.parent / "docs" / "calibration").glob("*.toml")),
-                         ids=lambda p: f"{p.parent.name}/{p.name}")
+@pytest.mark.parametrize(
+    "path",
+    sorted(CONFIGS.glob("*.toml")) + sorted((CONFIGS.parent / "docs" / "calibration").glob("*.toml")),
+    ids=lambda p: f"{p.parent.name}/{p.name}",
+)
 def test_every_shipped_config_loads(path):
     check_plugins(load_config(path))
 

@@ -12,7 +12,7 @@ from s2l_guard.cli import main
 from s2l_guard.runner.plan import resolve_threat_model
 
 ROOT = Path(__file__).resolve().parents[1]
-PROFILE = f"""extends = "{ROOT / 'configs' / 'smoke.toml'}"
+PROFILE = f"""extends = "{ROOT / "configs" / "smoke.toml"}"
 
 [attack]
 shakers = ["lora"]

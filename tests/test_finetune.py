@@ -29,8 +29,6 @@ PROMPT = "a handwritten digit seven"
 EMBEDDING = "text_encoder.embeddings.token_embedding.weight"
 
 
-
-
 def data_for(bundle, n=6, prompt=PROMPT, seed=0, **extra):
     g = torch.Generator().manual_seed(seed)
     shape = (n, bundle.image_channels, bundle.image_size, bundle.image_size)

@@ -21,7 +21,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
-CRASHING_PLUGIN = '''
+CRASHING_PLUGIN = """
 from dataclasses import dataclass
 from attacks.base import SHAKERS, Shaker
 
@@ -37,7 +37,7 @@ class Crashing(Shaker):
 
     def shake(self, bundle, data, *, seed, callback=None, callback_every=0):
         raise RuntimeError("the crashing plugin crashed on purpose")
-'''
+"""
 
 
 @pytest.fixture(scope="module")
@@ -50,10 +50,10 @@ def workspace(tmp_path_factory) -> Path:
 def write_config(folder: Path, name: str, *, matrix: str, gates: str) -> Path:
     path = folder / f"{name}.toml"
     path.write_text(f"""
-extends = "{ROOT / 'configs' / 'smoke.toml'}"
+extends = "{ROOT / "configs" / "smoke.toml"}"
 [run]
-store = "{folder / 'store'}"
-out_dir = "{folder / 'runs'}"
+store = "{folder / "store"}"
+out_dir = "{folder / "runs"}"
 device = "cpu"
 [attack]
 mia = ["loss"]
@@ -90,7 +90,9 @@ def outcomes(junit: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def tight(workspace):
     """The undefended smoke model under a 0.02 AUC-amplification threshold: (process, JUnit report)."""
-    config = write_config(workspace, "tight", matrix=LEAKY, gates='checks = ["auc_amplification", "utility"]\nmax_auc_amplification = 0.02\nmin_utility = 0.0')
+    config = write_config(
+        workspace, "tight", matrix=LEAKY, gates='checks = ["auc_amplification", "utility"]\nmax_auc_amplification = 0.02\nmin_utility = 0.0'
+    )
     junit = workspace / "tight.xml"
     return run_suite(workspace, config, f"--junitxml={junit}"), junit
 
@@ -110,7 +112,9 @@ def test_undefended_model_fails_tight_amplification_gates(workspace, tight):
 
 
 def test_loose_thresholds_pass_and_k_selects(workspace):
-    config = write_config(workspace, "loose", matrix=LEAKY, gates='checks = ["auc_amplification", "utility"]\nmax_auc_amplification = 1.0\nmin_utility = 0.0')
+    config = write_config(
+        workspace, "loose", matrix=LEAKY, gates='checks = ["auc_amplification", "utility"]\nmax_auc_amplification = 1.0\nmin_utility = 0.0'
+    )
     result = run_suite(workspace, config)
     assert result.returncode == 0, result.stdout[-3000:]
     assert "failed" not in result.stdout.splitlines()[-1] and "passed" in result.stdout.splitlines()[-1]

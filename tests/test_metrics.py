@@ -40,9 +40,7 @@ def test_known_value():
 
 
 images = st.integers(1, 4).flatmap(
-    lambda n: st.lists(st.floats(0, 1, width=32), min_size=n * 64, max_size=n * 64).map(
-        lambda v, n=n: torch.tensor(v).reshape(n, 1, 8, 8)
-    )
+    lambda n: st.lists(st.floats(0, 1, width=32), min_size=n * 64, max_size=n * 64).map(lambda v, n=n: torch.tensor(v).reshape(n, 1, 8, 8))
 )
 
 

@@ -34,8 +34,6 @@ def random_data(n, *, channels=1, size=8, seed=0):
     return images, [CAPTIONS[i % 2] for i in range(n)]
 
 
-
-
 @pytest.fixture(scope="module")
 def trained():
     """A tiny bundle trained on 8 members, with 16 held-out images from the same distribution."""

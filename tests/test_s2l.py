@@ -151,7 +151,6 @@ def without_timings(value):
     return value
 
 
-
 def test_the_out_of_domain_cell_key_follows_the_number_of_its_images(tmp_path, monkeypatch):
     """The real-image control trains on min(public images, [sp_set] images): a new count is a new cell."""
     from s2l_guard.config import load_config

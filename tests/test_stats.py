@@ -184,10 +184,7 @@ def test_extraction_interval_covers_the_true_difference(pool):
         hits[rng.random(c) > p] = -1
         return hits
 
-    covered = [
-        (r := extraction_delta(candidates(p_before), candidates(p_after), resamples=200, seed=i)).low <= truth <= r.high
-        for i in range(200)
-    ]
+    covered = [(r := extraction_delta(candidates(p_before), candidates(p_after), resamples=200, seed=i)).low <= truth <= r.high for i in range(200)]
     assert np.mean(covered) >= 0.9
 
 

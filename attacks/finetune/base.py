@@ -202,9 +202,7 @@ class FinetuneMethod(Shaker):
             torch.manual_seed(seed)
             adaptation = self.adapt(shaken, data)
         optimizer = torch.optim.AdamW(adaptation.trainable.values(), lr=s.learning_rate, weight_decay=s.weight_decay)
-        settings = TrainSettings(
-            steps=s.steps, batch_size=s.batch_size, caption_dropout=s.caption_dropout, grad_clip=s.grad_clip or None, seed=seed
-        )
+        settings = TrainSettings(steps=s.steps, batch_size=s.batch_size, caption_dropout=s.caption_dropout, grad_clip=s.grad_clip or None, seed=seed)
         trained = train(
             shaken, target.images, target.captions, trainable=adaptation.trainable, optimizer=optimizer,
             settings=settings, on_step=_every(callback, callback_every, shaken), description=self.name,
@@ -254,10 +252,7 @@ def _check_data(name: str, data: FinetuneData | None) -> None:
     if data is None:
         raise S2LError(f"{name} fine-tunes on data; pass FinetuneData (the SP set) to shake()")
     if len(data.images) == 0 or len(data.images) != len(data.captions):
-        raise S2LError(
-            f"{name}: FinetuneData needs one caption per image, got {len(data.images)} images and "
-            f"{len(data.captions)} captions"
-        )
+        raise S2LError(f"{name}: FinetuneData needs one caption per image, got {len(data.images)} images and {len(data.captions)} captions")
 
 
 def _every(callback: StepCallback | None, every: int, bundle: Bundle) -> Callable[[int, float], None] | None:

@@ -47,9 +47,7 @@ class LossAttack(MembershipInference):
             if not self.timesteps or self.draws < 1:
                 raise SettingsError(f"loss attack needs at least one timestep and draws >= 1, got {self.timesteps} and {self.draws}")
 
-    def score(
-        self, bundle: Bundle, images: torch.Tensor, captions: Sequence[str], *, seed: int, batch_size: int = 256
-    ) -> np.ndarray:
+    def score(self, bundle: Bundle, images: torch.Tensor, captions: Sequence[str], *, seed: int, batch_size: int = 256) -> np.ndarray:
         """Minus each image's mean denoising loss (mean squared error over elements).
 
         Args:

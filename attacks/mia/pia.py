@@ -77,9 +77,7 @@ class PIA(MembershipInference):
             if self.t < 1 or self.p <= 0:
                 raise SettingsError(f"pia needs t >= 1 and p > 0, got t={self.t}, p={self.p}")
 
-    def score(
-        self, bundle: Bundle, images: torch.Tensor, captions: Sequence[str], *, seed: int, batch_size: int = 256
-    ) -> np.ndarray:
+    def score(self, bundle: Bundle, images: torch.Tensor, captions: Sequence[str], *, seed: int, batch_size: int = 256) -> np.ndarray:
         """Minus each image's ``mean |eps_theta(x_t, t, c) - eps_0|^p`` (mean, not sum, over elements).
 
         Args:

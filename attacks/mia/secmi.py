@@ -80,9 +80,7 @@ class SecMI(MembershipInference):
             if self.guidance_scale < 0:
                 raise SettingsError(f"secmi guidance_scale must be >= 0 (1 = no guidance), got {self.guidance_scale}")
 
-    def score(
-        self, bundle: Bundle, images: torch.Tensor, captions: Sequence[str], *, seed: int, batch_size: int = 256
-    ) -> np.ndarray:
+    def score(self, bundle: Bundle, images: torch.Tensor, captions: Sequence[str], *, seed: int, batch_size: int = 256) -> np.ndarray:
         """Minus each image's t-error (mean squared error over the model-space elements).
 
         Args:

@@ -41,10 +41,12 @@ class Ablation:
 
 ABLATIONS = {
     "lora-rank": Ablation("lora", "rank", "SP", lambda c: c.ablation.lora_ranks, lambda c: 1, "LoRA rank", True),
-    "ti-tokens": Ablation("textual_inversion", "num_vectors", "SP", lambda c: c.ablation.ti_tokens, lambda c: 1,
-                          "learned TI vectors", True),  # fmt: skip
-    "gaussian": Ablation("gaussian", "sigma", "-", lambda c: c.ablation.gaussian_sigmas, lambda c: c.ablation.gaussian_draws,
-                         "Gaussian sigma", True),  # fmt: skip
+    "ti-tokens": Ablation(
+        "textual_inversion", "num_vectors", "SP", lambda c: c.ablation.ti_tokens, lambda c: 1, "learned TI vectors", True
+    ),  # fmt: skip
+    "gaussian": Ablation(
+        "gaussian", "sigma", "-", lambda c: c.ablation.gaussian_sigmas, lambda c: c.ablation.gaussian_draws, "Gaussian sigma", True
+    ),  # fmt: skip
 }
 
 

@@ -138,7 +138,9 @@ class S2LRun:
             cell: dict[str, Any] = {"row": row.label, "shaker": row.shaker, "data": row.data, "sigma": row.sigma, "variant": row.variant}
             if row.shaker is None:
                 cell["trainable_parameters"] = 0
-                cell.update(measure(self.provider, domain, domain.prompt, self.training, self.mias(), self.config.extraction, self.measure_seed(domain)))
+                cell.update(
+                    measure(self.provider, domain, domain.prompt, self.training, self.mias(), self.config.extraction, self.measure_seed(domain))
+                )
             else:
                 data = self._finetune_data(domain, row, sp)
                 if data is None:
@@ -224,7 +226,17 @@ class S2LRun:
             images = load_imagefolder(sp.path, channels=self.dataset.images.shape[1])
             captions = [r.text for r in images.records]
             data = FinetuneData(images.images, captions, domain.prompt if row.data == "SP" else captions[0])
-            return adapt_request(data, row.variant, self.config, ood_data(self.dataset, self.config), derive_seed(self.config.run.seed, "adaptive", domain.name, row.label)) if row.variant else data
+            return (
+                adapt_request(
+                    data,
+                    row.variant,
+                    self.config,
+                    ood_data(self.dataset, self.config),
+                    derive_seed(self.config.run.seed, "adaptive", domain.name, row.label),
+                )
+                if row.variant
+                else data
+            )
         if row.data == "OoD":
             return ood_data(self.dataset, self.config)
         if row.data == "members":

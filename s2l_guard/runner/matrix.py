@@ -172,7 +172,9 @@ class Progress:
             self.bar.set_postfix_str(f"{label} ({took})", refresh=False)
             self.bar.update()
         else:
-            log(f"matrix cell {self.done}/{self.total}: {label} ({took}); {time.perf_counter() - self.start:.0f} s elapsed, cells ETA {eta / 60:.1f} min (pre-trainings not counted)")
+            log(
+                f"matrix cell {self.done}/{self.total}: {label} ({took}); {time.perf_counter() - self.start:.0f} s elapsed, cells ETA {eta / 60:.1f} min (pre-trainings not counted)"
+            )
 
     def close(self) -> None:
         if self.bar is not None:

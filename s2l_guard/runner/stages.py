@@ -131,6 +131,7 @@ def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.d
         recipe = lambda images, captions: standard_pretrain(config, dataset, device, images, captions, workdir)  # noqa: E731
         if defended:
             log(f"pre-training under the {defense.name} defense")
+
             def undefended():
                 base = pretrain_stage(store, config, data, device)
                 return load_bundle(base.path, device=device), json.loads((base.path / "training.json").read_text())

@@ -107,7 +107,9 @@ def summarize_cell(cell: dict, base: dict, config: Config, seed: int, controls: 
     ext = dict(cell["extraction"]["summary"], extracted_files=cell["extraction"]["extracted"])
     b = config.attack.bootstrap
     hits = cell["extraction"]["hits"]
-    ext["above_null"] = excess_extraction(hits, cell["extraction"]["null_hits"], null_weight=cell["extraction"]["null_weight"], resamples=b, seed=seed)
+    ext["above_null"] = excess_extraction(
+        hits, cell["extraction"]["null_hits"], null_weight=cell["extraction"]["null_weight"], resamples=b, seed=seed
+    )
     if cell is not base:
         ext["vs_pretrained"] = extraction_delta(base["extraction"]["hits"], hits, resamples=b, seed=seed).to_dict()
         ext["above_null_vs_pretrained"] = share_delta(_null_shares([base]), _null_shares([cell]), statistic="extracted_above_null",
@@ -144,8 +146,10 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
     for mia in config.attack.mia:
         (m, n), (bm, bn) = join(cells, mia), join(bases, mia)
         share = config.attack.calibration_share
-        entry = {"roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed)),
-                 "tpr_calibrated": _calibrated(metrics_to_dict(threshold_protocol(m, n, fprs=FPRS[:1], calibration_share=share, seed=seed, resamples=b)))}
+        entry = {
+            "roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed)),
+            "tpr_calibrated": _calibrated(metrics_to_dict(threshold_protocol(m, n, fprs=FPRS[:1], calibration_share=share, seed=seed, resamples=b))),
+        }
         if row != base_row:
             entry["auc_delta"] = paired_bootstrap_delta(bm, bn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
             entry["tpr_delta"] = calibrated_tpr_delta(bm, bn, m, n, fpr=FPRS[0], calibration_share=share, resamples=b, seed=seed)
@@ -166,8 +170,12 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
         "extracted_per_domain_mean": float(np.mean(counts)),
         "extracted_per_domain": counts,
         "nonmembers_matched_per_domain": null_counts,
-        "above_null": {"excess": float(excess.sum()), "ci95": share_sum_interval(excess, resamples=b, seed=seed), "candidates": len(excess),
-                       "method": "members minus non-members matched by the same candidates, summed over domains; bootstrap of candidate shares"},
+        "above_null": {
+            "excess": float(excess.sum()),
+            "ci95": share_sum_interval(excess, resamples=b, seed=seed),
+            "candidates": len(excess),
+            "method": "members minus non-members matched by the same candidates, summed over domains; bootstrap of candidate shares",
+        },
         "candidates_per_domain": cells[0]["extraction"]["summary"]["candidates"],
         "withheld": sum(c["extraction"].get("withheld", 0) for c in cells),  # by a generate API
         "precision": true_flagged / flagged if flagged else None,
