@@ -155,11 +155,11 @@ def test_the_out_of_domain_cell_key_follows_the_number_of_its_images(tmp_path, m
     """The real-image control trains on min(public images, [sp_set] images): a new count is a new cell."""
     from s2l_guard.config import load_config
     from s2l_guard.runner.cells import S2LRun
-    from s2l_guard.runner.plan import Row
+    from s2l_guard.runner.plan import DataKind, Row
 
     monkeypatch.chdir(tmp_path)
     config = load_config(SMOKE)
-    row = Row("end2end-ood", "end2end", "OoD")
+    row = Row("end2end-ood", "end2end", DataKind.OOD)
     specs = []
     for images in (4, 8, 8):
         run = S2LRun(config.replace(sp_set={"images": images}))

@@ -23,7 +23,7 @@ from s2l_guard.config import Config
 from s2l_guard.formatting import format_interval, short_count
 
 from .cells import S2LRun, run_cells
-from .plan import Row
+from .plan import DataKind, Row, gaussian_row
 from .settings import shaker_settings
 from .summaries import pooled
 
@@ -32,7 +32,7 @@ from .summaries import pooled
 class Ablation:
     shaker: str
     setting: str  # the shaker setting that is swept
-    data: str  # "SP" (fine-tuning on the SP set) or "-" (Gaussian: no data)
+    data: DataKind  # SP (fine-tuning on the SP set) or NONE (Gaussian: no data)
     values: Callable[[Config], tuple]
     draws: Callable[[Config], int]
     axis: str  # x-axis label
@@ -40,12 +40,12 @@ class Ablation:
 
 
 ABLATIONS = {
-    "lora-rank": Ablation("lora", "rank", "SP", lambda c: c.ablation.lora_ranks, lambda c: 1, "LoRA rank", True),
+    "lora-rank": Ablation("lora", "rank", DataKind.SP, lambda c: c.ablation.lora_ranks, lambda c: 1, "LoRA rank", True),
     "ti-tokens": Ablation(
-        "textual_inversion", "num_vectors", "SP", lambda c: c.ablation.ti_tokens, lambda c: 1, "learned TI vectors", True
+        "textual_inversion", "num_vectors", DataKind.SP, lambda c: c.ablation.ti_tokens, lambda c: 1, "learned TI vectors", True
     ),  # fmt: skip
     "gaussian": Ablation(
-        "gaussian", "sigma", "-", lambda c: c.ablation.gaussian_sigmas, lambda c: c.ablation.gaussian_draws, "Gaussian sigma", True
+        "gaussian", "sigma", DataKind.NONE, lambda c: c.ablation.gaussian_sigmas, lambda c: c.ablation.gaussian_draws, "Gaussian sigma", True
     ),  # fmt: skip
 }
 
@@ -58,7 +58,7 @@ def ablation_rows(ablation: Ablation, config: Config) -> list[tuple[Any, Row]]:
     for value in ablation.values(config):
         for draw in range(ablation.draws(config)):
             if ablation.shaker == "gaussian":  # the same labels as the table's Gaussian rows
-                row = Row(f"gaussian-{value:g}-draw{draw}", "gaussian", "-", (("sigma", value),), draw)
+                row = gaussian_row(value, draw)
             elif value == configured:
                 row = Row(ablation.shaker, ablation.shaker, ablation.data)
             else:
@@ -73,7 +73,7 @@ def run_ablation(run: S2LRun, name: str) -> dict[str, Any]:
     config = run.config
     start = time.perf_counter()
     pairs = ablation_rows(ablation, config)
-    rows = [Row("pretrained", None, "-")] + [row for _, row in pairs]
+    rows = [Row("pretrained", None, DataKind.NONE)] + [row for _, row in pairs]
     cells = run_cells(run, rows)
     seed = config.run.seed
     entries = {row.label: pooled(cells, row.label, "pretrained", config, seed) for row in rows}

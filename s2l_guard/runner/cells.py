@@ -32,7 +32,7 @@ from s2l_guard.provider import FinetuneRequest, Provider
 from s2l_guard.runtime import log, resolve_device
 from s2l_guard.utility import model_utility
 
-from .plan import Row, derive_seed, ood_data, ood_domain, ood_spec, resolve_threat_model
+from .plan import DataKind, Row, derive_seed, ood_data, ood_domain, ood_spec, resolve_threat_model
 from .settings import check_plugins, defense_settings, mia_settings, shaker_settings
 from .stages import pretrain_stage, testbed_stage
 
@@ -93,9 +93,9 @@ class S2LRun:
 
     def generated_data(self, domain: Domain, row: Row) -> Artifact | None:
         """The self-generated images a row trains on: its domain's SP set, or a public domain's."""
-        if row.data == "SP":
+        if row.data == DataKind.SP:
             return self.sp_set(domain.name, domain.prompt)
-        if row.data == "OoD-gen":
+        if row.data == DataKind.OOD_GEN:
             name = ood_domain(self.dataset)
             return self.sp_set(name, self.dataset.domain_caption(name)) if name else None
         return None
@@ -117,12 +117,12 @@ class S2LRun:
             "format": CELL_FORMAT, "bundle": self.bundle_art.key, "data": self.data_art.key, "domain": domain.name, "row": row.label,
             "shaker": shaker, "sp_set": sp.key if sp else None, "seed": c.run.seed,
             # the real out-of-domain images a row trains on (their number follows [sp_set] images)
-            "ood_data": ood_spec(self.dataset, c) if row.data == "OoD" else None,
+            "ood_data": ood_spec(self.dataset, c) if row.data == DataKind.OOD else None,
             "mia": {name: json.loads(json.dumps(mia_settings(c, name).__dict__, default=list)) for name in c.attack.mia},
             # every setting but the counting radius, which is applied when the cell is read
             "extraction": {k: v for k, v in c.section("extraction").items() if k != "delta"},
             # only training rows record a trajectory; the others must not be recomputed when it changes
-            "trajectory_every": c.attack.trajectory_every if row.shaker and row.data != "-" else 0,
+            "trajectory_every": c.attack.trajectory_every if row.shaker and row.data != DataKind.NONE else 0,
         }  # fmt: skip
 
     def run_cell(self, domain: Domain, row: Row) -> dict:
@@ -193,7 +193,7 @@ class S2LRun:
         counts: dict[str, list[int]] = {}
         sizes: dict[str, int] = {}
         for domain in self.domains:
-            sp = self._finetune_data(domain, Row(domain.name, None, "SP"), self.sp_set(domain.name, domain.prompt))
+            sp = self._finetune_data(domain, Row(domain.name, None, DataKind.SP), self.sp_set(domain.name, domain.prompt))
             for variant in ("",) + a.variants:
                 seed = derive_seed(self.config.run.seed, "adaptive", domain.name, f"report-{variant}")
                 data = adapt_request(sp, variant, self.config, ood_data(self.dataset, self.config), seed) if variant else sp
@@ -220,12 +220,12 @@ class S2LRun:
         return derive_seed(self.config.run.seed, "measure", domain.name)
 
     def _finetune_data(self, domain: Domain, row: Row, sp: Artifact | None) -> FinetuneData | None:
-        if row.data in ("SP", "OoD-gen"):
+        if row.data in (DataKind.SP, DataKind.OOD_GEN):
             if sp is None:
                 return None
             images = load_imagefolder(sp.path, channels=self.dataset.images.shape[1])
             captions = [r.text for r in images.records]
-            data = FinetuneData(images.images, captions, domain.prompt if row.data == "SP" else captions[0])
+            data = FinetuneData(images.images, captions, domain.prompt if row.data == DataKind.SP else captions[0])
             return (
                 adapt_request(
                     data,
@@ -237,9 +237,9 @@ class S2LRun:
                 if row.variant
                 else data
             )
-        if row.data == "OoD":
+        if row.data == DataKind.OOD:
             return ood_data(self.dataset, self.config)
-        if row.data == "members":
+        if row.data == DataKind.MEMBERS:
             return FinetuneData(domain.members.images, [r.text for r in domain.members.records], domain.prompt)
         return FinetuneData(torch.empty(0), [], domain.prompt)  # Gaussian shaking uses no data
 
@@ -251,7 +251,7 @@ class S2LRun:
         measure_seed = self.measure_seed(domain)
 
         # Mid-training the domain is reached through the method's prompt too (TI's token).
-        on_domain = row.data in ("SP", "members")  # trained on the domain's own images, under its prompt
+        on_domain = row.data in (DataKind.SP, DataKind.MEMBERS)  # trained on the domain's own images, under its prompt
         prompt = shaker.target_prompt(data) if on_domain and hasattr(shaker, "target_prompt") else domain.prompt
         captions = lambda part: [r.text.replace(domain.prompt, prompt) for r in part.records]  # noqa: E731
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -28,16 +29,34 @@ def derive_seed(seed: int, *labels: object) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+class DataKind(str, Enum):
+    """What a row's shaker trains on; written to results.json as its value."""
+
+    NONE = "-"  # no data: the pre-trained model, Gaussian shaking
+    SP = "SP"  # the domain's SP set
+    OOD = "OoD"  # real images of a public domain: the paper's control
+    OOD_GEN = "OoD-gen"  # the model's own generations of a public domain's prompt
+    MEMBERS = "members"  # the domain's real members: the oracle SP set, an upper bound
+
+    def __str__(self) -> str:
+        return self.value
+
+
+_SUFFIX = {DataKind.SP: "", DataKind.OOD: "-ood", DataKind.OOD_GEN: "-ood-gen", DataKind.MEMBERS: "-members"}
+
+
+def row_label(shaker: str, data: DataKind) -> str:
+    """A fine-tune row's label: the shaker, suffixed by what it trains on (lora, lora-ood, lora-members)."""
+    return shaker + _SUFFIX[DataKind(data)]
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of the S2L table: a shaker on some data (or none: the pre-trained model)."""
 
     label: str
     shaker: str | None
-    # "-" (no data), "SP" (the domain's SP set), "OoD" (real images of a public domain),
-    # "OoD-gen" (the model's own generations of a public domain's prompt)
-    # or "members" (the domain's real members: the oracle SP set, an upper bound)
-    data: str
+    data: DataKind
     overrides: tuple[tuple[str, Any], ...] = ()  # settings changed from the config's (Gaussian sigma, ablated rank)
     draw: int = 0
     variant: str = ""  # an adaptive attacker's change to the SP request ([adaptive] variants)
@@ -47,17 +66,24 @@ class Row:
         return dict(self.overrides).get("sigma")
 
 
+def gaussian_row(sigma: float, draw: int) -> Row:
+    return Row(f"gaussian-{sigma:g}-draw{draw}", "gaussian", DataKind.NONE, (("sigma", sigma),), draw)
+
+
 def plan_rows(config: Config, *, adaptive: bool = False) -> list[Row]:
     """The table's rows; ``adaptive`` adds the requests of an attacker who knows a fine-tune filter."""
     a = config.attack
-    rows = [Row("pretrained", None, "-")]
-    rows += [Row(f"{name}-ood", name, "OoD") for name in a.ood_shakers]
-    rows += [Row(f"{name}-ood-gen", name, "OoD-gen") for name in a.ood_generated_shakers]
-    rows += [Row(name, name, "SP") for name in a.shakers]
-    rows += [Row(f"{name}-members", name, "members") for name in a.member_shakers]
+    fine_tunes = [
+        (DataKind.OOD, a.ood_shakers),
+        (DataKind.OOD_GEN, a.ood_generated_shakers),
+        (DataKind.SP, a.shakers),
+        (DataKind.MEMBERS, a.member_shakers),
+    ]
+    rows = [Row("pretrained", None, DataKind.NONE)]
+    rows += [Row(row_label(name, kind), name, kind) for kind, names in fine_tunes for name in names]
     if adaptive:
-        rows += [Row(f"{name}-{v}", name, "SP", variant=v) for name in config.adaptive.shakers for v in config.adaptive.variants]
-    rows += [Row(f"gaussian-{s:g}-draw{d}", "gaussian", "-", (("sigma", s),), d) for s in a.gaussian_sigmas for d in range(a.gaussian_draws)]
+        rows += [Row(f"{name}-{v}", name, DataKind.SP, variant=v) for name in config.adaptive.shakers for v in config.adaptive.variants]
+    rows += [gaussian_row(s, d) for s in a.gaussian_sigmas for d in range(a.gaussian_draws)]
     return rows
 
 

@@ -26,15 +26,15 @@ from s2l_guard.stats import (
     share_sum_interval,
 )
 
-from .plan import Row
+from .plan import DataKind, Row, row_label
 from .settings import shaker_settings
 
 FPRS = (0.01, 0.001)
 
 
-CONTROLS = {  # key in results.json -> (row suffix, what the control isolates)
-    "vs_ood_control": "-ood",  # real images of a public domain: fine-tuning as such
-    "vs_generated_ood_control": "-ood-gen",  # the model's own images of a public domain: self-generated data as such
+CONTROLS = {  # key in results.json -> the data of the control row an SP row is compared with
+    "vs_ood_control": DataKind.OOD,  # real images of a public domain: fine-tuning as such
+    "vs_generated_ood_control": DataKind.OOD_GEN,  # the model's own images of a public domain: self-generated data as such
 }
 
 
@@ -43,11 +43,11 @@ def controls_for(cells: dict[str, dict], cell: dict) -> dict[str, dict]:
 
     Only controls that ran are returned; non-SP rows have none.
     """
-    if cell.get("data") != "SP":
+    if cell.get("data") != DataKind.SP:
         return {}
     found = {}
-    for key, suffix in CONTROLS.items():
-        control = cells.get(f"{cell['shaker']}{suffix}") or cells.get(f"end2end{suffix}")
+    for key, kind in CONTROLS.items():
+        control = cells.get(row_label(cell["shaker"], kind)) or cells.get(row_label("end2end", kind))
         if control is not None and control.get("status", "ok") == "ok":
             found[key] = control
     return found
