@@ -1,0 +1,66 @@
+"""The defense table of docs/defenses.md and docs/gates.md from a matrix run's results.json, as Markdown.
+
+    .venv/bin/python docs/calibration/matrix_table.py runs/<profile>-matrix-<hash>
+
+Per defense (pooled over the attacked domains, 95% intervals): the released model's own
+leakage (SecMI and PIA AUC, extraction above the held-out non-member null), S2L's paired
+change with End-to-End and LoRA on the SP set (SecMI; extraction above the null), the
+oracle row's PIA change (End-to-End on the real members), utility, and the gate verdicts
+of the matrix's [gates] as pass/fail/error/skip.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections import Counter
+from pathlib import Path
+
+from s2l_guard.formatting import format_interval
+from s2l_guard.gates import evaluate
+from s2l_guard.report import config_of
+from s2l_guard.runner.matrix import load_matrix
+from s2l_guard.runner.plan import POOLED, plan
+
+
+def main(folder: str) -> None:
+    results = load_matrix(Path(folder))
+    config = config_of(results)
+    seed = results["seeds"][0]
+    cells = {(c["defense"], c["attack"], c["measure"]): c for c in results["cells"] if c["domain"] == POOLED and c["seed"] == seed}
+    verdicts = evaluate(results, config.gates, plan(config, results["defenses"]))
+    counts = {d: Counter(v.outcome for v in verdicts if v.cell_id.startswith(f"{d}-")) for d in results["defenses"]}
+
+    def metric(defense: str, attack: str, measure: str, key: str, signed: bool = False, digits: int = 3) -> str:
+        cell = cells.get((defense, attack, measure))
+        if cell is None or cell.get("status") != "ok":
+            return cell.get("status", "-") if cell else "-"
+        entry = cell["metrics"].get(key)
+        if not entry:
+            return "-"
+        return format_interval(entry.get("value", entry.get("delta")), entry.get("ci95"), signed=signed, digits=digits)
+
+    header = ["defense", "threat model", "epsilon", "released SecMI AUC", "released PIA AUC", "released extraction above null",
+              "end2end dAUC SecMI", "lora dAUC SecMI", "end2end d above null", "oracle dAUC PIA", "cond. accuracy",
+              "gates pass/fail/error/skip"]  # fmt: skip
+    print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
+    for defense in results["defenses"]:
+        table = results["tables"].get(f"{defense}/{seed}", {})
+        privacy = table.get("report", {}).get("pretraining", {}).get("privacy")
+        c = counts[defense]
+        row = [defense, table.get("threat_model") or "-", f"{privacy['epsilon']:.2f}" if privacy else "-",
+               metric(defense, "pretrained", "secmi", "auc"), metric(defense, "pretrained", "pia", "auc"),
+               metric(defense, "pretrained", "extraction", "extracted_above_null", signed=True, digits=1),
+               metric(defense, "end2end", "secmi", "auc_amplification", signed=True), metric(defense, "lora", "secmi", "auc_amplification", signed=True),
+               metric(defense, "end2end", "extraction", "extraction_amplification", signed=True, digits=1),
+               metric(defense, "end2end-members", "pia", "auc_amplification", signed=True),
+               metric(defense, "-", "utility", "conditional_accuracy"),
+               f"{c['pass']}/{c['fail']}/{c['error']}/{c['skip']}"]  # fmt: skip
+        print("| " + " | ".join(row) + " |")
+    total = Counter(v.outcome for v in verdicts)
+    print(f"\nall gates: {total['pass']} pass, {total['fail']} fail, {total['error']} error, {total['skip']} skip ({len(verdicts)})")
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 2:
+        sys.exit(__doc__)
+    main(sys.argv[1])
