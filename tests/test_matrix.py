@@ -10,6 +10,7 @@ from s2l_guard.config import GatesConfig, load_config
 from s2l_guard.errors import ConfigError
 from s2l_guard.gates import control_problem, gate_plan, judge, verdict
 from s2l_guard.runner.plan import POOLED, PlannedCell, plan
+from s2l_guard.runner.settings import check_plugins
 
 SMOKE = "configs/smoke.toml"
 
@@ -45,7 +46,8 @@ def test_gates_judge_shaken_rows_on_the_chosen_domains():
     config = load_config(SMOKE).replace(matrix={"defenses": ["none"], "shakers": ["lora"], "member_shakers": [], "gaussian_sigmas": []})
     planned = plan(config)
     each = gate_plan(planned, GatesConfig(domains="each"), "auc_amplification")
-    assert each and all(c.domain != POOLED and c.attack == "lora" and c.measure in config.attack.mia for c in each)
+    mias = check_plugins(config).attack.mia  # "all" expanded to the registered attacks
+    assert each and all(c.domain != POOLED and c.attack == "lora" and c.measure in mias for c in each)
     assert {c.domain for c in gate_plan(planned, GatesConfig(domains="pooled"), "extracted")} == {POOLED}
     assert [c.id for c in gate_plan(planned, GatesConfig(), "utility")] == ["none-utility"]
     assert gate_plan(planned, GatesConfig(checks=("utility",)), "auc_amplification") == []

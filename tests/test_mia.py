@@ -132,7 +132,9 @@ def test_scores_do_not_depend_on_batch_size_and_repeat_exactly(trained, name):
     bundle, (images, captions), _ = trained
     a = attack(name)
     whole = a.score(bundle, images, captions, seed=3, batch_size=256)
-    np.testing.assert_allclose(a.score(bundle, images, captions, seed=3, batch_size=3), whole, rtol=1e-4)
+    # float32 sums in another order: 1e-4 relative, or 1e-6 absolute where a score is a small
+    # difference of two losses (CLiD's ~1e-4 scores cancel losses of ~0.1)
+    np.testing.assert_allclose(a.score(bundle, images, captions, seed=3, batch_size=3), whole, rtol=1e-4, atol=1e-6)
     np.testing.assert_array_equal(a.score(bundle, images, captions, seed=3, batch_size=256), whole)
 
 
@@ -149,7 +151,7 @@ def test_latent_bundles_are_scored_in_latent_space(name):
     a = attack(name)
     scores = a.score(bundle, images, captions, seed=0, batch_size=2)
     assert scores.shape == (5,) and scores.dtype == np.float64 and np.isfinite(scores).all()
-    np.testing.assert_allclose(a.score(bundle, images, captions, seed=0, batch_size=5), scores, rtol=1e-4)
+    np.testing.assert_allclose(a.score(bundle, images, captions, seed=0, batch_size=5), scores, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("name", EVERY_MIA)
@@ -202,7 +204,15 @@ def test_the_registry_finds_every_attack_with_its_metadata():
 # ---------------------------------------------------------------- sensitivity
 
 
-@pytest.mark.parametrize("name", EVERY_MIA)
+# Sensitivity is each attack's own claim about this fixture (8 memorized random images, two
+# shared captions). CLiD's premise - a model overfits an image *given its caption* more than
+# the image alone - does not hold on it: measured AUC 0.70 (1 noise draw) and 0.55 (4 draws)
+# here, 0.12-0.53 with a unique caption per image (data seeds 0-2), so it is checked against
+# its definition in test_clid.py and measured on the testbed instead.
+SENSITIVE_ON_TINY = ("secmi", "pia", "pian", "loss")
+
+
+@pytest.mark.parametrize("name", SENSITIVE_ON_TINY)
 def test_members_score_higher_than_held_out_images(trained, name):
     bundle, members, held_out = trained
     a = attack(name)
