@@ -5,7 +5,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 CONFIG ?= configs/standard.toml
 
-.PHONY: run defenses gates test install clean
+.PHONY: run defenses gates test test-slow lint install clean
 
 $(BIN)/.installed: pyproject.toml constraints-cpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,8 +31,17 @@ gates: $(BIN)/.installed
 defenses: $(BIN)/.installed
 	$(BIN)/s2l-guard attack --config $(CONFIG) --defense all
 
+# The fast tier: unit, property and one small end-to-end run (a few minutes on 2 cores).
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not slow"
+
+# The slow tier: whole tables, matrices and gate suites through the CLI and in subprocesses.
+test-slow: $(BIN)/.installed
+	$(BIN)/python -m pytest -m slow
+
+lint: $(BIN)/.installed
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 clean:
 	rm -rf .s2l-cache runs

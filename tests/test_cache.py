@@ -62,6 +62,7 @@ def pretrain(store: Path, out: Path, config: Path, **popen):
     return subprocess.Popen([sys.executable, "-c", code], cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+@pytest.mark.slow  # SIGKILLs a pre-training subprocess (about 40 s)
 def test_killed_pretrain_resumes_to_the_same_result(tmp_path):
     """SIGKILL a pre-training after its first checkpoint; the rerun resumes and matches a clean run.
 

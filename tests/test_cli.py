@@ -11,6 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 SMOKE = str(ROOT / "configs" / "smoke.toml")
 
 
+@pytest.mark.slow  # a subprocess importing the whole toolkit
 def test_help_lists_every_command():
     result = subprocess.run([sys.executable, "-m", "s2l_guard.cli", "--help"], capture_output=True, text=True)
     assert result.returncode == 0

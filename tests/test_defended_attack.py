@@ -11,6 +11,8 @@ from defenses.base import DEFENSES
 from s2l_guard.cli import main
 from s2l_guard.runner.plan import resolve_threat_model
 
+pytestmark = pytest.mark.slow  # the S2L table against every defense through the CLI (about 80 s)
+
 ROOT = Path(__file__).resolve().parents[1]
 PROFILE = f"""extends = "{ROOT / "configs" / "smoke.toml"}"
 

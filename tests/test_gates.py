@@ -25,6 +25,8 @@ CRASHING_PLUGIN = """
 from dataclasses import dataclass
 from attacks.base import SHAKERS, Shaker
 
+pytestmark = pytest.mark.slow  # gate suites in subprocesses on smoke matrices (about 2 minutes)
+
 @SHAKERS.register
 class Crashing(Shaker):
     name = "crashing"

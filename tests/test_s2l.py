@@ -121,6 +121,7 @@ def test_a_crashing_cell_is_reported_failed_and_the_rest_still_run(tmp_path, mon
     assert cell["status"] == "failed" and "RuntimeError: GPU on fire" in cell["reason"]
 
 
+@pytest.mark.slow  # a second whole smoke table from scratch
 def test_results_are_reproducible_from_config_and_seed(tmp_path, monkeypatch):
     """Two fresh runs (separate stores, different global RNG states) give identical numbers."""
     import torch
