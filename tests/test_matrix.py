@@ -134,3 +134,12 @@ def test_the_extraction_gate_judges_members_above_the_held_out_null():
     assert chance.outcome == "pass" and "2 members and 2 held-out non-members matched" in chance.message
     assert verdict("extracted", extraction_cell(3, 1, (0.5, 4.0)), gates).outcome == "fail"
     assert verdict("extracted", extraction_cell(2, 2, legacy=True), gates).outcome == "fail"  # an old matrix: the raw count
+
+
+def test_a_given_data_set_names_the_attacked_domains_from_its_metadata(tmp_path):
+    from s2l_guard.testbed import build_testbed
+
+    config = load_config(SMOKE)
+    build_testbed(tmp_path / "data", config.testbed, config.run.seed)
+    planned = plan(config.replace(run={"data": str(tmp_path / "data")}, matrix={"defenses": ["none"]}))
+    assert {c.domain for c in planned} == {"digit7", "digit8", POOLED}

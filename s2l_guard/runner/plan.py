@@ -157,7 +157,7 @@ def domain_names(config: Config) -> list[str]:
     if config.attack.domains:
         return list(config.attack.domains)
     if config.run.data:  # read from the metadata only: the images are loaded when the tables run
-        from .data import METADATA, _read_records
+        from s2l_guard.data import METADATA, _read_records
 
         path = Path(config.run.data) / METADATA
         if not path.is_file():
