@@ -19,13 +19,13 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # gate suites in subprocesses on smoke matrices (about 2 minutes)
+
 ROOT = Path(__file__).resolve().parents[1]
 
 CRASHING_PLUGIN = """
 from dataclasses import dataclass
 from attacks.base import SHAKERS, Shaker
-
-pytestmark = pytest.mark.slow  # gate suites in subprocesses on smoke matrices (about 2 minutes)
 
 @SHAKERS.register
 class Crashing(Shaker):
