@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from attacks.adaptive import adapt_request
-from attacks.base import MIA, SHAKERS, FinetuneData, MembershipInference
+from attacks.base import MIA, SHAKERS, FinetuneData
 from attacks.s2l import Domain, extraction_at, measure, split_domains
 from attacks.sp_set import generate_sp_set
 from defenses.base import DEFENSES
@@ -55,6 +55,8 @@ class S2LRun:
         if self.unavailable_mia:
             config = config.replace(attack={"mia": [m for m in config.attack.mia if m not in self.unavailable_mia]})
         self.config = config
+        # The configured attacks the threat model allows, built once for every cell and trajectory step.
+        self.mias = {name: MIA.get(name)(mia_settings(config, name)) for name in config.attack.mia}
         self.device = resolve_device(config.run.device)
         self.store = Store(config.run.store)
         self.data_art = testbed_stage(self.store, config)
@@ -139,7 +141,7 @@ class S2LRun:
             if row.shaker is None:
                 cell["trainable_parameters"] = 0
                 cell.update(
-                    measure(self.provider, domain, domain.prompt, self.training, self.mias(), self.config.extraction, self.measure_seed(domain))
+                    measure(self.provider, domain, domain.prompt, self.training, self.mias, self.config.extraction, self.measure_seed(domain))
                 )
             else:
                 data = self._finetune_data(domain, row, sp)
@@ -209,10 +211,6 @@ class S2LRun:
                       "sets per size; Wilson 95% intervals",
         }  # fmt: skip
 
-    def mias(self) -> dict[str, MembershipInference]:
-        """The configured membership inference attacks the threat model allows, by name."""
-        return {name: MIA.get(name)(mia_settings(self.config, name)) for name in self.config.attack.mia}
-
     def measure_seed(self, domain: Domain) -> int:
         """One seed per domain for every model's attacks: the loss attack's noise and the
         extraction candidates' starting noise are then the same for the pre-trained and the
@@ -256,7 +254,7 @@ class S2LRun:
         captions = lambda part: [r.text.replace(domain.prompt, prompt) for r in part.records]  # noqa: E731
 
         def on_step(step: int, bundle: Bundle) -> None:  # open-weights only: the attacker trains locally
-            attack = self.mias()[primary]
+            attack = self.mias[primary]
             m = attack.score(bundle, domain.members.images, captions(domain.members), seed=measure_seed)
             n = attack.score(bundle, domain.nonmembers.images, captions(domain.nonmembers), seed=measure_seed)
             trajectory.append({"step": step, "mia": primary, "auc": float(roc_metrics(m, n, resamples=100)["auc"].value)})
@@ -269,7 +267,7 @@ class S2LRun:
         # The domain's prompt in the shaken model (Textual Inversion's token for an SP row;
         # the OoD control is attacked with the domain's own prompt).
         prompt = outcome.prompt if on_domain else domain.prompt
-        out = measure(outcome.provider, domain, prompt, self.training, self.mias(), self.config.extraction, measure_seed)
+        out = measure(outcome.provider, domain, prompt, self.training, self.mias, self.config.extraction, measure_seed)
         out.update(trainable_parameters=outcome.trainable_parameters, trajectory=trajectory, evidence=outcome.evidence,
                    images=len(data.images), final_loss=float(np.mean(outcome.losses[-10:])) if outcome.losses else None)  # fmt: skip
         return out

@@ -168,8 +168,7 @@ def domain_names(config: Config) -> list[str]:
 
 def _table_plan(config: Config) -> tuple[list, list[str]]:
     """The rows one defense's table runs and every MIA the config names (those the threat
-    model rules out still get cells: they are reported as not run)."""
-    check_plugins(config)
+    model rules out still get cells: they are reported as not run); ``config`` is checked by :func:`plan`."""
     defense = DEFENSES.get(config.defense.name)(defense_settings(config, config.defense.name))
     if config.run.model and "training" in defense.points:
         raise ConfigError(f"[matrix] defenses lists {defense.name}, a pre-training recipe, which cannot be applied to a given "
