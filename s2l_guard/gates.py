@@ -12,9 +12,9 @@ The gate suite (``pytest suites/``) and the reports share these functions.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
-from .runner.plan import POOLED, PlannedCell
+from .results import POOLED, GateCell, Status, cells_by_key
+from .runner.plan import PlannedCell
 
 MIA_CHECKS = ("auc_amplification", "tpr_at_1pct_fpr")
 # the metric each gate reads, and the [gates] key holding its threshold
@@ -59,8 +59,8 @@ def _fmt(value: float, ci: list[float] | None, signed: bool) -> str:
     return f.format(value) + (f" [95% CI {f.format(ci[0])}, {f.format(ci[1])}]" if ci else "")
 
 
-def _samples(cell: dict) -> str:
-    s = cell.get("samples", {})
+def _samples(cell: GateCell) -> str:
+    s = cell.samples or {}
     if "members" in s:
         return f"{s['members']} members vs {s['nonmembers']} non-members, {s['bootstrap']} bootstrap resamples"
     if "candidates" in s:
@@ -68,31 +68,31 @@ def _samples(cell: dict) -> str:
     return f"{s.get('generations', '?')} generations"
 
 
-def verdict(check: str, cell: dict | None, gates) -> Verdict:
+def verdict(check: str, cell: GateCell | None, gates) -> Verdict:
     """One gate on one measured cell (``None``: the cell is missing from results.json)."""
     threshold = getattr(gates, THRESHOLDS[check])
     if cell is None:
         return Verdict(check, "?", "fail", "the cell is missing from results.json; rerun the matrix without --s2l-reuse")
-    cid = cell["id"]
+    cid = cell.id
     where = f"[gates] {THRESHOLDS[check]} = {threshold:g}, compare = {gates.compare}"
-    if cell["status"] == "not-run":
-        return Verdict(check, cid, "skip", f"{cid} did not run: {cell.get('reason')}")
-    if cell["status"] == "failed":
-        return Verdict(check, cid, "fail", f"{cid} failed: {cell.get('reason')}")
-    if cell["status"] == "refused":
-        return Verdict(check, cid, "pass", f"{cid}: the provider refused the fine-tune request ({cell.get('reason')}); nothing to attack")
-    m = cell["metrics"]
+    if cell.status == Status.NOT_RUN:
+        return Verdict(check, cid, "skip", f"{cid} did not run: {cell.reason}")
+    if cell.status == Status.FAILED:
+        return Verdict(check, cid, "fail", f"{cid} failed: {cell.reason}")
+    if cell.status == Status.REFUSED:
+        return Verdict(check, cid, "pass", f"{cid}: the provider refused the fine-tune request ({cell.reason}); nothing to attack")
+    m = cell.metrics or {}
     interval = gates.compare == "interval"
     if check == "auc_amplification":
-        entry = m.get("auc_amplification")
-        if entry is None:
+        amp = cell.amplification
+        if amp is None:
             return Verdict(check, cid, "fail", f"{cid} has no AUC amplification (no pre-trained baseline to pair with)")
-        value, ci = entry["delta"], entry["ci95"]
+        value, ci = amp.delta, amp.ci95
         bound, text = (ci[1] if interval else value), _fmt(value, ci, True)
         name = "AUC amplification (after shaking minus before, paired)"
     elif check == "tpr_at_1pct_fpr":
         entry = m["tpr_at_1pct_fpr"]
-        n = entry.get("test_nonmembers", cell["samples"]["nonmembers"])
+        n = entry.get("test_nonmembers", (cell.samples or {}).get("nonmembers"))
         if not entry.get("resolvable", True):
             return Verdict(check, cid, "skip", f"{cid}: TPR at 1% FPR needs at least 100 test non-members (after the calibration split), "
                                                 f"this cell has {n}; add non-members or gate it on the pooled cell ([gates] domains = 'pooled' or 'both')")  # fmt: skip
@@ -129,7 +129,7 @@ def control_of(cell: PlannedCell) -> tuple[str, str, str, str, int]:
     return ("none", cell.base_attack or cell.attack, cell.measure, POOLED, cell.seed)
 
 
-def control_problem(check: str, cell: PlannedCell, cells: dict[tuple, dict], gates) -> str | None:
+def control_problem(check: str, cell: PlannedCell, cells: dict[tuple, GateCell], gates) -> str | None:
     """Why the positive control of ``cell``'s gate fails, or None when it leaks (utility has none)."""
     if check == "utility":
         return None
@@ -138,31 +138,26 @@ def control_problem(check: str, cell: PlannedCell, cells: dict[tuple, dict], gat
     what = f"none-{key[1]}-{key[2]}-{POOLED}"
     if control is None:
         return f"positive control {what} is not in the matrix; add 'none' to [matrix] defenses (the gates need the undefended model)"
-    if control["status"] != "ok":
-        return f"positive control {what} did not run ({control['status']}: {control.get('reason')}); the gate cannot be judged"
-    amp_key = "extraction_amplification" if cell.measure == "extraction" else "auc_amplification"
-    amp: dict[str, Any] | None = control["metrics"].get(amp_key)
+    if control.status != Status.OK:
+        return f"positive control {what} did not run ({control.status}: {control.reason}); the gate cannot be judged"
+    amp = control.amplification
     if amp is None:
         return f"positive control {what} has no amplification to show"
-    level = amp["ci95"][0] if gates.compare == "interval" else amp["delta"]
+    level = amp.ci95[0] if gates.compare == "interval" else amp.delta
     if level > gates.control_min_amplification:
         return None
     by = "the lower end of its 95% interval" if gates.compare == "interval" else "its estimate"
-    return (f"positive control failed: on the undefended model {key[1]} raises {key[2]} leakage by {_fmt(amp['delta'], amp['ci95'], True)} "
+    return (f"positive control failed: on the undefended model {key[1]} raises {key[2]} leakage by {_fmt(amp.delta, amp.ci95, True)} "
             f"({_samples(control)}), not more than [gates] control_min_amplification = {gates.control_min_amplification:g} by {by}; "
             f"this gate cannot tell a safe model from an insensitive test, so it is not judged")  # fmt: skip
 
 
-def cells_by_key(results: dict) -> dict[tuple, dict]:
-    return {(c["defense"], c["attack"], c["measure"], c["domain"], c["seed"]): c for c in results["cells"]}
-
-
-def judge(check: str, planned: PlannedCell, cells: dict[tuple, dict], gates) -> Verdict:
+def judge(check: str, planned: PlannedCell, cells: dict[tuple, GateCell], gates) -> Verdict:
     """The gate on one cell, its positive control included: a measured cell (ok or refused) whose
     control does not leak is an error; a cell that failed or did not run is judged as such."""
     cell = cells.get((planned.defense, planned.attack, planned.measure, planned.domain, planned.seed))
     v = verdict(check, cell, gates)
-    if cell is None or cell["status"] not in ("ok", "refused"):
+    if cell is None or not cell.measured:
         return v
     problem = control_problem(check, planned, cells, gates)
     return Verdict(check, planned.id, "error", f"{planned.id}: {problem}") if problem else v

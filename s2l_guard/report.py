@@ -27,7 +27,8 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from .config import Config  # noqa: E402
 from .formatting import format_interval  # noqa: E402
 from .gates import THRESHOLDS, Verdict, evaluate  # noqa: E402
-from .runner.plan import POOLED, plan  # noqa: E402
+from .results import POOLED, GateCell, Status, gate_cells  # noqa: E402
+from .runner.plan import plan  # noqa: E402
 
 # the worst verdict marks a tile that stands for several gated cells
 RANK = {"fail": 3, "error": 2, "pass": 1, "skip": 0}
@@ -89,61 +90,57 @@ def verdicts_by_cell(verdicts: list[Verdict]) -> dict[str, list[Verdict]]:
     return out
 
 
-def amplification(cell: dict) -> dict | None:
-    key = "extraction_amplification" if cell["measure"] == "extraction" else "auc_amplification"
-    return cell.get("metrics", {}).get(key)
-
-
 def build_matrix(results: dict, verdicts: list[Verdict]) -> Matrix:
     """Rows: defenses (x seeds); columns: every shaken attack x measure, pooled over domains."""
     by_cell = verdicts_by_cell(verdicts)
     many_seeds = len(results["seeds"]) > 1
     rows = [(d, s) for s in results["seeds"] for d in results["defenses"]]
-    threat = {(c["defense"], c["seed"]): c.get("threat_model") for c in results["cells"]}
+    cells = gate_cells(results)
+    threat = {(c.defense, c.seed): c.threat_model for c in cells}
     labels = [f"{d}" + (f" seed{s}" if many_seeds else "") + (f"\n({threat[d, s]})" if threat.get((d, s)) else "") for d, s in rows]
 
     pooled, domain_verdicts, columns = {}, defaultdict(list), {}
-    for c in results["cells"]:
-        if c["measure"] == "utility" or c["attack"] == "pretrained":
+    for c in cells:
+        if c.measure == "utility" or c.attack == "pretrained":
             continue
-        key = (c["defense"], c["seed"], c["attack"], c["measure"])
-        columns.setdefault((c["attack"], c["measure"]), None)  # first appearance keeps the table's row order
-        if c["domain"] == POOLED:
+        key = (c.defense, c.seed, c.attack, c.measure)
+        columns.setdefault((c.attack, c.measure), None)  # first appearance keeps the table's row order
+        if c.pooled:
             pooled[key] = c
         else:
-            domain_verdicts[key] += by_cell.get(c["id"], [])
+            domain_verdicts[key] += by_cell.get(c.id, [])
 
     def tile(defense: str, seed: int, column: tuple[str, str]) -> Tile:
         key = (defense, seed) + column
         cell = pooled.get(key)
         if cell is None:
             return Tile("absent")
-        verdict = worst(by_cell.get(cell["id"], [])) or worst(domain_verdicts[key])
-        amp = amplification(cell) if cell["status"] == "ok" else None
+        verdict = worst(by_cell.get(cell.id, [])) or worst(domain_verdicts[key])
+        amp = cell.amplification if cell.status == Status.OK else None
         if amp is None:
-            return Tile(cell["status"], verdict=verdict)
-        return Tile("ok", amp["delta"], tuple(amp["ci95"]), verdict)
+            return Tile(cell.status.value, verdict=verdict)
+        return Tile("ok", amp.delta, amp.ci95, verdict)
 
     every = {(i, col): tile(d, s, col) for i, (d, s) in enumerate(rows) for col in columns}
     ran = [col for col in columns if any(every[i, col].status not in ("absent", "not-run") for i in range(len(rows)))]
     omitted = [col for col in columns if col not in ran]
     tiles = {(i, j): every[i, col] for i in range(len(rows)) for j, col in enumerate(ran)}
-    utility = [utility_tile(results, d, s, by_cell) for d, s in rows]
+    utility = [utility_tile(cells, d, s, by_cell) for d, s in rows]
     return Matrix(rows, labels, ran, omitted, tiles, utility)
 
 
-def utility_cell(results: dict, defense: str, seed: int) -> dict | None:
-    return next((c for c in results["cells"] if c["measure"] == "utility" and c["defense"] == defense and c["seed"] == seed), None)
+def utility_cell(cells: list[GateCell], defense: str, seed: int) -> GateCell | None:
+    return next((c for c in cells if c.measure == "utility" and c.defense == defense and c.seed == seed), None)
 
 
-def utility_tile(results: dict, defense: str, seed: int, by_cell: dict[str, list[Verdict]]) -> Tile:
-    cell = utility_cell(results, defense, seed)
+def utility_tile(cells: list[GateCell], defense: str, seed: int, by_cell: dict[str, list[Verdict]]) -> Tile:
+    cell = utility_cell(cells, defense, seed)
     if cell is None:
         return Tile("absent")
-    verdict = worst(by_cell.get(cell["id"], []))
-    accuracy = cell.get("metrics", {}).get("conditional_accuracy")
-    if cell["status"] != "ok" or accuracy is None or accuracy["value"] is None:
-        return Tile(cell["status"] if cell["status"] != "ok" else "no generations", verdict=verdict)
+    verdict = worst(by_cell.get(cell.id, []))
+    accuracy = cell.metric("conditional_accuracy")
+    if cell.status != Status.OK or accuracy is None or accuracy["value"] is None:
+        return Tile(cell.status.value if cell.status != Status.OK else "no generations", verdict=verdict)
     return Tile("ok", accuracy["value"], tuple(accuracy["ci95"]), verdict)
 
 
@@ -224,8 +221,8 @@ def matrix_title(results: dict, config: Config, m: Matrix) -> str:
 
 def roc_curves(results: dict, defense: str, seed: int) -> dict[tuple[str, str, str], dict]:
     """(attack, domain, mia) -> the ok per-domain ROC curve of one defense's table."""
-    return {(c["attack"], c["domain"], c["measure"]): c["metrics"]["roc_curve"] for c in results["cells"]
-            if c["defense"] == defense and c["seed"] == seed and c["status"] == "ok" and "roc_curve" in c.get("metrics", {})}  # fmt: skip
+    return {(c.attack, c.domain, c.measure): c.metric("roc_curve") for c in gate_cells(results)
+            if c.defense == defense and c.seed == seed and c.status == Status.OK and c.metric("roc_curve")}  # fmt: skip
 
 
 def plot_roc(results: dict, defense: str, seed: int, mias: list[str], path: Path) -> Path | None:
@@ -286,19 +283,19 @@ def distinct(values) -> str:
     return ", ".join(dict.fromkeys(str(v) for v in values)) or "-"
 
 
-def sample_lines(cells: list[dict]) -> list[str]:
+def sample_lines(cells: list[GateCell]) -> list[str]:
     """The sample counts behind the cells, per kind of cell (each distinct count once)."""
-    ok = [c for c in cells if c["status"] == "ok" and c.get("samples")]
-    mia = [c for c in ok if c["measure"] not in ("extraction", "utility")]
-    extraction = [c for c in ok if c["measure"] == "extraction"]
-    pairs = lambda cs: distinct(f"{c['samples']['members']} vs {c['samples']['nonmembers']}" for c in cs)  # noqa: E731
+    ok = [c for c in cells if c.status == Status.OK and c.samples]
+    mia = [c for c in ok if c.measure not in ("extraction", "utility")]
+    extraction = [c for c in ok if c.measure == "extraction"]
+    pairs = lambda cs: distinct(f"{c.samples['members']} vs {c.samples['nonmembers']}" for c in cs)  # noqa: E731
     return [
-        f"MIA cells, members vs non-members: {pairs(c for c in mia if c['domain'] != POOLED)} per domain, "
-        f"{pairs(c for c in mia if c['domain'] == POOLED)} pooled",
-        f"bootstrap resamples: {distinct(c['samples']['bootstrap'] for c in mia)}",
-        f"extraction cells, generated candidates: {distinct(c['samples']['candidates'] for c in extraction if c['domain'] != POOLED)} "
-        f"per domain, {distinct(c['samples']['candidates'] for c in extraction if c['domain'] == POOLED)} pooled",
-        f"utility cells, generations: {distinct(c['samples']['generations'] for c in ok if c['measure'] == 'utility')}",
+        f"MIA cells, members vs non-members: {pairs(c for c in mia if not c.pooled)} per domain, "
+        f"{pairs(c for c in mia if c.pooled)} pooled",
+        f"bootstrap resamples: {distinct(c.samples['bootstrap'] for c in mia)}",
+        f"extraction cells, generated candidates: {distinct(c.samples['candidates'] for c in extraction if not c.pooled)} "
+        f"per domain, {distinct(c.samples['candidates'] for c in extraction if c.pooled)} pooled",
+        f"utility cells, generations: {distinct(c.samples['generations'] for c in ok if c.measure == 'utility')}",
     ]  # fmt: skip
 
 
@@ -309,13 +306,14 @@ def matrix_entry(t: Tile) -> str:
 
 
 def defense_rows(results: dict, m: Matrix) -> list[list[str]]:
+    cells = gate_cells(results)
     out = []
     for (defense, seed), label, u in zip(m.rows, m.row_labels, m.utility):
         table = results["tables"].get(f"{defense}/{seed}", {})
         privacy = table.get("report", {}).get("pretraining", {}).get("privacy")
         epsilon = f"{privacy['epsilon']:.2f} (delta {privacy['delta']:.1e})" if privacy else "-"
-        cell = utility_cell(results, defense, seed) or {}
-        metrics = cell.get("metrics", {})
+        cell = utility_cell(cells, defense, seed)
+        metrics = (cell.metrics if cell else None) or {}
         accuracy = f"{format_interval(u.value, u.ci)} {LABEL.get(u.verdict, '')}".strip() if u.status == "ok" else u.text()
         served = f"{metrics['served_share']:.1%}" if "served_share" in metrics else "-"
         frechet = f"{metrics['frechet_distance']:.2f}" if metrics.get("frechet_distance") is not None else "-"
@@ -337,18 +335,19 @@ def error_lines(verdicts: list[Verdict]) -> list[str]:
     return [f"{problem} [{len(ids)} gate(s): {', '.join(ids)}]" for problem, ids in gates.items()]
 
 
-def not_run_lines(cells: list[dict]) -> list[str]:
+def not_run_lines(cells: list[GateCell]) -> list[str]:
     reasons = defaultdict(list)
     for c in cells:
-        if c["status"] != "ok":
-            reasons[(c["status"], c.get("reason") or "no reason given")].append(c)
-    return [f"{status} ({len(cs)} cells; defenses {distinct(c['defense'] for c in cs)}): {reason}" for (status, reason), cs in reasons.items()]
+        if c.status != Status.OK:
+            reasons[(c.status.value, c.reason or "no reason given")].append(c)
+    return [f"{status} ({len(cs)} cells; defenses {distinct(c.defense for c in cs)}): {reason}" for (status, reason), cs in reasons.items()]
 
 
 def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Matrix, rocs: list[Path], ablations) -> list[tuple]:
     """The report as blocks, rendered to Markdown and to HTML alike:
     ("h", level, text), ("p", text), ("ul", items), ("table", header, rows), ("img", alt, file name)."""
     g = config.gates
+    cells = gate_cells(results)
     counts = {o: sum(v.outcome == o for v in verdicts) for o in ("pass", "fail", "error", "skip")}
     thresholds = [[check, key, f"{getattr(g, key):g}", "yes" if check in g.checks else "no"] for check, key in THRESHOLDS.items()]
     blocks = [
@@ -361,7 +360,7 @@ def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Mat
                 f"code version: `{results['code_version']}` (s2l-guard {results['s2l_guard_version']})",
                 f"defenses: {', '.join(results['defenses'])}; seeds: {', '.join(map(str, results['seeds']))}",
                 f"private domains attacked: {', '.join(results['domains'])} (matrix tiles pool them: domain `{POOLED}`)",
-                *sample_lines(results["cells"]),
+                *sample_lines(cells),
                 f"wall time: {results['wall_seconds']:.1f} s for the whole matrix (cached cells cost nothing)",
             ],
         ),  # fmt: skip
@@ -406,7 +405,7 @@ def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Mat
         ("h", 2, "Errored gates"),
         ("ul", error_lines([v for v in verdicts if v.outcome == "error"]) or ["none"]),
         ("h", 2, "Cells that did not run"),
-        ("ul", not_run_lines(results["cells"]) or ["none"]),
+        ("ul", not_run_lines(cells) or ["none"]),
     ]
     if rocs:
         blocks.append(("h", 2, "ROC curves"))

@@ -77,7 +77,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
 @pytest.fixture(scope="session")
 def s2l_matrix(request: pytest.FixtureRequest) -> dict:
     """The measured matrix: run for the selected gates' defenses (and none, for the controls), or loaded."""
-    from s2l_guard.gates import cells_by_key
+    from s2l_guard.results import cells_by_key
     from s2l_guard.runner.matrix import load_matrix, matrix_folder, run_matrix, write_matrix
 
     config = s2l_config(request.config)

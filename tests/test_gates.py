@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from s2l_guard.results import GateCell
+
 pytestmark = pytest.mark.slow  # gate suites in subprocesses on smoke matrices (about 2 minutes)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -169,6 +171,8 @@ def test_results_json_follows_the_documented_schema(workspace, tight):
         results = json.loads(path.read_text())
         jsonschema.validate(results, schema)
         assert results["code_version"].startswith(results["s2l_guard_version"])
+        # the typed cells read and write every real cell back as it was, key order included
+        assert [json.dumps(GateCell.from_dict(c).to_dict()) for c in results["cells"]] == [json.dumps(c) for c in results["cells"]]
     broken = json.loads(next((workspace / "runs").glob("tight-matrix-*/results.json")).read_text())
     broken["cells"][0]["status"] = "fine"
     with pytest.raises(jsonschema.ValidationError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -9,6 +11,8 @@ from hypothesis import strategies as st
 from s2l_guard.config import GatesConfig, load_config
 from s2l_guard.errors import ConfigError
 from s2l_guard.gates import control_problem, gate_plan, judge, verdict
+from s2l_guard.results import Amplification, GateCell, Status
+from s2l_guard.runner.matrix import failed_cells, utility_cell
 from s2l_guard.runner.plan import POOLED, PlannedCell, plan
 from s2l_guard.runner.settings import check_plugins
 
@@ -53,14 +57,15 @@ def test_gates_judge_shaken_rows_on_the_chosen_domains():
     assert gate_plan(planned, GatesConfig(checks=("utility",)), "auc_amplification") == []
 
 
-def mia_cell(delta: float, ci: tuple[float, float], status: str = "ok", resolvable: bool = True, **extra) -> dict:
-    cell = {"id": "x-lora-secmi-all", "defense": "x", "attack": "lora", "measure": "secmi", "domain": POOLED, "seed": 0, "status": status}
+def mia_cell(delta: float, ci: tuple[float, float], status: str = "ok", resolvable: bool = True, **extra) -> GateCell:
+    cell = {"id": "x-lora-secmi-all", "defense": "x", "threat_model": "open-weights", "attack": "lora", "measure": "secmi", "domain": POOLED,
+            "seed": 0, "status": status}  # fmt: skip
     if status == "ok":
         cell["metrics"] = {"auc": {"value": 0.6, "ci95": [0.5, 0.7]},
                            "tpr_at_1pct_fpr": {"value": 0.1, "ci95": [0.0, 0.3], "resolvable": resolvable},
                            "auc_amplification": {"before": 0.6, "after": 0.6 + delta, "delta": delta, "ci95": list(ci), "p_value": 0.5, "method": "m"}}  # fmt: skip
         cell["samples"] = {"members": 120, "nonmembers": 120 if resolvable else 24, "bootstrap": 1000}
-    return cell | extra
+    return GateCell.from_dict(cell | extra)
 
 
 def test_verdict_compares_the_interval_end_or_the_estimate():
@@ -88,7 +93,7 @@ def test_positive_control_must_leak_on_the_undefended_model():
     defended = mia_cell(0.0, (-0.01, 0.01), id="dp_sgd-lora-secmi-digit7", defense="dp_sgd", domain="digit7")
     leaking = mia_cell(0.08, (0.03, 0.13), id="none-lora-secmi-all", defense="none")
     flat = mia_cell(0.008, (-0.020, 0.031), id="none-lora-secmi-all", defense="none")
-    key = lambda c: (c["defense"], c["attack"], c["measure"], c["domain"], c["seed"])  # noqa: E731
+    key = lambda c: c.key  # noqa: E731
     assert control_problem("auc_amplification", gated, {key(leaking): leaking}, gates) is None
     problem = control_problem("auc_amplification", gated, {key(flat): flat}, gates)
     assert "cannot tell a safe model from an insensitive test" in problem and "+0.008 [95% CI -0.020, +0.031]" in problem
@@ -120,12 +125,13 @@ def test_release_profile_plans_a_given_model_and_refuses_pretraining_defenses(tm
         plan(standard)
 
 
-def extraction_cell(members: int, nonmembers: int, excess_ci=(-1.0, 2.0), legacy: bool = False) -> dict:
+def extraction_cell(members: int, nonmembers: int, excess_ci=(-1.0, 2.0), legacy: bool = False) -> GateCell:
     metrics = {"extracted": members, "withheld": 0}
     if not legacy:
         metrics |= {"nonmembers_matched": nonmembers, "extracted_above_null": {"value": members - nonmembers, "ci95": list(excess_ci)}}
-    return {"id": "x-lora-extraction-all", "defense": "x", "attack": "lora", "measure": "extraction", "domain": POOLED, "seed": 0,
-            "status": "ok", "metrics": metrics, "samples": {"candidates": 500, "domains": 5}}  # fmt: skip
+    return GateCell.from_dict({"id": "x-lora-extraction-all", "defense": "x", "threat_model": "open-weights", "attack": "lora",
+                               "measure": "extraction", "domain": POOLED, "seed": 0, "status": "ok", "metrics": metrics,
+                               "samples": {"candidates": 500, "domains": 5}})  # fmt: skip
 
 
 def test_the_extraction_gate_judges_members_above_the_held_out_null():
@@ -143,3 +149,34 @@ def test_a_given_data_set_names_the_attacked_domains_from_its_metadata(tmp_path)
     build_testbed(tmp_path / "data", config.testbed, config.run.seed)
     planned = plan(config.replace(run={"data": str(tmp_path / "data")}, matrix={"defenses": ["none"]}))
     assert {c.domain for c in planned} == {"digit7", "digit8", POOLED}
+
+
+def test_typed_cells_write_results_json_back_key_for_key():
+    planned = PlannedCell("none", "lora", "secmi", "digit7", 0)
+    [crashed] = failed_cells([planned], "RuntimeError: boom")
+    assert crashed.to_dict() == {"id": "none-lora-secmi-digit7", "defense": "none", "threat_model": None, "attack": "lora", "measure": "secmi",
+                                 "domain": "digit7", "seed": 0, "status": "failed", "reason": "RuntimeError: boom"}  # fmt: skip
+    unmeasured = utility_cell(PlannedCell("none", "-", "utility", POOLED, 0), {"status": "failed", "reason": "no model"}, "open-weights")
+    assert unmeasured.status == Status.NOT_RUN and unmeasured.to_dict()["reason"] == "no model"
+    shapes = [
+        crashed.to_dict(),
+        mia_cell(0.01, (-0.02, 0.04)).to_dict() | {"shaker": None, "data": "-", "variant": "", "seconds": None, "cached": True},
+        mia_cell(0.0, (0, 0), "not-run", reason="needs weights").to_dict(),
+        extraction_cell(3, 1).to_dict() | {"refused_domains": ["digit8"]},
+    ]
+    for shape in shapes:
+        again = GateCell.from_dict(json.loads(json.dumps(shape))).to_dict()
+        assert json.dumps(again) == json.dumps(GateCell.from_dict(shape).to_dict()) and again == shape
+    with pytest.raises(ValueError, match="fine"):
+        GateCell.from_dict(shapes[0] | {"status": "fine"})
+
+
+def test_an_amplification_reads_a_delta_test_and_keeps_what_gates_need():
+    from s2l_guard.stats import paired_bootstrap_delta
+
+    test = paired_bootstrap_delta([0.1, 0.5, 0.2], [0.3, 0.0, 0.4], [0.9, 0.7, 0.6], [0.2, 0.1, 0.3], statistic="auc", resamples=200, seed=0)
+    amp = Amplification.from_dict(test.to_dict())
+    assert (amp.before, amp.after, amp.delta) == (test.before, test.after, test.delta) and amp.ci95 == (test.low, test.high)
+    assert set(amp.to_dict()) == {"before", "after", "delta", "ci95", "p_value", "method"}
+    cell = mia_cell(0.05, (0.01, 0.09))
+    assert cell.amplification.delta == 0.05 and cell.amplification.ci95 == (0.01, 0.09)

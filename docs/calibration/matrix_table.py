@@ -18,23 +18,24 @@ from pathlib import Path
 from s2l_guard.formatting import format_interval
 from s2l_guard.gates import evaluate
 from s2l_guard.report import config_of
+from s2l_guard.results import Status, gate_cells
 from s2l_guard.runner.matrix import load_matrix
-from s2l_guard.runner.plan import POOLED, plan
+from s2l_guard.runner.plan import plan
 
 
 def main(folder: str) -> None:
     results = load_matrix(Path(folder))
     config = config_of(results)
     seed = results["seeds"][0]
-    cells = {(c["defense"], c["attack"], c["measure"]): c for c in results["cells"] if c["domain"] == POOLED and c["seed"] == seed}
+    cells = {(c.defense, c.attack, c.measure): c for c in gate_cells(results) if c.pooled and c.seed == seed}
     verdicts = evaluate(results, config.gates, plan(config, results["defenses"]))
     counts = {d: Counter(v.outcome for v in verdicts if v.cell_id.startswith(f"{d}-")) for d in results["defenses"]}
 
     def metric(defense: str, attack: str, measure: str, key: str, signed: bool = False, digits: int = 3) -> str:
         cell = cells.get((defense, attack, measure))
-        if cell is None or cell.get("status") != "ok":
-            return cell.get("status", "-") if cell else "-"
-        entry = cell["metrics"].get(key)
+        if cell is None or cell.status != Status.OK:
+            return cell.status.value if cell else "-"
+        entry = cell.metric(key)
         if not entry:
             return "-"
         return format_interval(entry.get("value", entry.get("delta")), entry.get("ci95"), signed=signed, digits=digits)

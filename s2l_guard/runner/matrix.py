@@ -11,6 +11,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -19,9 +20,10 @@ from s2l_guard.cache import content_key
 from s2l_guard.config import Config
 from s2l_guard.errors import ConfigError, S2LError
 from s2l_guard.metrics import rate_with_interval
+from s2l_guard.results import POOLED, Amplification, GateCell, RowInfo, Status, Timing
 from s2l_guard.runtime import log
 
-from .plan import POOLED, PlannedCell, defended_config, domain_names, plan, seeds
+from .plan import PlannedCell, defended_config, domain_names, plan, seeds
 from .settings import check_plugins
 from .table import run_attack
 
@@ -44,9 +46,9 @@ def code_version() -> str:
     return f"{__version__}+{commit.stdout.strip()}" + ("-dirty" if dirty.stdout.strip() else "")
 
 
-def _trimmed(entry: dict) -> dict:
+def _amplification(entry: dict | None) -> dict | None:
     """A DeltaTest dict cut to what a gate and a reader need."""
-    return {k: entry[k] for k in ("before", "after", "delta", "ci95", "p_value", "method") if k in entry}
+    return None if entry is None else Amplification.from_dict(entry).to_dict()
 
 
 def _mia_metrics(entry: dict, pooled: bool) -> tuple[dict, dict]:
@@ -55,12 +57,14 @@ def _mia_metrics(entry: dict, pooled: bool) -> tuple[dict, dict]:
     tpr = dict(entry["tpr_calibrated"], protocol="threshold fitted on a calibration split, measured on the disjoint test split")
     in_sample = dict(roc["tpr_at_fpr"][FPR_KEY], resolvable=roc["resolvable"][FPR_KEY])
     metrics: dict[str, Any] = {"auc": roc["auc"], "tpr_at_1pct_fpr": tpr, "tpr_at_1pct_fpr_in_sample": in_sample}
-    amp = entry.get("auc_delta") if pooled else entry.get("vs_pretrained", {}).get("auc_paired_bootstrap")
-    tamp = entry.get("tpr_delta") if pooled else entry.get("vs_pretrained", {}).get("tpr@0.01_calibrated")
+    # The table keeps a domain's deltas under vs_pretrained, a pooled row's at the top.
+    deltas = entry if pooled else entry.get("vs_pretrained", {})
+    amp = _amplification(deltas.get("auc_delta" if pooled else "auc_paired_bootstrap"))
+    tamp = _amplification(deltas.get("tpr_delta" if pooled else "tpr@0.01_calibrated"))
     if amp:
-        metrics["auc_amplification"] = _trimmed(amp)
+        metrics["auc_amplification"] = amp
     if tamp:
-        metrics["tpr_amplification"] = _trimmed(tamp)
+        metrics["tpr_amplification"] = tamp
     if not pooled and entry.get("curve"):
         metrics["roc_curve"] = entry["curve"]
     return metrics, {"members": roc["n_members"], "nonmembers": roc["n_nonmembers"], "bootstrap": roc["resamples"]}
@@ -75,52 +79,54 @@ def _extraction_metrics(entry: dict, pooled: bool) -> tuple[dict, dict]:
         n_domains = len(entry["extracted_per_domain"])
         metrics = {"extracted": int(sum(entry["extracted_per_domain"])), "withheld": entry["withheld"],
                    "nonmembers_matched": int(sum(entry["nonmembers_matched_per_domain"])), "extracted_above_null": _excess(entry["above_null"])}  # fmt: skip
-        amp = entry.get("above_null_delta_vs_pretrained")
+        amp = _amplification(entry.get("above_null_delta_vs_pretrained"))
         samples = {"candidates": entry["candidates_per_domain"] * n_domains, "domains": n_domains}
     else:
         metrics = {"extracted": entry["extracted_images"], "withheld": entry.get("withheld", 0),
                    "nonmembers_matched": entry["nonmembers_matched"], "extracted_above_null": _excess(entry["above_null"]),
                    "nearest_distance_median": entry.get("nearest_distance_median")}  # fmt: skip
-        amp = entry.get("above_null_vs_pretrained")
+        amp = _amplification(entry.get("above_null_vs_pretrained"))
         samples = {"candidates": entry["candidates"]}
     if amp:
-        metrics["extraction_amplification"] = _trimmed(amp)
+        metrics["extraction_amplification"] = amp
     return metrics, samples
 
 
-def _cell(planned: PlannedCell, entry: dict | None, unavailable: list[str], threat_model: str) -> dict:
+def _cell(planned: PlannedCell, entry: dict | None, unavailable: list[str], threat_model: str) -> GateCell:
+    """The gate cell of ``planned``, read from its table's row (``entry``: per-domain or pooled)."""
     pooled = planned.domain == POOLED
-    cell: dict[str, Any] = {"id": planned.id, "defense": planned.defense, "threat_model": threat_model, "attack": planned.attack,
-                            "measure": planned.measure, "domain": planned.domain, "seed": planned.seed}  # fmt: skip
+    blank = _blank(planned, threat_model)
     if entry is None:
-        return cell | {"status": "failed", "reason": "the table has no such cell"}
-    cell.update(shaker=entry.get("shaker"), data=entry.get("data"), variant=entry.get("variant") or "")
+        return replace(blank, status=Status.FAILED, reason="the table has no such cell")
+    blank = replace(blank, row=RowInfo(entry.get("shaker"), entry.get("data"), entry.get("variant") or ""))
     if planned.measure in unavailable:
-        return cell | {"status": "not-run", "reason": f"{planned.measure} needs the model's weights, which {threat_model} does not give"}
+        return replace(blank, status=Status.NOT_RUN, reason=f"{planned.measure} needs the model's weights, which {threat_model} does not give")
     status = entry.get("status", "ok")
     if status != "ok":
         reasons = entry.get("reasons") or [entry.get("reason") or ""]
-        return cell | {"status": status, "reason": "; ".join(r for r in reasons if r)}
+        return replace(blank, status=Status(status), reason="; ".join(r for r in reasons if r))
     if "mia" not in entry:  # the domain's pre-trained baseline did not run, so nothing could be compared
-        return cell | {"status": "failed", "reason": "the pre-trained model's cell of this domain failed; see the pretrained row"}
+        return replace(blank, status=Status.FAILED, reason="the pre-trained model's cell of this domain failed; see the pretrained row")
     if planned.measure == "extraction":
         metrics, samples = _extraction_metrics(entry["extraction"], pooled)
     else:
         metrics, samples = _mia_metrics(entry["mia"][planned.measure], pooled)
-    cell.update(status="ok", metrics=metrics, samples=samples)
+    measured = replace(blank, status=Status.OK, metrics=metrics, samples=samples)
     if pooled:
-        cell["refused_domains"] = entry.get("refused_domains", [])
-    else:
-        cell.update(seconds=entry.get("seconds"), cached=entry.get("cached"))
-    return cell
+        return replace(measured, refused_domains=tuple(entry.get("refused_domains", [])))
+    return replace(measured, timing=Timing(entry.get("seconds"), entry.get("cached")))
 
 
-def utility_cell(planned: PlannedCell, utility: dict, threat_model: str) -> dict:
+def _blank(planned: PlannedCell, threat_model: str | None) -> GateCell:
+    """A cell's identity; its status is set by whoever fills it in."""
+    return GateCell(planned.id, planned.defense, threat_model, planned.attack, planned.measure, planned.domain, planned.seed, Status.FAILED)
+
+
+def utility_cell(planned: PlannedCell, utility: dict, threat_model: str) -> GateCell:
     """The deployed model's conditional accuracy with a Wilson interval over the served generations."""
-    cell = {"id": planned.id, "defense": planned.defense, "threat_model": threat_model, "attack": "-", "measure": "utility",
-            "domain": POOLED, "seed": planned.seed}  # fmt: skip
+    blank = _blank(planned, threat_model)
     if utility.get("status") != "ok":
-        return cell | {"status": "not-run", "reason": utility.get("reason", "utility was not measured")}
+        return replace(blank, status=Status.NOT_RUN, reason=utility.get("reason", "utility was not measured"))
     domains = utility["domains"].values()
     served = sum(d["served"] for d in domains)
     correct = sum(round(d["conditional_accuracy"] * d["served"]) for d in domains if d["conditional_accuracy"] is not None)
@@ -128,10 +134,10 @@ def utility_cell(planned: PlannedCell, utility: dict, threat_model: str) -> dict
     metrics = {"conditional_accuracy": {"value": accuracy["rate"], "ci95": accuracy["ci95"], "n": served},
                "served_share": utility["served_share"], "frechet_distance": utility["frechet_distance"],
                "heldout_denoising_loss": utility["heldout_denoising_loss"]}  # fmt: skip
-    return cell | {"status": "ok", "metrics": metrics, "samples": {"generations": served}}
+    return replace(blank, status=Status.OK, metrics=metrics, samples={"generations": served})
 
 
-def table_cells(planned: list[PlannedCell], results: dict) -> list[dict]:
+def table_cells(planned: list[PlannedCell], results: dict) -> list[GateCell]:
     """The planned cells of one defense and seed, read from its S2L table's results."""
     d = results["defense"]
     rows = {r["row"]: r for r in results["table"] if "draws" not in r}
@@ -145,9 +151,8 @@ def table_cells(planned: list[PlannedCell], results: dict) -> list[dict]:
     return out
 
 
-def failed_cells(planned: list[PlannedCell], error: str) -> list[dict]:
-    return [{"id": p.id, "defense": p.defense, "threat_model": None, "attack": p.attack, "measure": p.measure,
-             "domain": p.domain, "seed": p.seed, "status": "failed", "reason": error} for p in planned]  # fmt: skip
+def failed_cells(planned: list[PlannedCell], error: str) -> list[GateCell]:
+    return [replace(_blank(p, None), reason=error) for p in planned]
 
 
 class Progress:
@@ -230,7 +235,7 @@ def run_matrix(config: Config, defenses: list[str] | None = None) -> dict:
         "defenses": names,
         "domains": domain_names(config),
         "tables": tables,
-        "cells": cells,
+        "cells": [cell.to_dict() for cell in cells],
         "wall_seconds": round(time.perf_counter() - start, 2),
     }
 

@@ -19,6 +19,7 @@ from defenses.base import DEFENSES
 from s2l_guard.config import Config
 from s2l_guard.data import ImageDataset
 from s2l_guard.errors import ConfigError
+from s2l_guard.results import POOLED
 
 from .settings import check_plugins, defense_settings
 
@@ -114,9 +115,6 @@ def resolve_threat_model(name: str, defense) -> str:
     if name != "auto":
         return name
     return "finetune-api" if {"finetune", "generate"} & set(defense.points) else "open-weights"
-
-
-POOLED = "all"  # the domain name of a cell pooled over every attacked domain
 
 
 @dataclass(frozen=True)

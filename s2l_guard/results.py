@@ -1,0 +1,149 @@
+"""Typed results: a matrix cell, its status and an amplification, as frozen dataclasses.
+
+results.json stays the interchange format (schema "s2l-guard/matrix/1", docs/results.md);
+these classes are how code reads and writes its cells. ``GateCell.from_dict(c).to_dict()``
+gives back ``c`` key for key and in the same order, so a matrix written through them is
+byte-identical to one written before they existed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Mapping
+
+POOLED = "all"  # the domain name of a cell pooled over every attacked domain
+
+
+class Status(str, Enum):
+    """What happened to a cell; written to results.json as its value."""
+
+    OK = "ok"
+    FAILED = "failed"  # the cell (or its table, or its baseline) crashed or is missing
+    REFUSED = "refused"  # the provider refused the fine-tune request: nothing to attack
+    NOT_RUN = "not-run"  # the threat model or the config rules the measure out
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Amplification:
+    """After minus before on the same samples: the estimate, its 95% interval and test."""
+
+    before: float
+    after: float
+    delta: float
+    ci95: tuple[float, float] | None
+    p_value: float | None
+    method: str  # how the interval and the test were obtained (e.g. paired bootstrap, 2000 resamples)
+
+    @classmethod
+    def from_dict(cls, entry: Mapping[str, Any]) -> Amplification:
+        """From a results.json entry, or from a longer :class:`~s2l_guard.stats.DeltaTest` dict."""
+        ci = entry.get("ci95")
+        return cls(entry["before"], entry["after"], entry["delta"], None if ci is None else (ci[0], ci[1]),
+                   entry.get("p_value"), entry.get("method", ""))  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"before": self.before, "after": self.after, "delta": self.delta,
+                "ci95": None if self.ci95 is None else list(self.ci95), "p_value": self.p_value, "method": self.method}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class RowInfo:
+    """What the S2L table says of a cell's row: the shaker and the data it trained on."""
+
+    shaker: str | None
+    data: str | None  # a DataKind value ("SP", "OoD", ...), "-" for no data
+    variant: str = ""  # an adaptive attacker's change to the SP request
+
+
+@dataclass(frozen=True)
+class Timing:
+    """A per-domain cell's compute time, and whether it came from the cache."""
+
+    seconds: float | None
+    cached: bool | None
+
+
+@dataclass(frozen=True)
+class GateCell:
+    """One (defense, attack, measure, domain, seed) of the matrix, as measured.
+
+    ``metrics`` and ``samples`` keep results.json's nested shape (docs/results.md), which
+    differs by measure; the properties read the parts every consumer needs.
+    """
+
+    id: str
+    defense: str
+    threat_model: str | None
+    attack: str  # the S2L table's row label; "-" for utility
+    measure: str  # an MIA name, "extraction" or "utility"
+    domain: str
+    seed: int
+    status: Status
+    reason: str | None = None
+    row: RowInfo | None = None  # None where the table never reached the row
+    metrics: Mapping[str, Any] | None = None
+    samples: Mapping[str, Any] | None = None
+    refused_domains: tuple[str, ...] | None = None  # pooled cells only
+    timing: Timing | None = None  # per-domain cells only
+
+    @property
+    def key(self) -> tuple[str, str, str, str, int]:
+        return (self.defense, self.attack, self.measure, self.domain, self.seed)
+
+    @property
+    def pooled(self) -> bool:
+        return self.domain == POOLED
+
+    @property
+    def measured(self) -> bool:
+        """Whether the gates judge it: it ran, or the provider refused the request (a pass)."""
+        return self.status in (Status.OK, Status.REFUSED)
+
+    def metric(self, name: str) -> Any:
+        return (self.metrics or {}).get(name)
+
+    @property
+    def amplification(self) -> Amplification | None:
+        """The headline amplification: AUC for an MIA, extraction above the null for extraction."""
+        entry = self.metric("extraction_amplification" if self.measure == "extraction" else "auc_amplification")
+        return None if entry is None else Amplification.from_dict(entry)
+
+    @classmethod
+    def from_dict(cls, c: Mapping[str, Any]) -> GateCell:
+        row = RowInfo(c["shaker"], c["data"], c.get("variant", "")) if "shaker" in c else None
+        refused = c.get("refused_domains")
+        timing = Timing(c.get("seconds"), c.get("cached")) if "seconds" in c or "cached" in c else None
+        return cls(c["id"], c["defense"], c["threat_model"], c["attack"], c["measure"], c["domain"], c["seed"], Status(c["status"]),
+                   c.get("reason"), row, c.get("metrics"), c.get("samples"), None if refused is None else tuple(refused), timing)  # fmt: skip
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"id": self.id, "defense": self.defense, "threat_model": self.threat_model, "attack": self.attack,
+                               "measure": self.measure, "domain": self.domain, "seed": self.seed}  # fmt: skip
+        if self.row is not None:
+            out.update(shaker=self.row.shaker, data=self.row.data, variant=self.row.variant)
+        out["status"] = self.status.value
+        if self.reason is not None:
+            out["reason"] = self.reason
+        if self.metrics is not None:
+            out["metrics"] = dict(self.metrics)
+        if self.samples is not None:
+            out["samples"] = dict(self.samples)
+        if self.refused_domains is not None:
+            out["refused_domains"] = list(self.refused_domains)
+        if self.timing is not None:
+            out.update(seconds=self.timing.seconds, cached=self.timing.cached)
+        return out
+
+
+def gate_cells(results: Mapping[str, Any]) -> list[GateCell]:
+    """The cells of a matrix's results.json content, typed."""
+    return [GateCell.from_dict(c) for c in results["cells"]]
+
+
+def cells_by_key(results: Mapping[str, Any]) -> dict[tuple, GateCell]:
+    """The cells by (defense, attack, measure, domain, seed)."""
+    return {c.key: c for c in gate_cells(results)}
