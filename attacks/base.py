@@ -81,6 +81,9 @@ class Shaker(ABC):
     threat_models: ClassVar[tuple[str, ...]] = ("open-weights", "finetune-api")
     needs_data: ClassVar[bool] = True
     Settings: ClassVar[type]
+    # Settings for a run on the tests' tiny models in about a second (tests/test_plugins.py runs
+    # every registered shaker with them), so a new shaker carries its own.
+    tiny_settings: ClassVar[dict] = {}
 
     def __init__(self, settings=None):
         self.settings = settings if settings is not None else self.Settings()

@@ -51,6 +51,7 @@ class Anneal(Defense):
     threat_models = ("open-weights", "finetune-api", "generate-api")
     points = ("training",)
     Settings = AnnealSettings
+    tiny_settings = {"steps": 6, "warmup_steps": 1, "ema_decay": 0.5}
 
     def pretrain(self, context: PretrainContext):
         from s2l_guard.training import pretrain_trainable, train

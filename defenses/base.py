@@ -62,6 +62,9 @@ class Defense(ABC):
     threat_models: ClassVar[tuple[str, ...]]  # where it can protect anything
     points: ClassVar[tuple[str, ...]] = ()
     Settings: ClassVar[type]
+    # Settings that keep a run on the tests' tiny models short (the smoke profile uses the same);
+    # tests/test_plugins.py checks that every registered defense's are valid.
+    tiny_settings: ClassVar[dict] = {}
 
     def __init__(self, settings=None):
         self.settings = settings if settings is not None else self.Settings()

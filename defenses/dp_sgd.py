@@ -50,6 +50,7 @@ class DPSGD(Defense):
     threat_models = ("open-weights", "finetune-api", "generate-api")
     points = ("training",)
     Settings = DPSGDSettings
+    tiny_settings = {"physical_batch_size": 8}
 
     def pretrain(self, context: PretrainContext):
         from s2l_guard.privacy import train_private

@@ -112,6 +112,7 @@ class FinetuneFilter(Defense):
     threat_models = ("finetune-api",)
     points = ("finetune",)
     Settings = FinetuneFilterSettings
+    tiny_settings = {"calibration_sets": 200}
 
     def __init__(self, settings=None):
         super().__init__(settings)

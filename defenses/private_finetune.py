@@ -41,6 +41,7 @@ class PrivateFinetune(Defense):
     threat_models = ("open-weights", "finetune-api", "generate-api")
     points = ("training",)
     Settings = PrivateFinetuneSettings
+    tiny_settings = {"steps": 4, "batch_size": 8, "physical_batch_size": 8}
 
     def pretrain(self, context: PretrainContext):
         from s2l_guard.privacy import train_private

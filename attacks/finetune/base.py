@@ -136,6 +136,7 @@ class FinetuneMethod(Shaker):
     """
 
     Settings: ClassVar[type[FinetuneSettings]] = FinetuneSettings
+    tiny_settings: ClassVar[dict] = {"steps": 3, "batch_size": 2}
 
     def rewrite(self, data: FinetuneData) -> FinetuneData:
         """The data with the captions the method trains on and the prompt that targets the domain.

@@ -32,6 +32,7 @@ class DreamBoothLora(Combination):
     summary = "Trains LoRA adapters with DreamBooth's instance prompt and prior preservation."
     parts = (DreamBooth, Lora)
     trains = (Lora,)
+    tiny_settings = Lora.tiny_settings
 
     @dataclass(frozen=True)
     class Settings(Lora.Settings, DreamBoothRecipe):
@@ -62,6 +63,7 @@ class TextualInversionLora(Combination):
     summary = "Trains placeholder-token embeddings and LoRA adapters together; other weights frozen."
     parts = (TextualInversion, Lora)
     trains = (TextualInversion, Lora)
+    tiny_settings = Lora.tiny_settings
 
     @dataclass(frozen=True)
     class Settings(Lora.Settings, TextualInversion.Settings):

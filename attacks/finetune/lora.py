@@ -40,6 +40,8 @@ class Lora(FinetuneMethod):
     paper = "https://arxiv.org/abs/2106.09685"
     summary = "Trains low-rank adapters on attention q/v of the UNet and text encoder, then merges them."
 
+    tiny_settings = {**FinetuneMethod.tiny_settings, "rank": 2}
+
     @dataclass(frozen=True)
     class Settings(FinetuneSettings):
         """LoRA settings (S2L's reference: rank 8, alpha 32, UNet and text-encoder q/v)."""
