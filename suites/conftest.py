@@ -20,7 +20,8 @@ from s2l_guard.runner.plan import PlannedCell, plan
 PROFILES = Path(__file__).resolve().parents[1] / "configs"
 # each gate test and the [gates] check it runs
 CHECK_OF_TEST = {"test_amplification": "auc_amplification", "test_tpr_at_1pct_fpr": "tpr_at_1pct_fpr",
-                 "test_extraction": "extracted", "test_utility": "utility"}  # fmt: skip
+                 "test_extraction": "extracted", "test_utility": "utility",
+                 "test_baseline_tpr_at_1pct_fpr": "baseline_tpr_at_1pct_fpr", "test_baseline_extraction": "baseline_extracted"}  # fmt: skip
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:

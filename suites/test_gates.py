@@ -24,3 +24,13 @@ def test_extraction(judged):
 def test_utility(judged):
     """The deployed model must keep min_utility conditional accuracy (a defense may not win by ruining it)."""
     assert judged.outcome == "pass", judged.message
+
+
+def test_baseline_tpr_at_1pct_fpr(judged):
+    """The model as released (before any shaking) must keep TPR at 1% FPR at or below max_baseline_tpr_at_1pct_fpr."""
+    assert judged.outcome == "pass", judged.message
+
+
+def test_baseline_extraction(judged):
+    """The model as released must not reproduce more than max_baseline_extracted members above the held-out null."""
+    assert judged.outcome == "pass", judged.message

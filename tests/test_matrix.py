@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from s2l_guard.config import GatesConfig, load_config
 from s2l_guard.errors import ConfigError
 from s2l_guard.gates import control_problem, gate_plan, judge, verdict
-from s2l_guard.results import Amplification, GateCell, Status
+from s2l_guard.results import Amplification, GateCell, Status, cells_by_key
 from s2l_guard.runner.matrix import failed_cells, utility_cell
 from s2l_guard.runner.plan import POOLED, PlannedCell, plan
 from s2l_guard.runner.settings import check_plugins
@@ -180,3 +180,72 @@ def test_an_amplification_reads_a_delta_test_and_keeps_what_gates_need():
     assert set(amp.to_dict()) == {"before", "after", "delta", "ci95", "p_value", "method"}
     cell = mia_cell(0.05, (0.01, 0.09))
     assert cell.amplification.delta == 0.05 and cell.amplification.ci95 == (0.01, 0.09)
+
+
+def test_plan_names_each_rows_oracle_and_whose_weights_the_model_has():
+    config = load_config(SMOKE).replace(matrix={"defenses": ["none", "dp_sgd", "finetune_filter"], "shakers": ["lora", "end2end"],
+                                                "member_shakers": ["end2end"], "gaussian_sigmas": [8e-4]})  # fmt: skip
+    cells = {(c.defense, c.attack): c for c in plan(config)}
+    assert cells["none", "end2end"].oracle == "end2end-members" and cells["none", "end2end-members"].oracle == "end2end-members"
+    assert cells["none", "lora"].oracle == cells["none", "pretrained"].oracle == "end2end-members"  # no lora oracle: the first one
+    assert cells["dp_sgd", "lora"].weights_of == "dp_sgd"  # a training recipe: its own weights
+    assert cells["finetune_filter", "lora"].weights_of == "none"  # an API defense serves the undefended weights
+    no_oracle = plan(config.replace(matrix={"member_shakers": []}))
+    assert {c.oracle for c in no_oracle} == {""}
+
+
+def test_release_mode_gates_on_the_audited_models_oracle_and_leaves_oracle_rows_ungated():
+    release, compare = GatesConfig(mode="release"), GatesConfig()
+    config = load_config(SMOKE).replace(matrix={"defenses": ["none"], "shakers": ["lora"], "member_shakers": ["lora"], "gaussian_sigmas": []})
+    planned = plan(config)
+    gated = {c.attack for c in gate_plan(planned, release, "auc_amplification")}
+    assert gated == {"lora"} and {c.attack for c in gate_plan(planned, compare, "auc_amplification")} == {"lora", "lora-members"}
+    cell = PlannedCell("none", "lora", "secmi", POOLED, 0, oracle="lora-members")
+    quiet = mia_cell(0.0, (-0.02, 0.02), id="none-lora-secmi-all", defense="none")
+    oracle_leaks = mia_cell(0.09, (0.04, 0.14), id="none-lora-members-secmi-all", defense="none", attack="lora-members")
+    oracle_quiet = mia_cell(0.01, (-0.01, 0.03), id="none-lora-members-secmi-all", defense="none", attack="lora-members")
+    cells = cells_by_key({"cells": [quiet.to_dict(), oracle_leaks.to_dict()]})
+    assert judge("auc_amplification", cell, cells, release).outcome == "pass"  # S2L shows nothing, the oracle shows it could
+    assert judge("auc_amplification", cell, cells, compare).outcome == "error"  # compare asks S2L itself to leak
+    cells[oracle_quiet.key] = oracle_quiet
+    blind = judge("auc_amplification", cell, cells, release)
+    assert blind.outcome == "error" and "cannot see leakage on this model" in blind.message and "lora-members" in blind.message
+    orphan = judge("auc_amplification", PlannedCell("none", "lora", "secmi", POOLED, 0), cells, release)
+    assert orphan.outcome == "error" and "member_shakers" in orphan.message
+
+
+def test_baseline_gates_judge_the_model_as_released():
+    config = load_config(SMOKE).replace(matrix={"defenses": ["none"], "shakers": ["lora"], "member_shakers": ["end2end"], "gaussian_sigmas": []})
+    planned = plan(config)
+    for check in ("baseline_tpr_at_1pct_fpr", "baseline_extracted"):
+        assert {c.attack for c in gate_plan(planned, GatesConfig(), check)} == {"pretrained"}
+    assert "pretrained" not in {c.attack for c in gate_plan(planned, GatesConfig(), "tpr_at_1pct_fpr")}
+    released = GateCell.from_dict(mia_cell(0, (0, 0)).to_dict() | {"id": "none-pretrained-secmi-all", "attack": "pretrained"})
+    assert verdict("baseline_tpr_at_1pct_fpr", released, GatesConfig(max_baseline_tpr_at_1pct_fpr=0.3)).outcome == "pass"  # upper end 0.3
+    failing = verdict("baseline_tpr_at_1pct_fpr", released, GatesConfig(max_baseline_tpr_at_1pct_fpr=0.29))
+    assert failing.outcome == "fail" and "max_baseline_tpr_at_1pct_fpr = 0.29" in failing.message
+    extracted = extraction_cell(3, 1, (0.5, 4.0))
+    assert verdict("baseline_extracted", extracted, GatesConfig(max_baseline_extracted=2)).outcome == "pass"  # the point, 2, is gated
+    assert verdict("baseline_extracted", extracted, GatesConfig(max_baseline_extracted=1)).outcome == "fail"
+
+
+def test_a_value_on_the_threshold_passes_under_both_compare_modes():
+    cell = mia_cell(0.05, (0.01, 0.05))
+    assert verdict("auc_amplification", cell, GatesConfig(max_auc_amplification=0.05)).outcome == "pass"
+    assert verdict("auc_amplification", mia_cell(0.05, (0.05, 0.09)), GatesConfig(max_auc_amplification=0.05, compare="point")).outcome == "pass"
+    assert verdict("extracted", extraction_cell(1, 1), GatesConfig(max_extracted=0)).outcome == "pass"  # 0 above the null
+
+
+def test_a_crashed_domain_fails_the_pooled_row_and_its_gate():
+    from s2l_guard.config import Config
+    from s2l_guard.runner.summaries import pooled
+
+    ok = {"status": "ok"}
+    crashed = {"status": "failed", "reason": "RuntimeError: boom"}
+    row = pooled({"digit7": {"pretrained": ok, "lora": ok}, "digit8": {"pretrained": ok, "lora": crashed}}, "lora", "pretrained", Config(), 0)
+    assert row["status"] == "failed" and row["reasons"] == ["digit8 failed (RuntimeError: boom)"]
+    from s2l_guard.runner.matrix import _cell
+
+    cell = _cell(PlannedCell("none", "lora", "secmi", POOLED, 0), row | {"shaker": "lora", "data": "SP"}, [], "open-weights")
+    v = verdict("auc_amplification", cell, GatesConfig(domains="pooled"))
+    assert v.outcome == "fail" and "digit8 failed (RuntimeError: boom)" in v.message

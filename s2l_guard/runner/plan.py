@@ -128,6 +128,8 @@ class PlannedCell:
     seed: int
     many_seeds: bool = False
     base_attack: str = ""  # an adaptive request's plain SP attack (its positive control), else the attack itself
+    oracle: str = ""  # the oracle row that shows the instrument sees leakage on this model ("": none planned)
+    weights_of: str = "none"  # the defense whose weights the model has: itself if it changes the training recipe
 
     @property
     def id(self) -> str:
@@ -164,16 +166,25 @@ def domain_names(config: Config) -> list[str]:
     return [f"digit{d}" for d in config.testbed.private_domains]
 
 
-def _table_plan(config: Config) -> tuple[list, list[str]]:
-    """The rows one defense's table runs and every MIA the config names (those the threat
-    model rules out still get cells: they are reported as not run); ``config`` is checked by :func:`plan`."""
+def _table_plan(config: Config) -> tuple[list, list[str], bool]:
+    """The rows one defense's table runs, every MIA the config names (those the threat model
+    rules out still get cells: they are reported as not run) and whether the defense changes the
+    weights (acts on training); ``config`` is checked by :func:`plan`."""
     defense = DEFENSES.get(config.defense.name)(defense_settings(config, config.defense.name))
     if config.run.model and "training" in defense.points:
         raise ConfigError(f"[matrix] defenses lists {defense.name}, a pre-training recipe, which cannot be applied to a given "
                           f"model ([run] model / --model); remove it here, or gate it on the testbed model")  # fmt: skip
     threat_model = resolve_threat_model(config.defense.threat_model, defense)
     adaptive = threat_model != "open-weights" and "finetune" in defense.points
-    return plan_rows(config, adaptive=adaptive), list(config.attack.mia)
+    return plan_rows(config, adaptive=adaptive), list(config.attack.mia), "training" in defense.points
+
+
+def oracle_row(row: Row, member_shakers: tuple[str, ...]) -> str:
+    """The oracle row of ``row``: its method fine-tuned on the real members, else the first oracle
+    method's ("" when the matrix plans none). The pre-trained row and Gaussian rows take the first."""
+    if row.shaker in member_shakers:
+        return row_label(row.shaker, DataKind.MEMBERS)
+    return row_label(member_shakers[0], DataKind.MEMBERS) if member_shakers else ""
 
 
 def plan(config: Config, defenses: list[str] | None = None) -> list[PlannedCell]:
@@ -183,10 +194,13 @@ def plan(config: Config, defenses: list[str] | None = None) -> list[PlannedCell]
     many = len(seeds(config)) > 1
     for seed in seeds(config):
         for defense in defenses or config.matrix.defenses:
-            rows, mias = _table_plan(defended_config(config, defense, seed))
+            defended = defended_config(config, defense, seed)
+            rows, mias, trains = _table_plan(defended)
+            weights = defense if trains else "none"
             for row in rows:
+                oracle = oracle_row(row, defended.attack.member_shakers)
                 for measure in mias + ["extraction"]:
                     base = row.shaker if row.variant else row.label
-                    out += [PlannedCell(defense, row.label, measure, d, seed, many, base) for d in domain_names(config) + [POOLED]]
+                    out += [PlannedCell(defense, row.label, measure, d, seed, many, base, oracle, weights) for d in domain_names(config) + [POOLED]]
             out.append(PlannedCell(defense, "-", "utility", POOLED, seed, many))
     return out

@@ -124,10 +124,16 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
     """One table row over all domains: scores pooled for MIA, extractions averaged per domain.
 
     An SP row is also compared with its out-of-domain controls (see :func:`controls_for`),
-    where every domain has them.
+    where every domain has them. A domain whose cell (or baseline) failed fails the pooled row
+    too: pooling the others would let a crash drop a domain from the gates unseen.
     """
     usable = [cells for cells in cells_by_domain.values() if cells[row]["status"] == "ok" and cells[base_row]["status"] == "ok"]
     refused = sorted(name for name, cells in cells_by_domain.items() if cells[row]["status"] == "refused")
+    crashed = {name: cells[r].get("reason") or "no reason given" for name, cells in cells_by_domain.items()
+               for r in (base_row, row) if cells[r]["status"] == "failed"}  # fmt: skip
+    if crashed and usable:
+        reasons = [f"{name} failed ({reason})" for name, reason in sorted(crashed.items())]
+        return {"row": row, "status": "failed", "reasons": reasons, "refused_domains": refused}
     if not usable:
         statuses = sorted({c[row]["status"] for c in cells_by_domain.values()})
         status = next((s for s in ("failed", "refused") if s in statuses), "not-run")
