@@ -199,3 +199,26 @@ def evaluate(results: dict, gates, planned: list[PlannedCell]) -> list[Verdict]:
     """Every gate of [gates] on the measured matrix (for reports and summaries)."""
     cells = cells_by_key(results)
     return [judge(check, p, cells, gates) for check in gates.checks for p in gate_plan(planned, gates, check)]
+
+
+RANK = {"fail": 3, "error": 2, "pass": 1, "skip": 0}  # the worst verdict stands for a tile of several gates
+LABEL = {"pass": "PASS", "fail": "FAIL", "error": "ERR", "skip": "skip"}
+
+
+def summary_lines(judged: list[tuple[PlannedCell, Verdict]], mode: str) -> list[str]:
+    """A compact defense x attack table of the worst verdict per tile (over measures, domains and
+    checks; utility in its own column), then the counts: what the gate suite prints at its end."""
+    tiles: dict[tuple[str, str], str] = {}
+    for cell, v in judged:
+        key = (cell.defense + (f" seed{cell.seed}" if cell.many_seeds else ""), "utility" if cell.measure == "utility" else cell.attack)
+        if key not in tiles or RANK[v.outcome] > RANK[tiles[key]]:
+            tiles[key] = v.outcome
+    rows = list(dict.fromkeys(d for d, _ in tiles))
+    columns = list(dict.fromkeys(a for _, a in tiles if a != "utility")) + (["utility"] if any(a == "utility" for _, a in tiles) else [])
+    table = [["defense", *columns]] + [[d, *(LABEL[tiles[d, a]] if (d, a) in tiles else "-" for a in columns)] for d in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(columns) + 1)]
+    lines = ["  ".join(text.ljust(w) for text, w in zip(r, widths)).rstrip() for r in table]
+    counts = {o: sum(v.outcome == o for _, v in judged) for o in RANK}
+    lines.append(f"mode {mode}: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error, {counts['skip']} skip "
+                 f"({len(judged)} gates; a tile shows its worst verdict: FAIL > ERR > PASS > skip)")  # fmt: skip
+    return lines

@@ -26,13 +26,10 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from .config import Config  # noqa: E402
 from .formatting import format_interval  # noqa: E402
-from .gates import THRESHOLDS, Verdict, evaluate  # noqa: E402
+from .gates import LABEL, RANK, THRESHOLDS, Verdict, evaluate  # noqa: E402
 from .results import POOLED, GateCell, Status, gate_cells  # noqa: E402
 from .runner.plan import plan  # noqa: E402
 
-# the worst verdict marks a tile that stands for several gated cells
-RANK = {"fail": 3, "error": 2, "pass": 1, "skip": 0}
-LABEL = {"pass": "PASS", "fail": "FAIL", "error": "ERR", "skip": "skip"}
 STATUS_TEXT = {"not-run": "not run", "refused": "refused", "failed": "failed", "absent": "n/a"}
 EDGE = {"fail": "#c00000", "error": "#e08000"}  # a thick tile border makes these stand out
 UTILITY_FILL = {"pass": "#d8f0d8", "fail": "#f6d0d0", "error": "#fbe3c0", "skip": "#e6e6e6"}

@@ -60,6 +60,22 @@ def s2l_config(pytestconfig: pytest.Config) -> Config:
 
 def pytest_configure(config: pytest.Config) -> None:
     s2l_config(config)
+    config._s2l_verdicts = []  # (planned cell, verdict) of every gate judged, for the summary
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """The verdict a person reads at the end: defense x attack, the worst verdict of each tile."""
+    from s2l_guard.gates import summary_lines
+
+    judged = getattr(config, "_s2l_verdicts", [])
+    if not judged:
+        return
+    terminalreporter.section("s2l-guard gates")
+    for line in summary_lines(judged, s2l_config(config).gates.mode):
+        terminalreporter.write_line(line)
+    folder = getattr(config, "_s2l_folder", None)
+    if folder is not None and (Path(folder) / "report.html").is_file():
+        terminalreporter.write_line(f"report: {Path(folder) / 'report.html'}")
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
@@ -99,6 +115,7 @@ def s2l_matrix(request: pytest.FixtureRequest) -> dict:
         from s2l_guard.report import write_report
 
         write_report(folder)
+    request.config._s2l_folder = folder
     return {"results": results, "cells": cells_by_key(results), "folder": folder}
 
 
@@ -106,6 +123,7 @@ def s2l_matrix(request: pytest.FixtureRequest) -> dict:
 def judged(gate: PlannedCell, s2l_matrix: dict, pytestconfig: pytest.Config, request: pytest.FixtureRequest):
     """The gate's verdict; a gate whose positive control does not leak errors here, at setup."""
     v = judge(CHECK_OF_TEST[request.node.originalname], gate, s2l_matrix["cells"], s2l_config(pytestconfig).gates)
+    pytestconfig._s2l_verdicts.append((gate, v))
     if v.outcome == "skip":  # a cell that did not run is never passed
         pytest.skip(v.message)
     if v.outcome == "error":  # failing in a fixture makes pytest report an error, not a failure

@@ -249,3 +249,14 @@ def test_a_crashed_domain_fails_the_pooled_row_and_its_gate():
     cell = _cell(PlannedCell("none", "lora", "secmi", POOLED, 0), row | {"shaker": "lora", "data": "SP"}, [], "open-weights")
     v = verdict("auc_amplification", cell, GatesConfig(domains="pooled"))
     assert v.outcome == "fail" and "digit8 failed (RuntimeError: boom)" in v.message
+
+
+def test_the_summary_table_shows_the_worst_verdict_per_defense_and_attack():
+    from s2l_guard.gates import Verdict, summary_lines
+
+    cells = [PlannedCell("none", "lora", "secmi", "digit7", 0), PlannedCell("none", "lora", "pia", POOLED, 0),
+             PlannedCell("none", "-", "utility", POOLED, 0), PlannedCell("dp_sgd", "lora", "secmi", POOLED, 0)]  # fmt: skip
+    judged = [(c, Verdict("check", c.id, outcome, "")) for c, outcome in zip(cells, ("pass", "fail", "pass", "error"))]
+    lines = summary_lines(judged, "release")
+    assert [line.split() for line in lines[:3]] == [["defense", "lora", "utility"], ["none", "FAIL", "PASS"], ["dp_sgd", "ERR", "-"]]
+    assert lines[-1].startswith("mode release: 2 pass, 1 fail, 1 error, 0 skip (4 gates")

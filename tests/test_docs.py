@@ -1,0 +1,27 @@
+"""What the docs give readers to copy works: the CI recipes of docs/gates.md parse and run the gates."""
+
+import re
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def yaml_blocks(path: Path) -> list[dict]:
+    return [yaml.safe_load(block) for block in re.findall(r"```yaml\n(.*?)```", path.read_text(), flags=re.S)]
+
+
+def test_the_ci_recipes_parse_and_keep_the_report_and_the_junit_file():
+    github, gitlab = yaml_blocks(ROOT / "docs" / "gates.md")
+    steps = github["jobs"]["gates"]["steps"]
+    commands = " ".join(step.get("run", "") for step in steps)
+    assert "pytest suites/ --s2l-config configs/release.toml" in commands and "--junitxml gates.xml" in commands
+    kept = next(step for step in steps if step.get("uses", "").startswith("actions/upload-artifact"))
+    assert kept["if"] == "always()" and {"gates.xml", "gate-run/report.html"} <= set(kept["with"]["path"].split())
+    job = gitlab["release-gates"]
+    assert any("pytest suites/ --s2l-config configs/release.toml" in line for line in job["script"])
+    assert {"gates.xml", "gate-run/report.html"} <= set(job["artifacts"]["paths"]) and job["artifacts"]["reports"]["junit"] == "gates.xml"
+    for recipe in (commands, " ".join(job["script"])):  # the options they pass are the suite's own
+        options = set(re.findall(r"--s2l-[a-z-]+", recipe))
+        assert options <= set(re.findall(r'"(--s2l-[a-z-]+)"', (ROOT / "suites" / "conftest.py").read_text()))
