@@ -41,6 +41,19 @@ class Crashing(Shaker):
 
     def shake(self, bundle, data, *, seed, callback=None, callback_every=0):
         raise RuntimeError("the crashing plugin crashed on purpose")
+
+
+from attacks.finetune.end2end import EndToEnd
+
+@SHAKERS.register
+class CrashesOnEight(EndToEnd):
+    name = "crashes_on_eight"
+    summary = "End-to-End, except that it crashes on the digit eight"
+
+    def shake(self, bundle, data, **kwargs):
+        if "eight" in data.prompt:
+            raise RuntimeError("crashed on the digit eight on purpose")
+        return super().shake(bundle, data, **kwargs)
 """
 
 
@@ -74,6 +87,8 @@ learning_rate = 1e-3
 
 
 LEAKY = 'defenses = ["none"]\nshakers = []\nmember_shakers = ["end2end"]\ngaussian_sigmas = []'
+# An attack that cannot amplify anything (Gaussian shaking with sigma 0: delta exactly 0) beside the leaking oracle row.
+QUIET = 'defenses = ["none"]\nshakers = []\nmember_shakers = ["end2end"]\ngaussian_sigmas = [0.0]'
 
 
 def run_suite(folder: Path, config: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -199,3 +214,44 @@ def test_release_config_gates_a_model_folder_from_the_command_line(workspace, ti
     recipe = write_config(workspace, "release-dp", matrix='defenses = ["none", "dp_sgd"]', gates="")
     refused = run_suite(workspace, recipe, f"--s2l-model={model}")
     assert refused.returncode == 4 and "dp_sgd, a pre-training recipe" in refused.stderr and "Traceback" not in refused.stderr
+
+
+def release_gates(workspace: Path, name: str, gates: str) -> tuple[subprocess.CompletedProcess, dict[str, str]]:
+    """The QUIET matrix (one shared results folder: [gates] is not in its hash) under release-mode gates."""
+    config = write_config(workspace, name, matrix=QUIET, gates=f'mode = "release"\nchecks = ["auc_amplification"]\n{gates}')
+    junit = workspace / f"{name}.xml"
+    result = run_suite(workspace, config, f"--junitxml={junit}")
+    return result, {k: v for k, v in outcomes(junit).items() if k.startswith("test_amplification")}
+
+
+def test_release_mode_passes_a_model_s2l_does_not_amplify_when_its_oracle_row_shows_the_instrument_sees(workspace):
+    result, seen = release_gates(workspace, "release-pass", "max_auc_amplification = 0.05")
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert len(seen) == 2 * 3 and set(seen.values()) == {"passed"}, seen  # 2 draws x (2 domains + pool); the oracle row is the control
+    assert "s2l-guard gates" in result.stdout and "mode release: 6 pass, 0 fail, 0 error, 0 skip" in result.stdout
+    assert "report: " in result.stdout and "report.html" in result.stdout
+    compare = write_config(workspace, "compare-quiet", matrix=QUIET, gates='checks = ["auc_amplification"]\nmax_auc_amplification = 0.05')
+    assert run_suite(workspace, compare).returncode == 1  # the same matrix cannot be judged when S2L itself must leak
+
+
+def test_release_mode_fails_an_attack_above_its_threshold(workspace):
+    result, seen = release_gates(workspace, "release-fail", "max_auc_amplification = -0.01")  # delta 0 is above it
+    assert result.returncode == 1 and set(seen.values()) == {"failure"}, seen
+    assert "compared 0.000 > maximum -0.01" in result.stdout
+
+
+def test_release_mode_cannot_judge_a_model_on_which_its_oracle_row_shows_nothing(workspace):
+    # the oracle row raises the loss attack's AUC by about +0.26: demand more than that and nothing can be seen
+    result, seen = release_gates(workspace, "release-blind", "max_auc_amplification = 1.0\ncontrol_min_amplification = 0.5")
+    assert result.returncode == 1 and set(seen.values()) == {"error"}, seen
+    assert "the instrument cannot see leakage on this model" in result.stdout and "end2end-members" in result.stdout
+
+
+def test_a_domain_that_crashes_fails_the_pooled_gate_instead_of_vanishing_from_it(workspace):
+    config = write_config(workspace, "half", matrix='defenses = ["none"]\nshakers = ["crashes_on_eight"]\nmember_shakers = ["end2end"]\ngaussian_sigmas = []',
+                          gates='mode = "release"\nchecks = ["auc_amplification"]\ndomains = "pooled"\nmax_auc_amplification = 1.0')  # fmt: skip
+    junit = workspace / "half.xml"
+    result = run_suite(workspace, config, "-p", "crash_plugin", f"--junitxml={junit}")
+    assert result.returncode == 1, result.stdout[-3000:]
+    assert outcomes(junit)["test_amplification[none-crashes_on_eight-loss-all]"] == "failure"
+    assert "digit8 failed (RuntimeError: crashed on the digit eight on purpose)" in result.stdout
