@@ -320,6 +320,37 @@ def defense_rows(results: dict, m: Matrix) -> list[list[str]]:
     return out
 
 
+def _released_figure(pooled: GateCell | None) -> str:
+    """What a baseline gate reads on the pooled pre-trained cell, or why there is nothing."""
+    if pooled is None or pooled.status != Status.OK:
+        return pooled.status.value if pooled else "-"
+    extraction = pooled.measure == "extraction"
+    entry = pooled.metric("extracted_above_null" if extraction else "tpr_at_1pct_fpr")
+    return format_interval(entry["value"], entry["ci95"], signed=extraction) if entry else "-"
+
+
+def baseline_rows(results: dict, verdicts: list[Verdict]) -> tuple[list[str], list[list[str]]]:
+    """The model as released (the pre-trained row, pooled): each measure's gated figure - calibrated
+    TPR at 1% FPR for an MIA, members extracted above the null - and the worst baseline verdict
+    over its domains. Empty when no baseline gate ran."""
+    baseline = [v for v in verdicts if v.check.startswith("baseline_")]
+    if not baseline:
+        return [], []
+    cells = [c for c in gate_cells(results) if c.attack == "pretrained"]
+    by_cell = verdicts_by_cell(baseline)
+    measures = list(dict.fromkeys(c.measure for c in cells))
+    rows = []
+    for defense, seed in [(d, s) for s in results["seeds"] for d in results["defenses"]]:
+        mine = [c for c in cells if c.defense == defense and c.seed == seed]
+        row = [defense + (f" seed{seed}" if len(results["seeds"]) > 1 else "")]
+        for measure in measures:
+            pooled = next((c for c in mine if c.measure == measure and c.pooled), None)
+            verdict = worst([v for c in mine if c.measure == measure for v in by_cell.get(c.id, [])])
+            row.append(f"{_released_figure(pooled)} {LABEL.get(verdict, '')}".strip())
+        rows.append(row)
+    return ["defense"] + [f"{m} ({'above null' if m == 'extraction' else 'TPR at 1% FPR'})" for m in measures], rows
+
+
 def failure_lines(verdicts: list[Verdict]) -> list[str]:
     return [f"{v.check}: {v.message}" for v in verdicts]
 
@@ -390,6 +421,13 @@ def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Mat
     ]
     if m.omitted:
         blocks.append(("p", f"Left out (no defense ran them): {', '.join(Matrix.label(c) for c in m.omitted)}."))
+    header, rows = baseline_rows(results, verdicts)
+    if rows:
+        blocks += [
+            ("h", 2, "The model as released"),
+            ("p", "The pre-trained row before any shaking, pooled over domains, with the worst baseline gate verdict over its cells."),
+            ("table", header, rows),
+        ]
     blocks += [
         ("h", 2, "Defenses"),
         (

@@ -181,3 +181,17 @@ def test_a_failed_cell_fails_its_tile_and_is_listed(tmp_path, results):
     assert rows[0][header.index("lora / secmi")].endswith("ERR")
     assert "failed (1 cells; defenses dp_sgd): CUDA out of memory" in section(markdown, "Cells that did not run")
     assert re.search(r'<td class="fail">[^<]*FAIL</td>', (run / "report.html").read_text())
+
+
+def test_the_model_as_released_has_its_own_table_when_baseline_gates_run(tmp_path, results, report):
+    assert "## The model as released" not in report[2]  # the fixture's [gates] predate the baseline gates
+    changed = json.loads(json.dumps(results))
+    changed["config"]["gates"]["checks"] += ["baseline_tpr_at_1pct_fpr", "baseline_extracted"]
+    run, _ = write(tmp_path, changed)
+    header, *rows = table(section((run / "report.md").read_text(), "The model as released"))
+    assert header[0] == "defense" and "extraction (above null)" in header and [r[0] for r in rows] == changed["defenses"]
+    baseline = [v for v in verdicts_of(changed) if v.check.startswith("baseline_")]
+    assert baseline and all(v.cell_id.split("-")[1] == "pretrained" for v in baseline)
+    none = rows[0][header.index("extraction (above null)")]
+    pooled = next(c for c in changed["cells"] if c["id"] == "none-pretrained-extraction-all")
+    assert none.startswith(f"{pooled['metrics']['extracted_above_null']['value']:+.3f}")
