@@ -326,6 +326,8 @@ def _released_figure(pooled: GateCell | None) -> str:
         return pooled.status.value if pooled else "-"
     extraction = pooled.measure == "extraction"
     entry = pooled.metric("extracted_above_null" if extraction else "tpr_at_1pct_fpr")
+    if entry is None and extraction:  # a matrix from before the null was counted: the raw count is gated
+        return f"{pooled.metric('extracted')} extracted"
     return format_interval(entry["value"], entry["ci95"], signed=extraction) if entry else "-"
 
 

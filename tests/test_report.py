@@ -192,6 +192,8 @@ def test_the_model_as_released_has_its_own_table_when_baseline_gates_run(tmp_pat
     assert header[0] == "defense" and "extraction (above null)" in header and [r[0] for r in rows] == changed["defenses"]
     baseline = [v for v in verdicts_of(changed) if v.check.startswith("baseline_")]
     assert baseline and all("-pretrained-" in v.cell_id for v in baseline)
-    none = rows[0][header.index("extraction (above null)")]
-    pooled = next(c for c in changed["cells"] if c["id"] == "none-pretrained-extraction-all")
-    assert none.startswith(f"{pooled['metrics']['extracted_above_null']['value']:+.3f}")
+    pooled = next(c for c in changed["cells"] if c["id"] == "none-pretrained-loss-all")
+    tpr = pooled["metrics"]["tpr_at_1pct_fpr"]
+    assert rows[0][header.index("loss (TPR at 1% FPR)")].startswith(f"{tpr['value']:.3f} [{tpr['ci95'][0]:.3f}")
+    extracted = next(c for c in changed["cells"] if c["id"] == "none-pretrained-extraction-all")["metrics"]["extracted"]
+    assert rows[0][header.index("extraction (above null)")].startswith(f"{extracted} extracted")  # the fixture predates the null
