@@ -60,8 +60,8 @@ def test_every_shaker_runs_deterministically_at_its_tiny_settings_and_leaves_its
     data = FinetuneData(images, [prompt] * 4, prompt, class_prompt="a handwritten digit") if cls.needs_data else None
     first, second = (shaker.shake(bundle, data, seed=3) for _ in range(2))
     assert all(torch.equal(p, before[n]) for n, p in bundle.named_parameters()), "the input bundle changed"
-    assert first.bundle is not bundle and first.prompt and first.losses == second.losses
+    assert first.bundle is not bundle and first.losses == second.losses
     a, b = dict(first.bundle.named_parameters()), dict(second.bundle.named_parameters())
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "two runs with one seed differ"
     if cls.needs_data:
-        assert len(first.losses) == shaker.settings.steps and first.trainable_parameters > 0
+        assert first.prompt and len(first.losses) == shaker.settings.steps and first.trainable_parameters > 0
