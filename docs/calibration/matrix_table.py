@@ -1,6 +1,9 @@
 """The defense table of docs/defenses.md and docs/gates.md from a matrix run's results.json, as Markdown.
 
-    .venv/bin/python docs/calibration/matrix_table.py runs/<profile>-matrix-<hash>
+    .venv/bin/python docs/calibration/matrix_table.py runs/<profile>-matrix-<hash> [configs/standard.toml]
+
+With a config, the gates are judged with its [gates] (mode, checks, thresholds) instead of
+those the matrix ran with; the measurements are the same either way.
 
 Per defense (pooled over the attacked domains, 95% intervals): the released model's own
 leakage (SecMI and PIA AUC, extraction above the held-out non-member null), S2L's paired
@@ -11,10 +14,12 @@ of the matrix's [gates] as pass/fail/error/skip.
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections import Counter
 from pathlib import Path
 
+from s2l_guard.config import load_config
 from s2l_guard.formatting import format_interval
 from s2l_guard.gates import evaluate
 from s2l_guard.report import config_of
@@ -23,9 +28,12 @@ from s2l_guard.runner.matrix import load_matrix
 from s2l_guard.runner.plan import plan
 
 
-def main(folder: str) -> None:
+def main(folder: str, gates_config: str | None = None) -> None:
     results = load_matrix(Path(folder))
     config = config_of(results)
+    if gates_config:
+        gates = dataclasses.asdict(load_config(gates_config).gates)
+        config = config.replace(gates={k: list(v) if isinstance(v, tuple) else v for k, v in gates.items()})
     seed = results["seeds"][0]
     cells = {(c.defense, c.attack, c.measure): c for c in gate_cells(results) if c.pooled and c.seed == seed}
     verdicts = evaluate(results, config.gates, plan(config, results["defenses"]))
@@ -58,10 +66,15 @@ def main(folder: str) -> None:
                f"{c['pass']}/{c['fail']}/{c['error']}/{c['skip']}"]  # fmt: skip
         print("| " + " | ".join(row) + " |")
     total = Counter(v.outcome for v in verdicts)
-    print(f"\nall gates: {total['pass']} pass, {total['fail']} fail, {total['error']} error, {total['skip']} skip ({len(verdicts)})")
+    print(
+        f"\nall gates ({config.gates.mode} mode): {total['pass']} pass, {total['fail']} fail, {total['error']} error, {total['skip']} skip ({len(verdicts)})"
+    )
+    by_check = {check: Counter(v.outcome for v in verdicts if v.check == check) for check in config.gates.checks}
+    for check, c in by_check.items():
+        print(f"  {check}: {c['pass']} pass, {c['fail']} fail, {c['error']} error, {c['skip']} skip")
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
-    main(sys.argv[1])
+    main(*sys.argv[1:])
