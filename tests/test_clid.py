@@ -52,7 +52,8 @@ def test_clid_matches_a_per_image_reference(cut_shares, loss_weight):
     reduced = [[""] * 5] + [[reduced_caption(c, share) for c in captions] for share in cut_shares]
     want = reference(bundle, images, captions, timesteps=(8, 10, 12), seed=4, reduced_sets=reduced, loss_weight=loss_weight)
     assert got.dtype == np.float64 and got.shape == (5,)
-    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-7)
+    # scores are differences of float32 losses of order 0.1: roundoff reaches 1.6e-7 on some CPUs
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6)
 
 
 def test_reduced_captions_drop_the_last_words():

@@ -99,7 +99,9 @@ def test_same_seed_same_run_and_physical_batches_do_not_change_it():
     assert a.losses == b.losses
     for (name, p), (_, q), (_, r) in zip(first.named_parameters(), second.named_parameters(), split.named_parameters()):
         assert torch.equal(p, q), name
-        assert torch.allclose(p, r, atol=1e-6), name
+        # float32 summation order differs between physical splits; AMD and Intel kernels round differently
+        # (1.1e-6 measured on one): a wrong split would move weights by about the learning rate, 1e-3
+        assert torch.allclose(p, r, atol=1e-5), name
     assert c.losses == pytest.approx(a.losses, rel=1e-5)
     assert run(tiny_bundle(), steps=3, batch_size=4, seed=6).losses != a.losses
 
