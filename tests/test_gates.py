@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -147,7 +148,7 @@ def test_k_selects_one_defense_and_runs_only_it(workspace):
                           gates='checks = ["utility"]\nmin_utility = 0.0')  # fmt: skip
     result = run_suite(workspace, config, "-k", "dp_sgd")
     assert result.returncode == 0, result.stdout[-3000:]
-    assert "test_utility[dp_sgd-utility]" in result.stdout and result.stdout.splitlines()[-1].startswith("1 passed, 5 deselected")
+    assert "test_utility[dp_sgd-utility]" in result.stdout and re.match(r"1 passed, \d+ deselected", result.stdout.splitlines()[-1])
     (folder,) = (workspace / "runs").glob("subset-matrix-*")
     assert folder.name.endswith("-dp_sgd")  # a subset never overwrites the whole matrix's folder
     assert json.loads((folder / "results.json").read_text())["defenses"] == ["dp_sgd"]  # utility gates need no control
