@@ -260,3 +260,13 @@ def test_the_summary_table_shows_the_worst_verdict_per_defense_and_attack():
     lines = summary_lines(judged, "release")
     assert [line.split() for line in lines[:3]] == [["defense", "lora", "utility"], ["none", "FAIL", "PASS"], ["dp_sgd", "ERR", "-"]]
     assert lines[-1].startswith("mode release: 2 pass, 1 fail, 1 error, 0 skip (4 gates")
+
+
+def test_the_matrix_folder_does_not_depend_on_whether_all_was_expanded_first():
+    from s2l_guard.runner.matrix import matrix_folder
+
+    config = load_config("configs/standard.toml")
+    assert "all" in config.attack.mia
+    assert matrix_folder(config) == matrix_folder(check_plugins(config))
+    assert matrix_folder(config) == matrix_folder(config.replace(gates={"mode": "release"}))  # verdicts, not measurements
+    assert matrix_folder(config) != matrix_folder(config.replace(attack={"mia": ["secmi"]}))
