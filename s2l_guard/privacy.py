@@ -1,10 +1,11 @@
-"""DP-SGD training of the denoising loss, through opacus.
+"""DP-SGD training of the denoising loss, through opacus: hooks on the one training loop.
 
-:func:`train_private` trains the same per-example DDPM epsilon loss as
-:func:`s2l_guard.training.train` (same :func:`~s2l_guard.training.denoising_loss`,
-same caption dropout to the empty prompt), but every part that makes it
-differentially private is opacus' own (Abadi et al. 2016, "Deep Learning with
-Differential Privacy"):
+:func:`train_private` is :func:`s2l_guard.training.train` with :class:`DPHooks`:
+the same loop, the same per-example DDPM epsilon loss
+(:func:`~s2l_guard.training.denoising_loss`, caption dropout to the empty
+prompt), the same LR schedule, EMA and ``on_step`` callback. The hooks swap in
+what makes a step differentially private, all of it opacus' own (Abadi et al.
+2016, "Deep Learning with Differential Privacy"):
 
 * ``opacus.PrivacyEngine.make_private`` with Poisson sampling over a data
   loader of row indices (each row joins a logical batch independently with
@@ -17,8 +18,13 @@ Differential Privacy"):
   ``opacus.accountants.utils.get_noise_multiplier`` for the target epsilon,
 * ``opacus.utils.batch_memory_manager.BatchMemoryManager`` to split logical
   batches into physical ones (a memory knob only: it does not change the result
-  beyond floating-point summation order),
+  beyond floating-point summation order); each row's timestep, caption dropout
+  and noise come from a generator keyed by (seed, step, row) (:func:`_draws`),
+  not by its place in a physical batch,
 * the epsilon reported by the engine's accountant after training.
+
+``TrainSettings.grad_clip`` is not used (the DP optimizer clips each example's
+gradient instead), and DP-SGD takes no prior preservation.
 
 The unit of privacy is the *row* of ``images``. The testbed passes a duplicated
 member several times; DP then protects each copy, not the image: an image that
@@ -34,7 +40,8 @@ noise would turn ``secure_mode`` on.
 Only ``unet.*`` and ``text_encoder.*`` parameters can be trained this way (the
 VAE's latents are computed once, outside the private module).
 
-There is no checkpoint/resume: a killed DP run starts over. Resuming would also
+There is no checkpoint/resume (``DPHooks.resumable`` is false, so ``train``
+refuses a ``checkpoint_dir``): a killed DP run starts over. Resuming would also
 need the accountant's state (and the sampler's and noise generator's), and a
 resumed run whose accountant lost its history would under-report epsilon.
 """
@@ -43,12 +50,13 @@ from __future__ import annotations
 
 import hashlib
 import warnings
+from contextlib import ExitStack
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Sequence
+from itertools import chain, repeat
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 from diffusers import DDPMScheduler
-from diffusers.optimization import get_scheduler
 from diffusers.training_utils import EMAModel
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
@@ -56,12 +64,11 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
-from tqdm.auto import tqdm
 
 from .errors import ConfigError, S2LError
 from .model import Bundle
 from .privacy_settings import ACCOUNTANTS, PrivacySettings
-from .training import TrainSettings, _freeze_all_but, _in_batches, _set_train_mode, denoising_loss
+from .training import Batch, Run, TrainHooks, TrainResult, TrainSettings, _set_train_mode, denoising_loss, train
 
 # What opacus (and torch's hooks) leave on parameters and modules while training privately.
 _PARAM_ATTRS = ("grad_sample", "_forward_counter", "_current_grad_sample", "_norm_sample", "summed_grad")
@@ -128,6 +135,8 @@ def train_private(
 ) -> PrivateTrainResult:
     """Train ``trainable`` with DP-SGD (opacus) for exactly ``settings.steps`` logical steps.
 
+    :func:`s2l_guard.training.train` with :class:`DPHooks`, plus the privacy it spent.
+
     Args:
         bundle: the model; parameters not in ``trainable`` stay bit-identical.
         images: ``[N, C, H, W]`` in [0, 1]. Each row is one unit of privacy: an image
@@ -153,143 +162,150 @@ def train_private(
             per-sample gradients for, or a loss that is not finite.
         ConfigError: ``delta >= 1 / N``.
     """
-    if len(images) == 0:
-        raise S2LError(f"{description}: the training set is empty; DP training needs at least one image")
-    if len(images) != len(captions):
-        raise S2LError(f"training needs one caption per image, got {len(images)} images and {len(captions)} captions")
-    if not trainable:
-        raise S2LError(f"{description}: nothing to train; pass unet.* or text_encoder.* parameters as trainable")
-    other = sorted(name for name in trainable if not name.startswith(("unet.", "text_encoder.")))
-    if other:
-        raise S2LError(f"{description}: DP training covers unet.* and text_encoder.* parameters only, got {other[:3]}; freeze them")
-    if settings.steps < 1 or settings.batch_size < 1:
-        raise S2LError(f"{description}: steps and batch_size must be >= 1, got {settings.steps} and {settings.batch_size}")
-    n = len(images)
-    delta = privacy.delta or 1.0 / (10 * n)
-    if delta >= 1.0 / n:
-        raise ConfigError(
-            f"privacy delta = {delta:g} is not below 1 / N = {1.0 / n:g} for N = {n} training rows; "
-            "such a delta allows leaking a whole row - use 0 for 1 / (10 N)"
+    hooks = DPHooks(privacy)
+    trained = train(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings, on_step=on_step,
+                    description=description, hooks=hooks)  # fmt: skip
+    return hooks.result(trained)
+
+
+class DPHooks(TrainHooks):
+    """DP-SGD steps for :func:`s2l_guard.training.train` (see the module docstring); one object per run.
+
+    ``start`` makes the model and optimizer private (opacus' ``make_private``, Poisson
+    sampling over the row indices, ``BatchMemoryManager``); each logical step's
+    ``batches`` are its physical batches, with per-row draws (:func:`_draws`); ``finish``
+    strips opacus off the model again; :meth:`result` reads the accountant.
+    """
+
+    resumable = False  # resuming would need the accountant's, the sampler's and the noise generator's state too
+    clips_batch_gradient = False  # the DP optimizer clips each example's gradient to privacy.max_grad_norm instead
+
+    def __init__(self, privacy: PrivacySettings) -> None:
+        self.privacy = privacy
+        self.delta = 0.0
+        self.wrapper: DenoisingLossModule | None = None
+        self.module = None  # opacus' GradSampleModule around the wrapper
+        self.engine: PrivacyEngine | None = None
+        self._exit = ExitStack()  # the warning filters and the physical-batch loader, closed by finish()
+
+    def check(self, bundle, images, captions, *, trainable, optimizer, settings, description) -> None:
+        if len(images) == 0:
+            raise S2LError(f"{description}: the training set is empty; DP training needs at least one image")
+        if len(images) != len(captions):
+            raise S2LError(f"training needs one caption per image, got {len(images)} images and {len(captions)} captions")
+        if not trainable:
+            raise S2LError(f"{description}: nothing to train; pass unet.* or text_encoder.* parameters as trainable")
+        other = sorted(name for name in trainable if not name.startswith(("unet.", "text_encoder.")))
+        if other:
+            raise S2LError(f"{description}: DP training covers unet.* and text_encoder.* parameters only, got {other[:3]}; freeze them")
+        if settings.steps < 1 or settings.batch_size < 1:
+            raise S2LError(f"{description}: steps and batch_size must be >= 1, got {settings.steps} and {settings.batch_size}")
+        n = len(images)
+        self.delta = self.privacy.delta or 1.0 / (10 * n)
+        if self.delta >= 1.0 / n:
+            raise ConfigError(
+                f"privacy delta = {self.delta:g} is not below 1 / N = {1.0 / n:g} for N = {n} training rows; "
+                "such a delta allows leaking a whole row - use 0 for 1 / (10 N)"
+            )
+        known = dict(bundle.named_parameters())
+        stale = [name for name, param in trainable.items() if name in known and known[name] is not param]
+        if stale:  # e.g. taken before the bundle was copied or moved: they would train nothing the bundle uses
+            raise S2LError(f"{description}: trainable {stale[:3]} are not the bundle's own parameters; take them from bundle.named_parameters()")
+        own = {id(p) for group in optimizer.param_groups for p in group["params"]}
+        if own != {id(p) for p in trainable.values()}:
+            raise S2LError(f"{description}: the optimizer must be built over exactly trainable.values()")
+
+    def start(self, run: Run, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        s, bundle = run.settings, run.bundle
+        if run.prior is not None:
+            raise S2LError(f"{run.description}: DP training takes no prior preservation; pass prior=None")
+        rows = TensorDataset(torch.arange(len(run.images)))
+        loader = DataLoader(rows, batch_size=s.batch_size, generator=torch.Generator().manual_seed(s.seed))
+        self.sample_rate = 1.0 / len(loader)  # what make_private's DPDataLoader and accountant use
+        self.noise_multiplier = get_noise_multiplier(
+            target_epsilon=self.privacy.target_epsilon,
+            target_delta=self.delta,
+            sample_rate=self.sample_rate,
+            steps=s.steps,
+            accountant=self.privacy.accountant,
         )
-    known = dict(bundle.named_parameters())
-    stale = [name for name, param in trainable.items() if name in known and known[name] is not param]
-    if stale:  # e.g. taken before the bundle was copied or moved: they would train nothing the bundle uses
-        raise S2LError(f"{description}: trainable {stale[:3]} are not the bundle's own parameters; take them from bundle.named_parameters()")
-    own = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    if own != {id(p) for p in trainable.values()}:
-        raise S2LError(f"{description}: the optimizer must be built over exactly trainable.values()")
-    _freeze_all_but(bundle, trainable)  # names unknown parameters
-    text_trained = any(name.startswith("text_encoder.") for name in trainable)
-
-    rows = TensorDataset(torch.arange(n))
-    loader = DataLoader(rows, batch_size=settings.batch_size, generator=torch.Generator().manual_seed(settings.seed))
-    sample_rate = 1.0 / len(loader)  # what make_private's DPDataLoader and accountant use
-    noise_multiplier = get_noise_multiplier(
-        target_epsilon=privacy.target_epsilon,
-        target_delta=delta,
-        sample_rate=sample_rate,
-        steps=settings.steps,
-        accountant=privacy.accountant,
-    )
-
-    with torch.no_grad():  # the frozen image side is computed once, as train() does
-        latents = _in_batches(bundle.to_model_space, images)
-        prompts = sorted(set(captions)) + [""]
-        prompt_index = torch.tensor([prompts.index(c) for c in captions])
-        token_table = bundle.tokenize(prompts)
-    T = DDPMScheduler.from_config(bundle.scheduler.config).config.num_train_timesteps
-
-    bundle.eval()
-    wrapper = DenoisingLossModule(bundle, train_text_encoder=text_trained)
-    wrapper.training = True  # opacus checks the root only; components follow train()'s rule below
-    _set_train_mode(bundle, trainable, True)
-    params = list(trainable.values())
-    with warnings.catch_warnings():  # secure_mode stays off on purpose: see the module docstring
-        warnings.filterwarnings("ignore", message="Secure RNG turned off")
-        engine = PrivacyEngine(accountant=privacy.accountant)
-    noise_gen = torch.Generator(device=bundle.device).manual_seed(settings.seed * 1_000_003 + 7)
-    module = None
-    bar = None
-    ema = None
-    losses: list[float] = []
-    try:
+        self.tokens = bundle.tokenize(run.prompts)  # the wrapper encodes captions itself: a trained text encoder needs per-example gradients
+        bundle.eval()
+        self.wrapper = DenoisingLossModule(bundle, train_text_encoder=any(name.startswith("text_encoder.") for name in run.trainable))
+        self.wrapper.training = True  # opacus checks the root only; components follow train()'s rule below
+        _set_train_mode(bundle, run.trainable, True)
+        self._exit.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", message="Secure RNG turned off")  # off on purpose: see the module docstring
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")  # inputs need no grad; the hooks fire on outputs
+        self.engine = PrivacyEngine(accountant=self.privacy.accountant)
+        noise_gen = torch.Generator(device=bundle.device).manual_seed(s.seed * 1_000_003 + 7)
         try:
-            module, dp_optimizer, dp_loader = engine.make_private(
-                module=wrapper,
+            self.module, dp_optimizer, dp_loader = self.engine.make_private(
+                module=self.wrapper,
                 optimizer=optimizer,
                 data_loader=loader,
-                noise_multiplier=noise_multiplier,
-                max_grad_norm=privacy.max_grad_norm,
+                noise_multiplier=self.noise_multiplier,
+                max_grad_norm=self.privacy.max_grad_norm,
                 poisson_sampling=True,
                 noise_generator=noise_gen,
                 loss_reduction="mean",
             )
         except (NotImplementedError, ValueError) as exc:
-            raise S2LError(_unsupported_message(description, wrapper, exc)) from exc
-        expected_batch_size = int(dp_optimizer.expected_batch_size)
-        schedule = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps,
-                                 num_training_steps=settings.steps)  # fmt: skip
-        ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
-        bar = tqdm(total=settings.steps, desc=description, leave=False, disable=None)
-        total, count = 0.0, 0
-        with BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=privacy.physical_batch_size,
-                                optimizer=dp_optimizer) as physical:  # fmt: skip
-            while len(losses) < settings.steps:
-                for (index,) in physical:
-                    step = len(losses)
-                    if len(index):
-                        t, dropped, noise = _draws(settings.seed, step, index, T, settings.caption_dropout, latents.shape[1:])
-                        which = torch.where(dropped, len(prompts) - 1, prompt_index[index])
-                        batch_losses = module(latents[index], t.to(bundle.device), noise.to(bundle.device), token_table[which])
-                        if not torch.isfinite(batch_losses).all():
-                            raise S2LError(f"{description}: loss became non-finite at step {step}; lower the learning rate")
-                        with warnings.catch_warnings():  # inputs need no grad; the hooks fire on outputs
-                            warnings.filterwarnings("ignore", message="Full backward hook is firing")
-                            batch_losses.mean().backward()
-                        total += batch_losses.sum().item()
-                        count += len(index)
-                    else:  # an empty Poisson batch: opacus still adds noise and counts the step
-                        for p in params:
-                            p.grad_sample = p.new_zeros((0, *p.shape))
-                    dp_optimizer.step()
-                    dp_optimizer.zero_grad(set_to_none=True)
-                    if _steps_taken(engine) == step:  # a physical batch inside a logical one
-                        continue
-                    schedule.step()
-                    if ema is not None:
-                        ema.step(params)
-                    loss = total / count if count else float("nan")
-                    total, count = 0.0, 0
-                    losses.append(loss)
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss:.4f}")
-                    if on_step:
-                        on_step(step + 1, loss)
-                    if len(losses) == settings.steps:
-                        break
-        epsilon = float(engine.accountant.get_epsilon(delta))
-    finally:
-        if bar is not None:
-            bar.close()
-        if module is not None:
-            module.to_standard_module()  # opacus removes its hooks and per-sample attributes
-        _strip_opacus(wrapper)
-        _set_train_mode(bundle, trainable, False)
-        for _, param in bundle.named_parameters():
-            param.requires_grad_(False)
-            param.grad = None
-    return PrivateTrainResult(
-        losses=losses,
-        epsilon=epsilon,
-        delta=delta,
-        noise_multiplier=float(noise_multiplier),
-        sample_rate=sample_rate,
-        steps=_steps_taken(engine),
-        accountant=privacy.accountant,
-        expected_batch_size=expected_batch_size,
-        accountant_history=[tuple(entry) for entry in engine.accountant.history],
-        ema=ema,
-    )
+            raise S2LError(_unsupported_message(run.description, self.wrapper, exc)) from exc
+        self.expected_batch_size = int(dp_optimizer.expected_batch_size)
+        physical = self._exit.enter_context(
+            BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=self.privacy.physical_batch_size, optimizer=dp_optimizer)
+        )
+        self._physical = chain.from_iterable(repeat(physical))  # a new Poisson pass over the rows whenever one ends
+        return dp_optimizer
+
+    def batches(self, run: Run, step: int) -> Iterator[Batch | None]:
+        """The physical batches of logical step ``step``, until the DP optimizer has taken it (the accountant counts it)."""
+        while True:
+            (index,) = next(self._physical)
+            if len(index):
+                yield self._batch(run, step, index)
+            else:  # an empty Poisson batch: opacus still adds noise and counts the step, from empty per-sample gradients
+                for p in run.params:
+                    p.grad_sample = p.new_zeros((0, *p.shape))
+                yield None
+            if _steps_taken(self.engine) > step:
+                return
+
+    def _batch(self, run: Run, step: int, index: torch.Tensor) -> Batch:
+        s = run.settings
+        t, dropped, noise = _draws(s.seed, step, index, run.T, s.caption_dropout, run.latents.shape[1:])
+        which = torch.where(dropped, len(run.prompts) - 1, run.prompt_index[index])
+        return Batch(run.latents[index], t, noise.to(run.bundle.device), which, len(index))
+
+    def losses(self, run: Run, batch: Batch) -> torch.Tensor:
+        return self.module(batch.z0, batch.t.to(run.bundle.device), batch.noise, self.tokens[batch.which])
+
+    def step_loss(self, objective: float, total: float, count: int) -> float:
+        """The mean loss of the logical batch's rows (over all its physical batches); nan for an empty one."""
+        return total / count if count else float("nan")
+
+    def finish(self, run: Run) -> None:
+        self._exit.close()
+        if self.module is not None:
+            self.module.to_standard_module()  # opacus removes its hooks and per-sample attributes
+        if self.wrapper is not None:
+            _strip_opacus(self.wrapper)
+
+    def result(self, trained: TrainResult) -> PrivateTrainResult:
+        """What the run trained and the privacy it spent, by the engine's accountant."""
+        return PrivateTrainResult(
+            losses=trained.losses,
+            epsilon=float(self.engine.accountant.get_epsilon(self.delta)),
+            delta=self.delta,
+            noise_multiplier=float(self.noise_multiplier),
+            sample_rate=self.sample_rate,
+            steps=_steps_taken(self.engine),
+            accountant=self.privacy.accountant,
+            expected_batch_size=self.expected_batch_size,
+            accountant_history=[tuple(entry) for entry in self.engine.accountant.history],
+            ema=trained.ema,
+        )
 
 
 def _steps_taken(engine) -> int:
@@ -347,4 +363,4 @@ def _strip_opacus(wrapper: torch.nn.Module) -> None:
                     delattr(param, attr)
 
 
-__all__ = ["PrivacySettings", "PrivateTrainResult", "DenoisingLossModule", "train_private", "ACCOUNTANTS"]
+__all__ = ["PrivacySettings", "PrivateTrainResult", "DenoisingLossModule", "DPHooks", "train_private", "ACCOUNTANTS"]

@@ -1,4 +1,4 @@
-"""One denoising-loss training loop for pre-training, every fine-tune method and DP training.
+"""The one denoising-loss training loop: pre-training, every fine-tune method and DP-SGD.
 
 The loss is DDPM's epsilon objective (Ho et al. 2020, eq. 14):
 ``L = || eps - eps_theta(sqrt(abar_t) z0 + sqrt(1 - abar_t) eps, t, c) ||^2``
@@ -13,6 +13,15 @@ images under the class prompt, so the model keeps what the class looks like.
 Every random draw of step ``s`` comes from a generator seeded with
 ``(seed, s)``, so a run resumed from a checkpoint continues exactly as an
 uninterrupted run would.
+
+:func:`train` writes the step once: losses, finite check, backward, optimizer
+step, LR schedule, ``after_step``, EMA, logged loss, progress bar, checkpoint,
+``on_step``. What differs between kinds of training is a :class:`TrainHooks`
+object: which examples a step sees and how their losses are computed, which
+optimizer takes the step, and what is set up before and torn down after. The
+default hooks are plain minibatch training (uniform batches with replacement,
+the batch gradient clipped to ``grad_clip``, resumable checkpoints);
+:class:`s2l_guard.privacy.DPHooks` makes the same loop DP-SGD.
 """
 
 from __future__ import annotations
@@ -20,7 +29,7 @@ from __future__ import annotations
 import io
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -67,6 +76,86 @@ class TrainResult:
     ema: EMAModel | None = None  # the weights' moving average, when TrainSettings.ema_decay > 0
 
 
+@dataclass
+class Run:
+    """What :func:`train` prepared before the first step; hooks read it."""
+
+    bundle: Bundle
+    images: torch.Tensor  # [N, C, H, W] in [0, 1]
+    trainable: Mapping[str, torch.nn.Parameter]
+    settings: TrainSettings
+    description: str
+    prior: PriorPreservation | None  # None also when its weight is 0
+    noise_scheduler: DDPMScheduler
+    latents: torch.Tensor | None  # the images in model space, computed once; None when the VAE trains
+    class_latents: torch.Tensor | None  # the prior's images in model space, likewise
+    prompts: list[str]  # every caption (and the class prompt), sorted, then "" for a dropped caption
+    prompt_index: torch.Tensor  # [N]: each image's caption in ``prompts``
+    contexts: torch.Tensor | None  # ``prompts`` through the text encoder, computed once; None when it trains
+
+    @property
+    def params(self) -> list[torch.nn.Parameter]:
+        return list(self.trainable.values())
+
+    @property
+    def T(self) -> int:
+        return self.noise_scheduler.config.num_train_timesteps
+
+
+@dataclass(frozen=True)
+class Batch:
+    """The examples of one forward pass: the first ``instances`` are training rows, the rest prior-preservation class images."""
+
+    z0: torch.Tensor  # [B, C, H, W] in model space, on the device
+    t: torch.Tensor  # [B] timesteps
+    noise: torch.Tensor  # like z0, on the device
+    which: torch.Tensor  # [B] each example's prompt in Run.prompts (a dropped caption is the last, "")
+    instances: int
+
+
+class TrainHooks:
+    """How :func:`train` takes its steps. This base class is plain training; ``privacy.DPHooks`` is DP-SGD.
+
+    One object serves one run. :func:`train` calls ``check`` first, ``start`` before the
+    first step, ``batches`` and ``losses`` in every step, and ``finish`` at the end, also
+    after a failure (even one inside ``start``).
+    """
+
+    resumable = True  # a checkpoint (weights, optimizer, LR schedule, EMA) continues the run bit-for-bit
+    clips_batch_gradient = True  # clip the batch gradient to settings.grad_clip before each optimizer step
+
+    def check(self, bundle: Bundle, images: torch.Tensor, captions: Sequence[str], *, trainable: Mapping[str, torch.nn.Parameter],
+              optimizer: torch.optim.Optimizer, settings: TrainSettings, description: str) -> None:  # fmt: skip
+        """Refuse, with a one-line S2LError, inputs this kind of training cannot use; before train()'s own checks."""
+
+    def start(self, run: Run, optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+        """Set up before the first step; returns the optimizer that takes the steps."""
+        return optimizer
+
+    def batches(self, run: Run, step: int) -> Iterator[Batch | None]:
+        """The batches of one step, each followed by an optimizer step; plain training has one.
+
+        ``None`` is a batch without examples (DP's empty Poisson batch): no loss, but still a step.
+        """
+        yield _uniform_batch(run, step)
+
+    def losses(self, run: Run, batch: Batch) -> torch.Tensor:
+        """The per-example denoising loss ``[B]`` of a batch."""
+        bundle = run.bundle
+        context = run.contexts[batch.which] if run.contexts is not None else bundle.encode_prompts([run.prompts[i] for i in batch.which])
+        return denoising_loss(bundle, batch.z0, context, batch.t.to(bundle.device), batch.noise, run.noise_scheduler)
+
+    def step_loss(self, objective: float, total: float, count: int) -> float:
+        """The loss a step logs: here the objective it minimised (instance plus weighted class loss).
+
+        ``total`` and ``count`` are the sum and number of the step's training-row losses.
+        """
+        return objective
+
+    def finish(self, run: Run) -> None:
+        """Undo what ``start`` did."""
+
+
 def step_generator(seed: int, step: int) -> torch.Generator:
     """The generator behind every random draw of one training step."""
     return torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -92,6 +181,7 @@ def train(
     description: str = "train",
     prior: PriorPreservation | None = None,
     after_step: Callable[[], None] | None = None,
+    hooks: TrainHooks | None = None,
 ) -> TrainResult:
     """Train ``trainable`` (named as in :meth:`Bundle.named_parameters`) on images in [0, 1].
 
@@ -109,13 +199,21 @@ def train(
             denoising loss of a batch of ``prior.images`` drawn from the same step generator.
         after_step: called right after each optimiser step, before checkpointing (e.g. to
             restore embedding rows a method must not change).
+        hooks: how steps are taken; ``None`` is plain training (:class:`TrainHooks`).
+
+    The bundle comes back frozen (no parameter requires or holds a gradient) and in eval
+    mode where it trained, also after a failure.
 
     Raises:
         S2LError: on empty data, mismatched captions, class images shaped unlike the
-            images, or a loss that is not finite.
+            images, or a loss that is not finite; whatever ``hooks.check`` refuses.
     """
+    hooks = hooks if hooks is not None else TrainHooks()
+    hooks.check(bundle, images, captions, trainable=trainable, optimizer=optimizer, settings=settings, description=description)
     if len(images) == 0 or len(images) != len(captions):
         raise S2LError(f"training needs one caption per image, got {len(images)} images and {len(captions)} captions")
+    if checkpoint_dir and not hooks.resumable:
+        raise S2LError(f"{description}: this training cannot resume from a checkpoint; pass no checkpoint_dir")
     # Weight 0 skips the class batch entirely, so it trains bit-for-bit as without a prior.
     prior = prior if prior is not None and prior.weight != 0 else None
     if prior is not None and (len(prior.images) == 0 or prior.images.shape[1:] != images.shape[1:]):
@@ -123,70 +221,103 @@ def train(
             f"prior preservation needs class images shaped like the images {tuple(images.shape[1:])}, "
             f"got {tuple(prior.images.shape)}; generate them with the same model"
         )
+    run = _prepare(bundle, images, captions, trainable, settings, description, prior)
+    result = TrainResult()
+    bar = None
+    try:
+        stepper = hooks.start(run, optimizer)
+        schedule = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps)
+        # Stable Diffusion's LitEma warm-up, min(decay, (1 + step) / (10 + step)), is EMAModel's default.
+        result.ema = EMAModel(run.params, decay=settings.ema_decay) if settings.ema_decay else None
+        start = _resume(checkpoint_dir, trainable, optimizer, schedule, result)
+        _set_train_mode(bundle, trainable, True)
+        bar = tqdm(range(start, settings.steps), desc=description, initial=start, total=settings.steps, leave=False, disable=None)
+        stepper.zero_grad(set_to_none=True)  # every batch's optimizer step clears the gradients; the first batch starts likewise
+        for step in bar:
+            loss = _take_step(run, hooks, stepper, step)
+            schedule.step()
+            if after_step:
+                after_step()
+            if result.ema is not None:
+                result.ema.step(run.params)
+            result.losses.append(loss)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            done = step + 1
+            if checkpoint_dir and settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
+                _save_checkpoint(Path(checkpoint_dir), done, trainable, optimizer, schedule, result)
+            if on_step:
+                on_step(done, loss)
+    finally:
+        if bar is not None:
+            bar.close()
+        hooks.finish(run)
+        _set_train_mode(bundle, trainable, False)
+        for _, param in bundle.named_parameters():
+            param.requires_grad_(False)
+            param.grad = None
+    return result
+
+
+def _take_step(run: Run, hooks: TrainHooks, optimizer: torch.optim.Optimizer, step: int) -> float:
+    """One step: for each of its batches a forward pass, a backward pass and an optimizer step; returns the loss to log.
+
+    A plain step has one batch. A DP step is a Poisson batch split into physical batches
+    (a memory bound): the DP optimizer only accumulates clipped per-example gradients until
+    the last, then noises them and updates the weights. An empty Poisson batch comes as
+    ``None``: no loss, yet DP-SGD still takes (and counts) its noise-only step.
+    """
+    objective, total, count = float("nan"), 0.0, 0
+    for batch in hooks.batches(run, step):
+        if batch is not None:
+            losses = hooks.losses(run, batch)
+            loss = losses[: batch.instances].mean()
+            if run.prior is not None:
+                loss = loss + run.prior.weight * losses[batch.instances :].mean()
+            if not torch.isfinite(loss):
+                raise S2LError(f"{run.description}: loss became {loss.item()} at step {step}; lower the learning rate")
+            loss.backward()
+            objective = loss.item()
+            total += losses[: batch.instances].sum().item()
+            count += batch.instances
+        if run.settings.grad_clip and hooks.clips_batch_gradient:
+            torch.nn.utils.clip_grad_norm_(run.params, run.settings.grad_clip)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return hooks.step_loss(objective, total, count)
+
+
+def _prepare(bundle: Bundle, images, captions, trainable, settings: TrainSettings, description: str, prior: PriorPreservation | None) -> Run:
+    """Freeze all but ``trainable`` and compute once what frozen components would compute every step."""
     _freeze_all_but(bundle, trainable)
-    params = list(trainable.values())
     text_trained = any(name.startswith("text_encoder.") for name in trainable)
     vae_trained = any(name.startswith("vae.") for name in trainable)
-    noise_scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
-    T = noise_scheduler.config.num_train_timesteps
-
-    with torch.no_grad():  # cache what frozen components compute once
+    with torch.no_grad():
         latents = None if vae_trained else _in_batches(bundle.to_model_space, images)
         class_latents = None if vae_trained or prior is None else _in_batches(bundle.to_model_space, prior.images)
         prompts = sorted(set(captions) | ({prior.caption} if prior else set())) + [""]
         prompt_index = torch.tensor([prompts.index(c) for c in captions])
         contexts = None if text_trained else bundle.encode_prompts(prompts)
+    noise_scheduler = DDPMScheduler.from_config(bundle.scheduler.config)
+    return Run(bundle=bundle, images=images, trainable=trainable, settings=settings, description=description, prior=prior,
+               noise_scheduler=noise_scheduler, latents=latents, class_latents=class_latents, prompts=prompts,
+               prompt_index=prompt_index, contexts=contexts)  # fmt: skip
 
-    result = TrainResult()
-    schedule = get_scheduler(settings.lr_schedule, optimizer, num_warmup_steps=settings.warmup_steps, num_training_steps=settings.steps)
-    # Stable Diffusion's LitEma warm-up, min(decay, (1 + step) / (10 + step)), is EMAModel's default.
-    result.ema = EMAModel(params, decay=settings.ema_decay) if settings.ema_decay else None
-    start = _resume(checkpoint_dir, trainable, optimizer, schedule, result)
-    _set_train_mode(bundle, trainable, True)
-    bar = tqdm(range(start, settings.steps), desc=description, initial=start, total=settings.steps, leave=False, disable=None)
-    try:
-        for step in bar:
-            g = step_generator(settings.seed, step)
-            index = torch.randint(len(images), (settings.batch_size,), generator=g)
-            t = torch.randint(0, T, (settings.batch_size,), generator=g)
-            dropped = torch.rand(settings.batch_size, generator=g) < settings.caption_dropout
-            z0 = latents[index] if latents is not None else bundle.to_model_space(images[index])
-            noise = torch.randn(z0.shape, generator=g).to(bundle.device)
-            which = torch.where(dropped, len(prompts) - 1, prompt_index[index])
-            if prior is not None:  # one forward pass over instance and class examples together
-                class_z0, class_t, class_noise = _class_batch(bundle, prior, class_latents, settings.batch_size, T, g)
-                z0, t, noise = torch.cat([z0, class_z0]), torch.cat([t, class_t]), torch.cat([noise, class_noise])
-                which = torch.cat([which, torch.full((settings.batch_size,), prompts.index(prior.caption))])
-            context = contexts[which] if contexts is not None else bundle.encode_prompts([prompts[i] for i in which])
-            losses = denoising_loss(bundle, z0, context, t.to(bundle.device), noise, noise_scheduler)
-            loss = losses[: settings.batch_size].mean()
-            if prior is not None:
-                loss = loss + prior.weight * losses[settings.batch_size :].mean()
-            if not torch.isfinite(loss):
-                raise S2LError(f"{description}: loss became {loss.item()} at step {step}; lower the learning rate")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            if settings.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, settings.grad_clip)
-            optimizer.step()
-            schedule.step()
-            if after_step:
-                after_step()
-            if result.ema is not None:
-                result.ema.step(params)
-            result.losses.append(loss.item())
-            bar.set_postfix(loss=f"{loss.item():.4f}")
-            done = step + 1
-            if checkpoint_dir and settings.checkpoint_every and done % settings.checkpoint_every == 0 and done < settings.steps:
-                _save_checkpoint(Path(checkpoint_dir), done, trainable, optimizer, schedule, result)
-            if on_step:
-                on_step(done, loss.item())
-    finally:
-        bar.close()
-        _set_train_mode(bundle, trainable, False)
-    for _, param in bundle.named_parameters():
-        param.requires_grad_(False)
-    return result
+
+def _uniform_batch(run: Run, step: int) -> Batch:
+    """Plain training's batch: rows uniform with replacement, then prior preservation's class rows, all from the step's generator."""
+    s, bundle = run.settings, run.bundle
+    g = step_generator(s.seed, step)
+    index = torch.randint(len(run.images), (s.batch_size,), generator=g)
+    t = torch.randint(0, run.T, (s.batch_size,), generator=g)
+    dropped = torch.rand(s.batch_size, generator=g) < s.caption_dropout
+    z0 = run.latents[index] if run.latents is not None else bundle.to_model_space(run.images[index])
+    noise = torch.randn(z0.shape, generator=g).to(bundle.device)
+    which = torch.where(dropped, len(run.prompts) - 1, run.prompt_index[index])
+    if run.prior is not None:  # one forward pass over instance and class examples together
+        class_z0, class_t, class_noise = _class_batch(bundle, run.prior, run.class_latents, s.batch_size, run.T, g)
+        z0, t, noise = torch.cat([z0, class_z0]), torch.cat([t, class_t]), torch.cat([noise, class_noise])
+        which = torch.cat([which, torch.full((s.batch_size,), run.prompts.index(run.prior.caption))])
+    return Batch(z0, t, noise, which, s.batch_size)
 
 
 def _class_batch(bundle: Bundle, prior: PriorPreservation, class_latents, size: int, T: int, g: torch.Generator):

@@ -4,12 +4,13 @@ from opacus import GradSampleModule
 from opacus.accountants import create_accountant
 from test_training import snapshot, toy_data
 
+from s2l_guard import training
 from s2l_guard.errors import ConfigError, S2LError
 from s2l_guard.model import load_bundle
-from s2l_guard.privacy import DenoisingLossModule, PrivacySettings, train_private
+from s2l_guard.privacy import DenoisingLossModule, DPHooks, PrivacySettings, train_private
 from s2l_guard.sampling import sample
 from s2l_guard.testing import tiny_bundle
-from s2l_guard.training import TrainSettings, denoising_losses
+from s2l_guard.training import PriorPreservation, TrainSettings, denoising_losses, train
 
 BOTH = ("unet.", "text_encoder.")
 LOOSE = 1e4  # an epsilon so large the noise is small: for tests about what training does
@@ -141,6 +142,16 @@ def test_bad_input_is_a_one_line_error():
     error(S2LError, "optimizer must be built over exactly",
           lambda: run(bundle, optimizer=torch.optim.SGD(bundle.unet.conv_in.parameters(), lr=0.1)))  # fmt: skip
     error(S2LError, "lower the learning rate", _diverge)
+    error(S2LError, "cannot resume from a checkpoint", lambda: _dp_train(checkpoint_dir="somewhere"))
+    error(S2LError, "takes no prior preservation", lambda: _dp_train(prior=PriorPreservation(torch.zeros(2, 1, 8, 8), "a digit")))
+
+
+def _dp_train(**kwargs):
+    bundle = tiny_bundle()
+    images, captions = toy_data()
+    trainable = {n: p for n, p in bundle.named_parameters() if n.startswith("unet.conv_out.")}
+    train(bundle, images, captions, trainable=trainable, optimizer=torch.optim.SGD(trainable.values(), lr=0.1),
+          settings=TrainSettings(steps=1, batch_size=8), hooks=DPHooks(PrivacySettings(target_epsilon=LOOSE)), **kwargs)  # fmt: skip
 
 
 def _diverge():
@@ -188,3 +199,42 @@ def test_after_dp_training_the_bundle_is_plain_and_saves_loads_and_samples(tmp_p
     a = sample(bundle.clone(), ["a digit seven"], steps=2, seed=0)
     b = sample(loaded, ["a digit seven"], steps=2, seed=0)
     assert torch.equal(a, b)
+
+
+def test_train_private_takes_the_one_loops_steps(monkeypatch):
+    taken, take_step = [], training._take_step
+
+    def counted(prepared, hooks, optimizer, step):
+        taken.append((type(hooks), step))
+        return take_step(prepared, hooks, optimizer, step)
+
+    monkeypatch.setattr(training, "_take_step", counted)
+    run(tiny_bundle(), steps=3, names=("unet.conv_out.",))
+    assert taken == [(DPHooks, 0), (DPHooks, 1), (DPHooks, 2)]
+
+
+@pytest.mark.parametrize("private", [False, True], ids=["plain", "dp"])
+def test_plain_and_dp_steps_share_schedule_ema_and_callbacks(private):
+    """One loop: the LR warm-up, the EMA and both callbacks behave the same with or without DP."""
+    bundle = tiny_bundle()
+    images, captions = toy_data()
+    name = "unet.conv_out.bias"
+    param = dict(bundle.named_parameters())[name]
+    optimizer = torch.optim.AdamW([param], lr=1e-2)
+    settings = TrainSettings(steps=6, batch_size=8, seed=5, lr_schedule="constant_with_warmup", warmup_steps=3, ema_decay=0.8)
+    seen, after = [], []
+    hooks = DPHooks(PrivacySettings(target_epsilon=LOOSE)) if private else None
+    result = train(bundle, images, captions, trainable={name: param}, optimizer=optimizer, settings=settings, hooks=hooks,
+                   on_step=lambda step, loss: seen.append((step, loss, optimizer.param_groups[0]["lr"], param.detach().clone())),
+                   after_step=lambda: after.append(param.detach().clone()))  # fmt: skip
+    assert [step for step, *_ in seen] == [1, 2, 3, 4, 5, 6] and len(after) == 6
+    assert [loss for _, loss, *_ in seen] == result.losses
+    assert [rate for _, _, rate, _ in seen] == pytest.approx([1e-2 / 3, 2e-2 / 3, 1e-2, 1e-2, 1e-2, 1e-2])
+    assert all(torch.equal(a, w) for a, (*_, w) in zip(after, seen))  # after_step sees the stepped weights
+    expected = None
+    for s, (*_, weights) in enumerate(seen, start=1):  # SD's warmed-up EMA, as test_training checks for plain runs
+        d = 0.0 if s == 1 else min(0.8, s / (9 + s))
+        expected = weights.clone() if expected is None else expected - (1 - d) * (expected - weights)
+    [shadow] = result.ema.shadow_params
+    assert result.ema.optimization_step == 6 and torch.allclose(shadow, expected, atol=1e-7)
+    assert_plain(bundle)

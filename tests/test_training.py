@@ -43,7 +43,7 @@ def test_only_trainable_parameters_change(names):
     run(bundle, 3, names=names)
     changed = {n for n, p in bundle.named_parameters() if not torch.equal(p, before[n])}
     assert changed and all(n.startswith(names) for n in changed)
-    assert not any(p.requires_grad for _, p in bundle.named_parameters())  # frozen again afterwards
+    assert not any(p.requires_grad or p.grad is not None for _, p in bundle.named_parameters())  # frozen again afterwards
 
 
 @pytest.mark.parametrize("schedule, ema_decay", [("constant", 0.0), ("cosine", 0.0), ("constant_with_warmup", 0.9)])
@@ -129,6 +129,7 @@ def test_diverging_loss_stops_with_advice():
     bundle = tiny_bundle()
     with pytest.raises(S2LError, match="lower the learning rate"):
         run(bundle, 30, lr=1e12)
+    assert not any(p.requires_grad or p.grad is not None for _, p in bundle.named_parameters())  # frozen after a failure too
 
 
 def test_denoising_losses_do_not_depend_on_batch_size():
