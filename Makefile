@@ -31,13 +31,15 @@ gates: $(BIN)/.installed
 defenses: $(BIN)/.installed
 	$(BIN)/s2l-guard attack --config $(CONFIG) --defense all
 
-# The fast tier: unit, property and one small end-to-end run (a few minutes on 2 cores).
+# The fast tier: unit, property and one small end-to-end run, one worker per core (each
+# worker's threads are sized in conftest.py); test files stay whole on one worker, so a
+# module's shared fixture is built once.
 test: $(BIN)/.installed
-	$(BIN)/python -m pytest -m "not slow"
+	$(BIN)/python -m pytest -m "not slow" -n auto --dist loadfile
 
 # The slow tier: whole tables, matrices and gate suites through the CLI and in subprocesses.
 test-slow: $(BIN)/.installed
-	$(BIN)/python -m pytest -m slow
+	$(BIN)/python -m pytest -m slow -n auto --dist loadfile
 
 lint: $(BIN)/.installed
 	$(BIN)/ruff check .

@@ -9,3 +9,11 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+# Under pytest-xdist (`make test` runs one worker per core) each worker gets its share of
+# the cores: workers whose OpenMP pools all span every core spin against each other and
+# run many times slower. Set before any test imports torch, and inherited by the CLI
+# subprocesses a test starts; an OMP_NUM_THREADS the user set is kept.
+_workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
+    os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
