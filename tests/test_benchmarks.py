@@ -1,0 +1,68 @@
+"""The benchmark scripts: their bookkeeping, and that they run on the smoke profile."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+import profile_cell  # noqa: E402
+
+
+class Clock:
+    """A perf_counter that advances only when told to, so stage times are exact."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_stage_times_are_exclusive_and_nested_calls_count_to_their_stage(monkeypatch):
+    clock = Clock()
+    monkeypatch.setattr(profile_cell.time, "perf_counter", clock)
+
+    class Parts:
+        def generate(self, seconds):
+            clock.now += seconds
+
+        def score(self, seconds):
+            clock.now += seconds
+
+        def finetune(self, train, scoring):
+            clock.now += train
+            self.score(scoring)  # the trajectory
+
+        def sp_set(self, seconds):
+            self.generate(seconds)  # generation inside SP generation is SP generation
+
+    timer = profile_cell.StageTimer()
+    timer.wrap(Parts, "generate", "candidate generation")
+    timer.wrap(Parts, "score", "MIA secmi")
+    timer.wrap(Parts, "finetune", "fine-tuning")
+    timer.wrap(Parts, "sp_set", "SP generation")
+    parts = Parts()
+    with timer.stage("rest"):
+        clock.now += 1.0
+        parts.sp_set(5.0)
+        parts.finetune(3.0, 2.0)
+        parts.score(4.0)
+        parts.generate(7.0)
+    assert dict(timer.seconds) == {"rest": 1.0, "SP generation": 5.0, "fine-tuning": 3.0, "trajectory scoring": 2.0,
+                                   "MIA secmi": 4.0, "candidate generation": 7.0}  # fmt: skip
+
+
+@pytest.mark.slow
+def test_profile_cell_runs_on_the_smoke_profile():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "profile_cell.py"), "--config", "smoke", "--pretrain-steps", "2",
+                          "--rows", "pretrained", "lora", "--threads", "1"], capture_output=True, text=True, cwd=ROOT, check=True).stdout  # fmt: skip
+    lines = {line[:48].strip(): line[48:].split() for line in out.splitlines() if line[:48].strip()}
+    stages = {
+        k: float(v[0]) for k, v in lines.items() if k.startswith(("MIA", "candidate", "SP", "fine", "trajectory", "statistics", "rest", "extraction"))
+    }
+    assert {"SP generation", "fine-tuning", "trajectory scoring", "candidate generation", "MIA secmi"} <= set(stages)
+    assert sum(stages.values()) == pytest.approx(float(lines["cells in all"][0]), abs=0.1 * len(stages))
