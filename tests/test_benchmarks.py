@@ -66,3 +66,18 @@ def test_profile_cell_runs_on_the_smoke_profile():
     }
     assert {"SP generation", "fine-tuning", "trajectory scoring", "candidate generation", "MIA secmi"} <= set(stages)
     assert sum(stages.values()) == pytest.approx(float(lines["cells in all"][0]), abs=0.1 * len(stages))
+
+
+@pytest.mark.slow
+def test_ratios_print_one_line_per_measure_with_its_goal():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "ratios.py"), "--config", "smoke", "--repeats", "1", "--threads", "1"],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout  # fmt: skip
+    measures = [line for line in out.splitlines() if line.rstrip().endswith(("met", "NOT met"))]
+    names = [line.split()[0] + " " + line.split()[1] for line in measures]
+    assert names[0] == "training step" and names[-2:] == ["sampling 8", "extraction matching,"]
+    assert sum(name.startswith("MIA") for name in names) >= 5  # every registered MIA
+    for line in measures:
+        tokens = line.split()
+        comparison = next(i for i, t in enumerate(tokens) if t in (">=", "<="))
+        seconds, ratio = float(tokens[comparison - 2]), float(tokens[comparison - 1])
+        assert seconds > 0 and 0 < ratio < 100
