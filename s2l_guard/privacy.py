@@ -248,6 +248,7 @@ class DPHooks(TrainHooks):
                 max_grad_norm=self.privacy.max_grad_norm,
                 poisson_sampling=True,
                 noise_generator=noise_gen,
+                grad_sample_mode=self.privacy.grad_sample_mode,
                 loss_reduction="mean",
             )
         except (NotImplementedError, ValueError) as exc:

@@ -8,6 +8,10 @@ from dataclasses import dataclass
 from .errors import SettingsError
 
 ACCOUNTANTS = ("rdp", "prv")
+# opacus' per-sample gradient engines that run the testbed UNet through the same step and agree
+# (tests/test_privacy.py). "ew" (expanded weights) fails on the UNet with a view-size error;
+# "ghost" clipping needs its own loss wrapper and step, and is not wired in.
+GRAD_SAMPLE_MODES = ("hooks", "functorch")
 # opacus' PRV noise search overflows and runs for many minutes far above this (e.g. epsilon 1e3).
 PRV_MAX_EPSILON = 100.0
 
@@ -21,6 +25,7 @@ class PrivacySettings:
     max_grad_norm: float = 1.0  # per-sample clipping bound C
     accountant: str = "rdp"  # "rdp" or "prv" (opacus accountants)
     physical_batch_size: int = 64  # memory bound: logical Poisson batches are split into physical ones
+    grad_sample_mode: str = "hooks"  # how opacus computes per-sample gradients (benchmarks/dp_step.py times each)
 
     def __post_init__(self) -> None:
         if self.accountant not in ACCOUNTANTS:
@@ -36,5 +41,7 @@ class PrivacySettings:
             raise SettingsError(f"privacy delta must be in [0, 1), got {self.delta}; use 0 for 1 / (10 N)")
         if not self.max_grad_norm > 0:
             raise SettingsError(f"privacy max_grad_norm must be > 0, got {self.max_grad_norm}; use e.g. 1.0")
+        if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
+            raise SettingsError(f"privacy grad_sample_mode {self.grad_sample_mode!r} is unknown; use one of {', '.join(GRAD_SAMPLE_MODES)}")
         if self.physical_batch_size < 1:
             raise SettingsError(f"privacy physical_batch_size must be >= 1, got {self.physical_batch_size}")

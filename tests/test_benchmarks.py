@@ -81,3 +81,17 @@ def test_ratios_print_one_line_per_measure_with_its_goal():
         comparison = next(i for i, t in enumerate(tokens) if t in (">=", "<="))
         seconds, ratio = float(tokens[comparison - 2]), float(tokens[comparison - 1])
         assert seconds > 0 and 0 < ratio < 100
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore")
+def test_dp_step_prints_the_plain_step_and_each_modes_ratio():
+    from s2l_guard.privacy_settings import GRAD_SAMPLE_MODES
+
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "dp_step.py"), "--config", "smoke", "--steps", "3", "--threads", "1"],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout  # fmt: skip
+    plain = float(next(line for line in out.splitlines() if line.startswith("plain step")).split()[2])
+    for mode in GRAD_SAMPLE_MODES:
+        line = next(line for line in out.splitlines() if line.startswith(f"DP step, {mode}"))
+        seconds, ratio = float(line.split()[3]), float(line.split("DP / plain")[1].split()[0])
+        assert ratio == pytest.approx(seconds / plain, rel=0.02)  # both printed rounded

@@ -107,6 +107,19 @@ def test_same_seed_same_run_and_physical_batches_do_not_change_it():
     assert run(tiny_bundle(), steps=3, batch_size=4, seed=6).losses != a.losses
 
 
+@pytest.mark.filterwarnings("ignore")  # functorch's per-sample gradients warn about CPU autocast
+def test_every_grad_sample_mode_trains_the_same_model():
+    """opacus' engines differ in speed (benchmarks/dp_step.py), not in the clipped, noised step."""
+    hooks, functorch = tiny_bundle(), tiny_bundle()
+    a = run(hooks, steps=3, batch_size=4, grad_sample_mode="hooks")
+    b = run(functorch, steps=3, batch_size=4, grad_sample_mode="functorch")
+    assert b.losses == pytest.approx(a.losses, rel=1e-5) and b.epsilon == a.epsilon
+    for (name, p), (_, q) in zip(hooks.named_parameters(), functorch.named_parameters()):
+        assert torch.allclose(p, q, atol=1e-6), name  # 6e-8 measured; a wrong per-sample gradient moves them by ~1e-3
+    moved = max((p - q).abs().max().item() for (_, p), (_, q) in zip(hooks.named_parameters(), tiny_bundle().named_parameters()))
+    assert moved > 1e-4  # the runs trained: agreeing is not agreeing on doing nothing
+
+
 def test_empty_poisson_batches_still_count_as_steps():
     # An expected batch of 1 out of 16 rows leaves about a third of the logical batches empty.
     bundle = tiny_bundle()
@@ -129,6 +142,7 @@ def test_bad_input_is_a_one_line_error():
     error(ConfigError, "target_epsilon must be > 0", lambda: PrivacySettings(target_epsilon=0))
     error(ConfigError, "PRV accountant", lambda: PrivacySettings(target_epsilon=1e4, accountant="prv"))
     error(ConfigError, "physical_batch_size", lambda: PrivacySettings(physical_batch_size=0))
+    error(ConfigError, "grad_sample_mode .ew. is unknown; use one of hooks, functorch", lambda: PrivacySettings(grad_sample_mode="ew"))
     error(ConfigError, r"delta = 0.1 is not below 1 / N = 0.0625", lambda: run(tiny_bundle(), delta=0.1))
     error(S2LError, "training set is empty", lambda: run(tiny_bundle(), images=torch.zeros(0, 1, 8, 8), captions=[]))
     images, captions = toy_data()
