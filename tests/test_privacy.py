@@ -252,3 +252,67 @@ def test_plain_and_dp_steps_share_schedule_ema_and_callbacks(private):
     [shadow] = result.ema.shadow_params
     assert result.ema.optimization_step == 6 and torch.allclose(shadow, expected, atol=1e-7)
     assert_plain(bundle)
+
+
+def record_dp_steps(monkeypatch, *, clip: bool = True, noise: bool = True, max_grad_norm: float = 1e-3):
+    """Train a few DP steps of one example per physical batch and record, from opacus' optimizer,
+    each example's contribution to the summed gradient (its norm, and its norm before clipping)
+    and the noise added to the sum. ``clip`` / ``noise`` False break DP on purpose."""
+    from opacus.optimizers.optimizer import DPOptimizer
+
+    clip_and_accumulate, add_noise = DPOptimizer.clip_and_accumulate, DPOptimizer.add_noise
+    contributions, raw_norms, noise_values = [], [], []
+
+    def recording_clip(self):
+        before = [p.summed_grad.clone() if p.summed_grad is not None else torch.zeros_like(p) for p in self.params]
+        if len(self.grad_samples[0]):
+            raw_norms.append(torch.stack([g.flatten().norm() for g in self.grad_samples]).norm().item())
+        bound = self.max_grad_norm
+        self.max_grad_norm = bound if clip else 1e9
+        try:
+            clip_and_accumulate(self)
+        finally:
+            self.max_grad_norm = bound
+        contributions.append(torch.stack([(p.summed_grad.view_as(p) - b).norm() for p, b in zip(self.params, before)]).norm().item())
+
+    def recording_noise(self):
+        multiplier = self.noise_multiplier
+        self.noise_multiplier = multiplier if noise else 0.0
+        try:
+            add_noise(self)
+        finally:
+            self.noise_multiplier = multiplier
+        noise_values.append(torch.cat([(p.grad - p.summed_grad.view_as(p)).flatten() for p in self.params]))
+
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", recording_clip)
+    monkeypatch.setattr(DPOptimizer, "add_noise", recording_noise)
+    result = run(tiny_bundle(), steps=3, batch_size=4, epsilon=10.0, physical=1, max_grad_norm=max_grad_norm)
+    return result, contributions, raw_norms, torch.cat(noise_values)
+
+
+def dp_violations(result, contributions, noise_values, max_grad_norm=1e-3) -> list[str]:
+    """What the recorded steps show against the guarantee: per-example contributions above the
+    clipping bound, or noise whose standard deviation is not the accountant's multiplier x bound."""
+    found = []
+    if max(contributions) > max_grad_norm * (1 + 1e-4):
+        found.append(f"an example contributed {max(contributions):.3g} > C = {max_grad_norm}")
+    expected = result.noise_multiplier * max_grad_norm
+    if abs(noise_values.std().item() / expected - 1) > 0.05 or abs(noise_values.mean().item()) > 0.05 * expected:
+        found.append(f"noise std {noise_values.std().item():.3g}, the accountant assumed {expected:.3g}")
+    return found
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_each_example_is_clipped_and_the_noise_is_what_the_accountant_assumed(monkeypatch):
+    result, contributions, raw_norms, noise_values = record_dp_steps(monkeypatch)
+    assert max(raw_norms) > 10 * 1e-3  # examples' gradients were above the bound: clipping had work to do
+    assert len(noise_values) > 10_000  # thousands of noise draws: their std is known to about 1%
+    assert dp_violations(result, contributions, noise_values) == []
+
+
+@pytest.mark.filterwarnings("ignore")
+@pytest.mark.parametrize("broken", ["clip", "noise"])
+def test_dp_without_clipping_or_without_noise_is_caught(monkeypatch, broken):
+    result, contributions, _, noise_values = record_dp_steps(monkeypatch, **{broken: False})
+    found = dp_violations(result, contributions, noise_values)
+    assert len(found) == 1 and found[0].startswith("an example" if broken == "clip" else "noise std")
