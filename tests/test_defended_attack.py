@@ -72,6 +72,20 @@ def test_dp_defenses_report_the_accountants_epsilon(defended):
     assert private["private_trainable_parameters"] < sum(private["parameters"].values())
 
 
+def test_dp_defenses_report_an_empirical_epsilon_beside_the_claimed_one(defended):
+    folder, results = defended
+    for name in ("dp_sgd", "private_finetune"):
+        r = results[(name, "open-weights")]
+        bounds = r["defense"]["empirical_epsilon"]
+        assert set(bounds) == set(MIA.names())
+        for b in bounds.values():  # 6 + 6 members and non-members per domain, two domains, half of each for the test
+            assert b["epsilon"] >= 0 and b["delta"] == r["defense"]["pretraining"]["privacy"]["delta"]
+            assert (b["test_members"], b["test_nonmembers"]) == (6, 6)
+    assert "empirical_epsilon" not in results[("none", "open-weights")]["defense"]  # no claim to audit
+    table = next(p for p in (folder / "runs").glob("*/table.txt") if "dp_sgd" in p.read_text().split("defense: ")[-1][:20])
+    assert "empirical epsilon, lower bound" in table.read_text()
+
+
 def test_finetune_filter_reports_detection_and_false_rejection(defended):
     _, results = defended
     r = results[("finetune_filter", "finetune-api")]

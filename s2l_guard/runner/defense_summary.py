@@ -35,6 +35,13 @@ def defense_lines(results: dict) -> list[str]:
     lines.append(head)
     if privacy_line(d):
         lines.append(privacy_line(d))
+    if d.get("empirical_epsilon"):
+        bounds = d["empirical_epsilon"]
+        first = next(iter(bounds.values()))
+        lines.append("empirical epsilon, lower bound from the pre-trained model's MIA scores "
+                     f"({first['confidence']:.0%} confidence, {first['test_members']} + {first['test_nonmembers']} test samples): "
+                     + ", ".join(f"{mia} {b['epsilon']:.2f}" for mia, b in bounds.items())
+                     + "; a member repeated k times is protected only as a group of k rows (k x epsilon)")  # fmt: skip
     if "dedup" in d.get("pretraining", {}):
         x = d["pretraining"]["dedup"]
         lines.append(f"dedup: kept {x['kept']} of {x['distinct_images']} distinct images ({x['training_rows_before']} rows before), "

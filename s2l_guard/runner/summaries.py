@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 from sklearn.metrics import roc_curve
 
+from s2l_guard.audit import epsilon_lower_bound
 from s2l_guard.config import Config
 from s2l_guard.metrics import auc, metrics_to_dict, roc_metrics, threshold_protocol
 from s2l_guard.stats import (
@@ -243,4 +244,15 @@ def gaussian_means(table: list[dict], rows: list[Row], config: Config) -> list[d
         counts = [d["extraction"]["extracted_per_domain_mean"] for d in draws]
         entry["extraction"] = {"extracted_per_domain_mean": float(np.mean(counts)), "draws": counts}
         out.append(entry)
+    return out
+
+
+def empirical_epsilon(cells_by_domain: dict[str, dict[str, dict]], config: Config, delta: float) -> dict:
+    """Per MIA, the lower bound on the deployed model's epsilon its pre-trained row's scores imply
+    (:func:`s2l_guard.audit.epsilon_lower_bound`), pooled over the domains whose row ran."""
+    bases = [cells["pretrained"] for cells in cells_by_domain.values() if cells["pretrained"].get("status", "ok") == "ok"]
+    out = {}
+    for mia in config.attack.mia if bases else ():
+        members, nonmembers = (np.concatenate([_scores(c, mia)[i] for c in bases]) for i in (0, 1))
+        out[mia] = epsilon_lower_bound(members, nonmembers, delta=delta, calibration_share=config.attack.calibration_share, seed=config.run.seed)
     return out

@@ -16,7 +16,7 @@ from .defense_summary import defense_lines
 from .plan import plan_rows
 from .settings import method_settings
 from .stages import run_folder
-from .summaries import controls_for, gaussian_means, pooled, summarize_cell
+from .summaries import controls_for, empirical_epsilon, gaussian_means, pooled, summarize_cell
 
 SCHEMA = "s2l-guard/attack-results/1"
 
@@ -57,6 +57,9 @@ def run_attack(config: Config, progress: Callable[[dict], None] | None = None) -
         "domains": domains_out,
         "wall_seconds": round(time.perf_counter() - start, 2),
     }
+    privacy = results["defense"]["pretraining"].get("privacy")
+    if privacy:  # a DP run: how small could its epsilon be, given what the attacks saw?
+        results["defense"]["empirical_epsilon"] = empirical_epsilon(cells_by_domain, config, privacy["delta"])
     return results
 
 
