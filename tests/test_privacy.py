@@ -310,6 +310,7 @@ def test_each_example_is_clipped_and_the_noise_is_what_the_accountant_assumed(mo
     assert dp_violations(result, contributions, noise_values) == []
 
 
+@pytest.mark.slow  # three DP runs; the fast tier keeps the check itself
 @pytest.mark.filterwarnings("ignore")
 @pytest.mark.parametrize("broken", ["clip", "noise"])
 def test_dp_without_clipping_or_without_noise_is_caught(monkeypatch, broken):
