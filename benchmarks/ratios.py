@@ -17,7 +17,8 @@ Each line is one measured ratio, its goal, and whether it meets it:
   floor's tiles), with the chunk bounding memory.
 
 Weights do not change any of these costs, so the model is a freshly initialised one at the
-profile's shape. Times are medians of ``--repeats`` runs after one warm-up.
+profile's shape. Times are medians of ``--repeats`` runs after one warm-up; each ratio is the
+median of per-repeat ratios, the measured run and its floor timed back to back.
 """
 
 from __future__ import annotations
@@ -59,11 +60,34 @@ def matmul_rate(repeats: int) -> float:
     return 2 * 1024**3 / median_seconds(lambda: a @ b, repeats * 4)
 
 
-def forward_seconds(bundle, batch: int, repeats: int) -> float:
-    x = torch.randn(batch, *bundle.latent_shape)
-    context = bundle.encode_prompts([CAPTION] * batch)
-    with torch.no_grad():
-        return median_seconds(lambda: bundle.unet(x, torch.full((batch,), 500), context), repeats)
+def paired(run, floor, repeats: int) -> tuple[float, float]:
+    """Median seconds of ``run``, and the median of run / floor with the two timed back to back
+    in every repeat: this host's speed drifts by up to 1.7x between minutes, and a ratio of two
+    medians taken minutes apart reads that drift as overhead."""
+    run(), floor()  # warm-up
+    seconds, ratios = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        middle = time.perf_counter()
+        floor()
+        seconds.append(middle - start)
+        ratios.append((middle - start) / (time.perf_counter() - middle))
+    return statistics.median(seconds), statistics.median(ratios)
+
+
+def forwards_only(bundle, counts: Counter):
+    """A callable making the same UNet forwards (count and batch sizes) and nothing else."""
+    inputs = {batch: (torch.randn(batch, *bundle.latent_shape), bundle.encode_prompts([CAPTION] * batch)) for batch in counts}
+
+    @torch.no_grad()
+    def run():
+        for batch, n in counts.items():
+            x, context = inputs[batch]
+            for _ in range(n):
+                bundle.unet(x, torch.full((batch,), 500), context)
+
+    return run
 
 
 def count_forwards(bundle, run) -> Counter:
@@ -75,10 +99,6 @@ def count_forwards(bundle, run) -> Counter:
     finally:
         hook.remove()
     return counts
-
-
-def forwards_floor(bundle, counts: Counter, repeats: int) -> float:
-    return sum(n * forward_seconds(bundle, batch, repeats) for batch, n in counts.items())
 
 
 def training_ratio(config, rate: float, repeats: int) -> tuple[str, float, float]:
@@ -106,9 +126,9 @@ def mia_ratio(config, name: str, members: int, repeats: int) -> tuple[str, float
     images = torch.rand(members, *bundle.latent_shape, generator=torch.Generator().manual_seed(0))
     run = lambda: attack.score(bundle, images, [CAPTION] * members, seed=0)  # noqa: E731
     counts = count_forwards(bundle, run)
-    seconds = median_seconds(run, repeats)
+    seconds, ratio = paired(run, forwards_only(bundle, counts), repeats)
     calls = ", ".join(f"{n} x {b}" for b, n in sorted(counts.items()))
-    return f"MIA {name} on {members} images ({calls} forwards)", seconds / forwards_floor(bundle, counts, repeats), seconds
+    return f"MIA {name} on {members} images ({calls} forwards)", ratio, seconds
 
 
 def sampling_ratio(config, repeats: int) -> tuple[str, float, float]:
@@ -116,8 +136,8 @@ def sampling_ratio(config, repeats: int) -> tuple[str, float, float]:
     e = config.extraction
     run = lambda: sample(bundle, [CAPTION] * e.candidates, steps=e.sampler_steps, guidance_scale=e.guidance_scale, batch_size=e.batch_size)  # noqa: E731
     counts = count_forwards(bundle, run)
-    seconds = median_seconds(run, max(1, repeats // 2))
-    return (f"sampling {e.candidates} candidates, DDIM {e.sampler_steps}", seconds / forwards_floor(bundle, counts, max(1, repeats // 2)), seconds)
+    seconds, ratio = paired(run, forwards_only(bundle, counts), max(1, repeats // 2))
+    return f"sampling {e.candidates} candidates, DDIM {e.sampler_steps}", ratio, seconds
 
 
 def matching_ratio(config, training: int, repeats: int) -> tuple[str, float, float]:
@@ -128,11 +148,11 @@ def matching_ratio(config, training: int, repeats: int) -> tuple[str, float, flo
     members = list(range(0, training, 5))
     nonmembers = torch.rand(len(members), 1, 8, 8, generator=g)
     run = lambda: candidate_distances(candidates, images, [1] * training, members, e, nonmembers)  # noqa: E731
-    seconds = median_seconds(run, repeats)
     flat = candidates.flatten(1)
     # The same pairs as plain distances: to every training image, to the members, to the non-members, and among the candidates.
     floor = lambda: [torch.cdist(flat, other.flatten(1)) for other in (images, images[members], nonmembers, candidates)]  # noqa: E731
-    return f"extraction matching, {e.candidates} candidates x {training} images", seconds / median_seconds(floor, repeats), seconds
+    seconds, ratio = paired(run, floor, repeats * 4)
+    return f"extraction matching, {e.candidates} candidates x {training} images", ratio, seconds
 
 
 def main() -> None:
