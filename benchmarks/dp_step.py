@@ -16,18 +16,16 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from pathlib import Path
 
 import torch
 
+from s2l_guard.cli import config_path
 from s2l_guard.config import load_config
 from s2l_guard.model import build_testbed_bundle
 from s2l_guard.privacy import train_private
 from s2l_guard.privacy_settings import GRAD_SAMPLE_MODES, PrivacySettings
 from s2l_guard.runner.settings import defense_settings
 from s2l_guard.training import TrainSettings, pretrain_trainable, train
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def seconds_per_step(config, steps: int, privacy: PrivacySettings | None) -> float:
@@ -55,7 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = Path(args.config) if args.config.endswith(".toml") else ROOT / "configs" / f"{args.config}.toml"
+    path = config_path(args.config)
     config = load_config(path)
     dp = defense_settings(config, "dp_sgd")
     print(f"profile {path.name}, batch {config.pretrain.batch_size}, physical batches of {dp.physical_batch_size}, "

@@ -29,9 +29,6 @@ import tempfile
 import time
 from collections import defaultdict
 from contextlib import contextmanager
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 class StageTimer:
@@ -100,12 +97,13 @@ def main() -> None:
     import attacks.s2l as s2l_attack
     import s2l_guard.runner.cells as cells
     from attacks.base import MIA
+    from s2l_guard.cli import config_path
     from s2l_guard.config import load_config
     from s2l_guard.provider import Provider
     from s2l_guard.runner.plan import plan_rows
     from s2l_guard.runner.summaries import controls_for, summarize_cell
 
-    path = Path(args.config) if args.config.endswith(".toml") else ROOT / "configs" / f"{args.config}.toml"
+    path = config_path(args.config)
     timer = StageTimer()
     timer.wrap(cells, "generate_sp_set", "SP generation")
     timer.wrap(Provider, "finetune", "fine-tuning")

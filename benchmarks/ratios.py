@@ -27,20 +27,19 @@ import argparse
 import statistics
 import time
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from attacks.base import MIA
 from attacks.extraction import candidate_distances
+from s2l_guard.cli import config_path
 from s2l_guard.config import load_config
 from s2l_guard.model import build_testbed_bundle
 from s2l_guard.runner.settings import check_plugins, mia_settings
 from s2l_guard.sampling import sample
 from s2l_guard.training import TrainSettings, train
 
-ROOT = Path(__file__).resolve().parents[1]
 CAPTION = "a handwritten digit five"
 
 
@@ -163,7 +162,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
-    path = Path(args.config) if args.config.endswith(".toml") else ROOT / "configs" / f"{args.config}.toml"
+    path = config_path(args.config)
     config = check_plugins(load_config(path))  # "all" MIAs: every registered one
     members = config.testbed.members_per_domain
     training = len(config.testbed.private_domains) * members * 4  # about the testbed's distinct training images

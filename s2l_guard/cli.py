@@ -13,7 +13,7 @@ from .errors import S2LError
 PROFILES = Path(__file__).resolve().parents[1] / "configs"
 
 
-def _config_path(value: str) -> Path:
+def config_path(value: str) -> Path:
     """A path, or the name of a shipped profile (``smoke``, ``quick``, ``standard``)."""
     path = Path(value)
     if not path.exists() and (PROFILES / f"{value}.toml").is_file():
@@ -23,7 +23,7 @@ def _config_path(value: str) -> Path:
 
 def _add_config(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--config", type=_config_path, default=PROFILES / "standard.toml",
+        "--config", type=config_path, default=PROFILES / "standard.toml",
         help="TOML profile: a path, or smoke / quick / standard (default: standard)",
     )  # fmt: skip
 

@@ -58,6 +58,11 @@ def _scores(cell: dict, mia: str) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(cell["mia"][mia]["members"]), np.asarray(cell["mia"][mia]["nonmembers"])
 
 
+def _pooled_scores(cells: list[dict], mia: str) -> tuple[np.ndarray, np.ndarray]:
+    """Members' and non-members' scores of several domains' cells, concatenated (the domains are disjoint)."""
+    return tuple(np.concatenate([_scores(c, mia)[i] for c in cells]) for i in (0, 1))
+
+
 def roc_points(members: np.ndarray, nonmembers: np.ndarray) -> dict[str, list[float]]:
     """The ROC curve's corners (scikit-learn), for plots in reports."""
     fpr, tpr, _ = roc_curve(np.r_[np.ones(len(members)), np.zeros(len(nonmembers))], np.r_[members, nonmembers])
@@ -144,14 +149,13 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
     bases = [c[base_row] for c in usable]
     found = [controls_for(c, c[row]) for c in usable]
     controls = {key: [f[key] for f in found] for key in CONTROLS if all(key in f for f in found)}
-    join = lambda cs, mia: tuple(np.concatenate([_scores(c, mia)[i] for c in cs]) for i in (0, 1))  # noqa: E731
     data = cells[0].get("data") + (f"+{cells[0]['variant']}" if cells[0].get("variant") else "")
     out: dict[str, Any] = {"row": row, "status": "ok", "domains": len(cells), "data": data, "refused_domains": refused,
                            "trainable_parameters": cells[0].get("trainable_parameters"), "mia": {},
                            "controls": {key: control_cells[0]["row"] for key, control_cells in controls.items()}}  # fmt: skip
     b = config.attack.bootstrap
     for mia in config.attack.mia:
-        (m, n), (bm, bn) = join(cells, mia), join(bases, mia)
+        (m, n), (bm, bn) = _pooled_scores(cells, mia), _pooled_scores(bases, mia)
         share = config.attack.calibration_share
         entry = {
             "roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed)),
@@ -162,7 +166,7 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
             entry["tpr_delta"] = calibrated_tpr_delta(bm, bn, m, n, fpr=FPRS[0], calibration_share=share, resamples=b, seed=seed)
             entry["tpr_delta_in_sample"] = paired_bootstrap_delta(bm, bn, m, n, statistic=f"tpr@{FPRS[0]}", resamples=b, seed=seed).to_dict()
         for key, control_cells in controls.items():
-            cm, cn = join(control_cells, mia)
+            cm, cn = _pooled_scores(control_cells, mia)
             entry[f"auc_delta_{key}"] = paired_bootstrap_delta(cm, cn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
         out["mia"][mia] = entry
     if config.attack.mia and all(c.get("trajectory") for c in cells):
@@ -253,6 +257,6 @@ def empirical_epsilon(cells_by_domain: dict[str, dict[str, dict]], config: Confi
     bases = [cells["pretrained"] for cells in cells_by_domain.values() if cells["pretrained"].get("status", "ok") == "ok"]
     out = {}
     for mia in config.attack.mia if bases else ():
-        members, nonmembers = (np.concatenate([_scores(c, mia)[i] for c in bases]) for i in (0, 1))
+        members, nonmembers = _pooled_scores(bases, mia)
         out[mia] = epsilon_lower_bound(members, nonmembers, delta=delta, calibration_share=config.attack.calibration_share, seed=config.run.seed)
     return out
