@@ -83,6 +83,8 @@ def _run_config(args):
     config = _load(args.config)
     if args.device:
         config = config.replace(run={"device": args.device})
+    if getattr(args, "workers", None) is not None:
+        config = config.replace(run={"workers": args.workers})
     print(config.to_toml())
     return config
 
@@ -212,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack = commands.add_parser("attack", help="run the S2L attack table on the pre-trained model (writes results.json)")
     _add_config(attack)
     attack.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
+    attack.add_argument("--workers", type=int, metavar="N", help="override [run] workers (processes computing cells; 0: auto)")
     attack.add_argument("--defense", metavar="NAME", help="override [defense] name: a registered defense, or 'all' to run each in turn")
     attack.add_argument("--threat-model", choices=("auto", "open-weights", "finetune-api", "generate-api"),
                         help="override [defense] threat_model (auto: weights for training-recipe defenses, the API for API ones)")  # fmt: skip
@@ -220,6 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     matrix = commands.add_parser("matrix", help="the defense x attack matrix: results.json, report.md/html, matrix.png")
     _add_config(matrix)
     matrix.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
+    matrix.add_argument("--workers", type=int, metavar="N", help="override [run] workers (processes computing cells; 0: auto)")
     matrix.add_argument("--defense", nargs="+", metavar="NAME", help="override [matrix] defenses")
     matrix.add_argument("--model", help="audit this diffusers model folder instead of pre-training the testbed model")
     matrix.add_argument("--data", help="the model's labelled data set (imagefolder + metadata.jsonl; default: the testbed)")
@@ -237,6 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"one or more of: {', '.join(sorted(ABLATIONS))}")  # fmt: skip
     _add_config(ablate)
     ablate.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
+    ablate.add_argument("--workers", type=int, metavar="N", help="override [run] workers (processes computing cells; 0: auto)")
     ablate.set_defaults(func=_cmd_ablate)
     return parser
 

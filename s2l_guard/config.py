@@ -40,6 +40,9 @@ class RunConfig:
     store: str = ".s2l-cache"  # content-addressed artifact store (relative to the cwd)
     out_dir: str = "runs"  # human-readable outputs: reports, results
     device: str = _opt("auto", choices=("auto", "cpu", "cuda", "mps"))
+    # Processes that compute a table's cells side by side; 0 (auto): one per CPU thread, one
+    # thread each, and one on a GPU. Results do not depend on it beyond float roundoff.
+    workers: int = _opt(0, ge=0)
     # A model to audit instead of pre-training the testbed one: a diffusers-format folder
     # (docs/model-folders.md), and the labelled data set its private domains come from
     # (docs/testbed.md layout; empty = the testbed, for a model trained on it).
@@ -308,6 +311,12 @@ class Config:
         data.pop("source")
         data.pop("plugin_origins")
         return json.loads(json.dumps(data))
+
+    def measured_dict(self) -> dict[str, Any]:
+        """``to_dict`` less what decides how fast, not what, a run measures: run folders are hashed on it."""
+        data = self.to_dict()
+        data["run"].pop("workers")
+        return data
 
     def section(self, name: str) -> dict[str, Any]:
         return self.to_dict()[name]

@@ -207,3 +207,33 @@ def test_a_new_extraction_radius_recounts_cached_cells(smoke_run, tmp_path):
             assert row["extraction"]["extracted_images"] == domain["members"] >= narrow["extracted_images"]
             assert row["extraction"]["nonmembers_matched"] == domain["nonmembers"] >= narrow["nonmembers_matched"]
             assert row["extraction"]["above_null"]["excess"] == pytest.approx(0)  # as many of each: nothing above chance
+
+
+def test_worker_processes_compute_the_cells_one_process_does(tmp_path, monkeypatch, capsys):
+    """[run] workers only spreads the missing cells over processes: the cells are the ones a
+    single process computes, bit for bit at the same thread count, and a rerun starts no workers."""
+    import torch
+
+    config = tmp_path / "two.toml"
+    config.write_text(
+        f'extends = "{SMOKE}"\n[attack]\ndomains = ["digit7"]\nshakers = ["lora"]\nood_shakers = []\n'
+        "ood_generated_shakers = []\ngaussian_sigmas = [1e-3]\ngaussian_draws = 1\nmia = ['loss', 'secmi']\n"
+    )
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the workers get 1 thread each; roundoff differs between thread counts
+    try:
+        cells = []
+        for workers in ("1", "2"):
+            folder = tmp_path / workers
+            folder.mkdir()
+            monkeypatch.chdir(folder)
+            assert main(["attack", "--config", str(config), "--workers", workers]) == 0
+            [out] = (folder / "runs").iterdir()
+            cells.append(without_timings(json.loads((out / "results.json").read_text())["domains"]))
+        assert "3 cells and utility to compute in 2 worker processes" in capsys.readouterr().out
+        assert cells[0] == cells[1]
+        assert main(["attack", "--config", str(config), "--workers", "2"]) == 0
+        out = capsys.readouterr().out
+        assert "worker processes" not in out and out.count("(cached)") == 3
+    finally:
+        torch.set_num_threads(threads)

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import multiprocessing
+import os
+import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -22,7 +26,7 @@ from attacks.base import MIA, SHAKERS, FinetuneData
 from attacks.s2l import Domain, extraction_at, measure, split_domains
 from attacks.sp_set import generate_sp_set
 from defenses.base import DEFENSES
-from s2l_guard.cache import Artifact, Store
+from s2l_guard.cache import Artifact, Store, content_key
 from s2l_guard.config import Config
 from s2l_guard.data import load_imagefolder
 from s2l_guard.errors import ConfigError
@@ -82,27 +86,44 @@ class S2LRun:
         acts = {"finetune", "generate"} & set(self.defense.points)
         return {"threat_model": self.threat_model, "defense": self.defense.spec() if acts else None}
 
-    def sp_set(self, name: str, prompt: str) -> Artifact:
-        """The model's own generations of a domain's prompt (the domain's SP set), cached."""
+    def _sp_spec(self, name: str, prompt: str) -> dict:
         spec = {"bundle": self.bundle_art.key, "domain": name, "prompt": prompt,
                 "sp_set": self.config.section("sp_set"), "seed": self.config.run.seed}  # fmt: skip
         if self.api_spec() is not None:
             spec["provider"] = self.api_spec()
+        return spec
+
+    def sp_set(self, name: str, prompt: str) -> Artifact:
+        """The model's own generations of a domain's prompt (the domain's SP set), cached."""
         seed = derive_seed(self.config.run.seed, "sp", name)
         return self.store.get_or_build(
-            "sp_set", spec, lambda folder, key: generate_sp_set(folder, self.provider, prompt, name, self.config.sp_set, seed=seed)
+            "sp_set",
+            self._sp_spec(name, prompt),
+            lambda folder, key: generate_sp_set(folder, self.provider, prompt, name, self.config.sp_set, seed=seed),
         )
 
-    def generated_data(self, domain: Domain, row: Row) -> Artifact | None:
-        """The self-generated images a row trains on: its domain's SP set, or a public domain's."""
+    def sp_source(self, domain: Domain, row: Row) -> tuple[str, str] | None:
+        """(domain, prompt) of the self-generated images a row trains on: its domain's SP set, or a public domain's."""
         if row.data == DataKind.SP:
-            return self.sp_set(domain.name, domain.prompt)
+            return domain.name, domain.prompt
         if row.data == DataKind.OOD_GEN:
             name = ood_domain(self.dataset)
-            return self.sp_set(name, self.dataset.domain_caption(name)) if name else None
+            return (name, self.dataset.domain_caption(name)) if name else None
         return None
 
-    def cell_spec(self, domain: Domain, row: Row, sp: Artifact | None) -> dict:
+    def generated_data(self, domain: Domain, row: Row) -> Artifact | None:
+        source = self.sp_source(domain, row)
+        return self.sp_set(*source) if source else None
+
+    def is_cached(self, domain: Domain, row: Row) -> bool:
+        """Whether ``run_cell`` would only read the store (nothing is built to find out)."""
+        if row.shaker and self.threat_model not in SHAKERS.get(row.shaker).threat_models:
+            return True
+        source = self.sp_source(domain, row)
+        sp_key = content_key("sp_set", self._sp_spec(*source)) if source else None
+        return self.store.find("cell", self.cell_spec(domain, row, sp_key)) is not None
+
+    def cell_spec(self, domain: Domain, row: Row, sp_key: str | None) -> dict:
         c = self.config
         shaker = None
         if row.shaker:
@@ -117,7 +138,7 @@ class S2LRun:
             extra["variant"] = {"name": row.variant, "adaptive": c.section("adaptive"), "ood_data": ood_spec(self.dataset, c)}
         return extra | {
             "format": CELL_FORMAT, "bundle": self.bundle_art.key, "data": self.data_art.key, "domain": domain.name, "row": row.label,
-            "shaker": shaker, "sp_set": sp.key if sp else None, "seed": c.run.seed,
+            "shaker": shaker, "sp_set": sp_key, "seed": c.run.seed,
             # the real out-of-domain images a row trains on (their number follows [sp_set] images)
             "ood_data": ood_spec(self.dataset, c) if row.data == DataKind.OOD else None,
             "mia": {name: json.loads(json.dumps(mia_settings(c, name).__dict__, default=list)) for name in c.attack.mia},
@@ -132,7 +153,7 @@ class S2LRun:
             return {"row": row.label, "shaker": row.shaker, "data": row.data, "status": "not-run", "cached": False,
                     "reason": f"{row.shaker} needs what {self.threat_model} does not give"}  # fmt: skip
         sp = self.generated_data(domain, row)
-        spec = self.cell_spec(domain, row, sp)
+        spec = self.cell_spec(domain, row, sp.key if sp else None)
         seed = derive_seed(self.config.run.seed, domain.name, row.label)  # the row's own training noise
 
         def build(folder: Path, key: str) -> None:
@@ -160,11 +181,17 @@ class S2LRun:
         cell["cached"] = artifact.reused
         return cell
 
-    def utility(self) -> dict:
-        """Utility of the deployed model as users get it (see :func:`s2l_guard.utility.model_utility`), cached."""
-        spec = {"format": 1, "bundle": self.bundle_art.key, "data": self.data_art.key, "utility": self.config.section("utility"),
+    def _utility_spec(self) -> dict:
+        return {"format": 1, "bundle": self.bundle_art.key, "data": self.data_art.key, "utility": self.config.section("utility"),
                 "loss": [self.config.report.loss_timesteps, self.config.report.loss_draws], "seed": self.config.run.seed,
                 "provider": self.api_spec()}  # fmt: skip
+
+    def utility_is_cached(self) -> bool:
+        return self.store.find("utility", self._utility_spec()) is not None
+
+    def utility(self) -> dict:
+        """Utility of the deployed model as users get it (see :func:`s2l_guard.utility.model_utility`), cached."""
+        spec = self._utility_spec()
 
         def build(folder: Path, key: str) -> None:
             start = time.perf_counter()
@@ -279,27 +306,90 @@ def _as_fields(cls: type, values: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
 
 
-def run_cells(run: S2LRun, rows: list[Row], progress: Callable[[dict], None] | None = None) -> dict[str, dict[str, dict]]:
+def run_cells(run: S2LRun, rows: list[Row], progress: Callable[[dict], None] | None = None, *, utility: bool = False) -> dict[str, dict[str, dict]]:
     """Every (domain, row) cell, logged (or passed to ``progress``) as it finishes; a crashing
-    cell is recorded as failed."""
-    total = len(rows) * len(run.domains)
-    cells_by_domain: dict[str, dict[str, dict]] = {}
-    done = 0
-    for domain in run.domains:
-        cells_by_domain[domain.name] = {}
-        for row in rows:
-            try:
-                cell = run.run_cell(domain, row)
-            except ConfigError:
-                raise
-            except Exception as exc:  # one broken cell must not lose the others; it is reported as failed
-                cell = {"row": row.label, "shaker": row.shaker, "data": row.data, "status": "failed",
-                        "reason": f"{type(exc).__name__}: {exc}", "cached": False}  # fmt: skip
-            cells_by_domain[domain.name][row.label] = cell
-            done += 1
-            if progress is not None:
-                progress(cell)
-                continue
-            took = "cached" if cell["cached"] else cell["status"] if cell["status"] != "ok" else f"{cell['seconds']:.1f} s"
-            log(f"cell {done}/{total}: {domain.name} {row.label} ({took})")
-    return cells_by_domain
+    cell is recorded as failed. Cells not in the store are spread over worker processes when
+    [run] workers allows more than one (see :func:`cell_workers`); ``utility``: the deployed
+    model's utility is measured beside them, for ``run.utility()`` to read."""
+    order = [(domain, row) for domain in run.domains for row in rows]
+    found: dict[tuple[str, str], dict] = {}
+    for done, (domain, row, cell) in enumerate(_finished_cells(run, order, utility), start=1):
+        found[domain.name, row.label] = cell
+        if progress is not None:
+            progress(cell)
+            continue
+        took = "cached" if cell["cached"] else cell["status"] if cell["status"] != "ok" else f"{cell['seconds']:.1f} s"
+        log(f"cell {done}/{len(order)}: {domain.name} {row.label} ({took})")
+    return {domain.name: {row.label: found[domain.name, row.label] for row in rows} for domain in run.domains}
+
+
+def cell_workers(config: Config, device: torch.device) -> int:
+    """Worker processes for a run's cells: [run] workers, or (0, auto) one per CPU thread torch
+    may use - one thread each, since two standard cells on one thread apiece finish 1.4x sooner
+    than the two in turn on two threads (docs/performance.md) - and one on a GPU."""
+    if config.run.workers:
+        return config.run.workers
+    return torch.get_num_threads() if device.type == "cpu" else 1
+
+
+def _finished_cells(run: S2LRun, order: list[tuple[Domain, Row]], utility: bool) -> Iterator[tuple[Domain, Row, dict]]:
+    """(domain, row, cell) as each cell finishes: the missing ones in worker processes, if more
+    than one is allowed and needed, then the rest (read from the store) in this process."""
+    missing = [(d, r) for d, r in order if not run.is_cached(d, r)]
+    utility = utility and not run.utility_is_cached()
+    workers = min(cell_workers(run.config, run.device), len(missing) + utility)
+    if workers > 1:
+        computed = {(d.name, r.label) for d, r in missing}
+        yield from _pooled_cells(run, missing, utility, workers)
+        order = [(d, r) for d, r in order if (d.name, r.label) not in computed]
+    for domain, row in order:
+        yield domain, row, _safe_cell(run, domain, row)
+
+
+def _pooled_cells(run: S2LRun, missing: list[tuple[Domain, Row]], utility: bool, workers: int) -> Iterator[tuple[Domain, Row, dict]]:
+    log(f"{len(missing)} cells{' and utility' if utility else ''} to compute in {workers} worker processes")
+    for source in dict.fromkeys(s for d, r in missing if (s := run.sp_source(d, r))):
+        try:  # here, on every thread, before the workers start: no two of them generate one set
+            run.sp_set(*source)
+        except Exception:  # noqa: BLE001 - each cell that needs the set tries again and reports the error
+            pass
+    threads = max(1, torch.get_num_threads() // workers)
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(run.config, threads))
+    try:
+        if utility:  # the longest task first, then fine-tunes before the cheap untrained rows
+            pool.submit(_worker_utility)
+        cheap_last = sorted(missing, key=lambda dr: dr[1].data == DataKind.NONE)
+        futures = {pool.submit(_worker_cell, d.name, r): (d, r) for d, r in cheap_last}
+        for future in as_completed(futures):
+            yield *futures[future], future.result()
+    finally:  # on an error or Ctrl-C no queued task starts; what finished is in the store
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _safe_cell(run: S2LRun, domain: Domain, row: Row) -> dict:
+    try:
+        return run.run_cell(domain, row)
+    except ConfigError:
+        raise
+    except Exception as exc:  # one broken cell must not lose the others; it is reported as failed
+        return {"row": row.label, "shaker": row.shaker, "data": row.data, "status": "failed",
+                "reason": f"{type(exc).__name__}: {exc}", "cached": False}  # fmt: skip
+
+
+_WORKER_RUN: S2LRun | None = None  # a worker process's own run: the same config, store and deployed model
+
+
+def _start_worker(config: Config, threads: int) -> None:
+    global _WORKER_RUN
+    torch.set_num_threads(threads)
+    sys.stdout = open(os.devnull, "w")  # the parent logs each cell; the workers' setup lines would repeat per worker
+    _WORKER_RUN = S2LRun(config)
+
+
+def _worker_utility() -> None:
+    _WORKER_RUN.utility()
+
+
+def _worker_cell(domain_name: str, row: Row) -> dict:
+    domain = next(d for d in _WORKER_RUN.domains if d.name == domain_name)
+    return _safe_cell(_WORKER_RUN, domain, row)

@@ -244,7 +244,7 @@ def matrix_folder(config: Config) -> Path:
     """``runs/<profile>-matrix-<hash>/``; thresholds ([gates]) are left out of the hash, since
     they change verdicts, not measurements. Hashed with ``"all"`` expanded, so the CLI and the
     gate suite (which load the profile differently) find the same folder."""
-    measured = {k: v for k, v in check_plugins(config).to_dict().items() if k != "gates"}
+    measured = {k: v for k, v in check_plugins(config).measured_dict().items() if k != "gates"}
     return Path(config.run.out_dir) / f"{config.name}-matrix-{content_key('matrix', measured)[:8]}"
 
 

@@ -172,7 +172,7 @@ def memorization_stage(store: Store, config: Config, data: Artifact, bundle_art:
 
 def run_folder(config: Config) -> Path:
     """``runs/<profile>-<hash of the resolved config>/``: one folder per experiment, reused by reruns."""
-    folder = Path(config.run.out_dir) / f"{config.name}-{content_key('run', config.to_dict())[:8]}"
+    folder = Path(config.run.out_dir) / f"{config.name}-{content_key('run', config.measured_dict())[:8]}"
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 

@@ -30,7 +30,7 @@ def run_attack(config: Config, progress: Callable[[dict], None] | None = None) -
     run = S2LRun(config)
     config = run.config  # without the attacks the threat model rules out
     rows = plan_rows(config, adaptive=run.filters_finetune)
-    cells_by_domain = run_cells(run, rows, progress)
+    cells_by_domain = run_cells(run, rows, progress, utility=True)
     seed = config.run.seed
     domains_out = {}
     for domain in run.domains:
