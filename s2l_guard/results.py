@@ -1,16 +1,19 @@
-"""Typed results: a matrix cell, its status and an amplification, as frozen dataclasses.
+"""Typed results: a table cell, a matrix cell, its status and an amplification, as frozen dataclasses.
 
 results.json stays the interchange format (schema "s2l-guard/matrix/1", docs/results.md);
 these classes are how code reads and writes its cells. ``GateCell.from_dict(c).to_dict()``
 gives back ``c`` key for key and in the same order, so a matrix written through them is
-byte-identical to one written before they existed.
+byte-identical to one written before they existed. A :class:`TableCell` is what the store
+keeps of one (domain, row) of the S2L table: raw scores, from which every statistic is drawn.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any, Mapping
+
+import numpy as np
 
 POOLED = "all"  # the domain name of a cell pooled over every attacked domain
 
@@ -147,3 +150,51 @@ def gate_cells(results: Mapping[str, Any]) -> list[GateCell]:
 def cells_by_key(results: Mapping[str, Any]) -> dict[tuple, GateCell]:
     """The cells by (defense, attack, measure, domain, seed)."""
     return {c.key: c for c in gate_cells(results)}
+
+
+@dataclass(frozen=True)
+class TableCell:
+    """One (domain, row) of the S2L table as measured: each MIA's per-sample scores of the
+    domain's members and non-members, the extraction counted at the configured radius, and how
+    the row's model was made. ``runner/summaries.py`` draws every statistic from these."""
+
+    row: str  # the row's label, e.g. "lora", "end2end-ood", "gaussian-0.0008-draw1"
+    shaker: str | None  # None for the pre-trained model
+    data: str | None  # a DataKind value ("SP", "OoD", ...): what the row fine-tuned on
+    status: Status = Status.OK
+    reason: str | None = None  # why a cell is not OK
+    sigma: float | None = None  # Gaussian rows
+    variant: str | None = None  # an adaptive attacker's change to the SP request
+    prompt: str | None = None  # the domain's prompt in this model (Textual Inversion's token)
+    trainable_parameters: int | None = None
+    mia: Mapping[str, Mapping[str, list[float]]] = field(default_factory=dict)  # name -> members / nonmembers scores
+    extraction: Mapping[str, Any] | None = None  # runner.cells.extraction_at's counts and the raw distances
+    trajectory: tuple[Mapping[str, Any], ...] | None = None  # fine-tuned rows: the primary MIA's AUC every few steps
+    evidence: Any = None  # what a fine-tune filter saw
+    images: int | None = None  # images in the fine-tune request
+    final_loss: float | None = None  # mean of the last 10 training losses
+    seconds: float | None = None
+    cached: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return self.status == Status.OK
+
+    def scores(self, mia: str) -> tuple[np.ndarray, np.ndarray]:
+        """Members' and non-members' scores under ``mia`` (higher = more likely a member)."""
+        return np.asarray(self.mia[mia]["members"]), np.asarray(self.mia[mia]["nonmembers"])
+
+    @classmethod
+    def from_dict(cls, c: Mapping[str, Any]) -> TableCell:
+        known = {f.name for f in fields(cls)}
+        values = {k: v for k, v in c.items() if k in known}
+        values["status"] = Status(c.get("status") or "ok")
+        if values.get("trajectory") is not None:
+            values["trajectory"] = tuple(values["trajectory"])
+        return cls(**values)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The cell as cell.json holds it (every field; ``None`` where a cell has no such part)."""
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out.update(status=self.status.value, mia=dict(self.mia), trajectory=None if self.trajectory is None else list(self.trajectory))
+        return out

@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from s2l_guard.config import GatesConfig, load_config
 from s2l_guard.errors import ConfigError
 from s2l_guard.gates import control_problem, gate_plan, judge, verdict
-from s2l_guard.results import Amplification, GateCell, Status, cells_by_key
+from s2l_guard.results import Amplification, GateCell, Status, TableCell, cells_by_key
 from s2l_guard.runner.matrix import failed_cells, utility_cell
 from s2l_guard.runner.plan import POOLED, PlannedCell, plan
 from s2l_guard.runner.settings import check_plugins
@@ -240,9 +240,9 @@ def test_a_crashed_domain_fails_the_pooled_row_and_its_gate():
     from s2l_guard.config import Config
     from s2l_guard.runner.summaries import pooled
 
-    ok = {"status": "ok"}
-    crashed = {"status": "failed", "reason": "RuntimeError: boom"}
-    row = pooled({"digit7": {"pretrained": ok, "lora": ok}, "digit8": {"pretrained": ok, "lora": crashed}}, "lora", "pretrained", Config(), 0)
+    base, ok = TableCell("pretrained", None, "-"), TableCell("lora", "lora", "SP")
+    crashed = TableCell("lora", "lora", "SP", Status.FAILED, "RuntimeError: boom")
+    row = pooled({"digit7": {"pretrained": base, "lora": ok}, "digit8": {"pretrained": base, "lora": crashed}}, "lora", "pretrained", Config(), 0)
     assert row["status"] == "failed" and row["reasons"] == ["digit8 failed (RuntimeError: boom)"]
     from s2l_guard.runner.matrix import _cell
 

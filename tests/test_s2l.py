@@ -77,11 +77,12 @@ def test_trajectories_are_recorded(smoke_run):
 
 
 def test_best_checkpoint_is_the_step_with_the_highest_mean_domain_auc():
+    from s2l_guard.results import TableCell
     from s2l_guard.runner.summaries import best_checkpoint
 
     def cell(members, nonmembers, trajectory):
-        return {"mia": {"secmi": {"members": members, "nonmembers": nonmembers}},
-                "trajectory": [{"step": s, "auc": a} for s, a in trajectory]}  # fmt: skip
+        return TableCell("lora", "lora", "SP", mia={"secmi": {"members": members, "nonmembers": nonmembers}},
+                         trajectory=tuple({"step": s, "auc": a} for s, a in trajectory))  # fmt: skip
 
     perfect, chance = ([1.0, 2.0], [0.0, 0.5]), ([0.0, 1.0], [0.0, 1.0])
     cells = [cell(*chance, [(10, 0.9), (20, 0.6)]), cell(*chance, [(10, 0.7), (20, 0.8)])]
@@ -112,7 +113,7 @@ def test_a_crashing_cell_is_reported_failed_and_the_rest_still_run(tmp_path, mon
 
     monkeypatch.setattr(SHAKERS.get("lora"), "shake", broken)
     monkeypatch.chdir(tmp_path)
-    assert main(["attack", "--config", str(config)]) == 0
+    assert main(["attack", "--config", str(config), "--workers", "1"]) == 0  # the patch lives in this process only
     [run] = (tmp_path / "runs").iterdir()
     results = json.loads((run / "results.json").read_text())
     rows = {row["row"]: row for row in results["table"]}
@@ -209,6 +210,7 @@ def test_a_new_extraction_radius_recounts_cached_cells(smoke_run, tmp_path):
             assert row["extraction"]["above_null"]["excess"] == pytest.approx(0)  # as many of each: nothing above chance
 
 
+@pytest.mark.slow  # two smoke pre-trainings and a process pool
 def test_worker_processes_compute_the_cells_one_process_does(tmp_path, monkeypatch, capsys):
     """[run] workers only spreads the missing cells over processes: the cells are the ones a
     single process computes, bit for bit at the same thread count, and a rerun starts no workers."""
@@ -237,3 +239,21 @@ def test_worker_processes_compute_the_cells_one_process_does(tmp_path, monkeypat
         assert "worker processes" not in out and out.count("(cached)") == 3
     finally:
         torch.set_num_threads(threads)
+
+
+def test_every_stored_cell_reads_back_as_a_typed_table_cell(smoke_run):
+    """The store's cell.json files are the table's raw data: a TableCell holds each of them whole."""
+    from s2l_guard.results import Status, TableCell
+
+    folder, _, _ = smoke_run
+    stored = [json.loads(p.read_text()) for p in (folder / ".s2l-cache" / "cell").glob("*/cell.json")]
+    assert len(stored) == 30
+    for raw in stored:
+        cell = TableCell.from_dict(raw)
+        back = cell.to_dict()
+        assert {k: back[k] for k in raw} == raw  # every stored part, unchanged
+        assert all(back[k] is None for k in set(back) - set(raw) - {"status", "cached", "mia"})
+        assert cell.status == Status(raw.get("status", "ok"))
+        for name, scores in raw.get("mia", {}).items():
+            members, nonmembers = cell.scores(name)
+            assert members.tolist() == scores["members"] and nonmembers.tolist() == scores["nonmembers"]

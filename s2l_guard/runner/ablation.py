@@ -83,7 +83,7 @@ def run_ablation(run: S2LRun, name: str) -> dict[str, Any]:
         draws = [entries[r.label] for v, r in pairs if v == value and entries[r.label]["status"] == "ok"]
         if not draws:
             labels = {r.label for v, r in pairs if v == value}
-            reasons = sorted({c[label].get("reason") or c[label]["status"] for c in cells.values() for label in labels if label in c})
+            reasons = sorted({c[label].reason or c[label].status.value for c in cells.values() for label in labels if label in c})
             points.append({"value": value, "status": "failed", "reasons": reasons})
             continue
         deltas = [d["mia"][primary]["auc_delta"] for d in draws]

@@ -33,6 +33,7 @@ from s2l_guard.errors import ConfigError
 from s2l_guard.metrics import rate_with_interval, roc_metrics
 from s2l_guard.model import Bundle, load_bundle
 from s2l_guard.provider import FinetuneRequest, Provider
+from s2l_guard.results import Status, TableCell
 from s2l_guard.runtime import log, resolve_device
 from s2l_guard.utility import model_utility
 
@@ -148,10 +149,9 @@ class S2LRun:
             "trajectory_every": c.attack.trajectory_every if row.shaker and row.data != DataKind.NONE else 0,
         }  # fmt: skip
 
-    def run_cell(self, domain: Domain, row: Row) -> dict:
+    def run_cell(self, domain: Domain, row: Row) -> TableCell:
         if row.shaker and self.threat_model not in SHAKERS.get(row.shaker).threat_models:
-            return {"row": row.label, "shaker": row.shaker, "data": row.data, "status": "not-run", "cached": False,
-                    "reason": f"{row.shaker} needs what {self.threat_model} does not give"}  # fmt: skip
+            return TableCell(row.label, row.shaker, row.data, Status.NOT_RUN, f"{row.shaker} needs what {self.threat_model} does not give")
         sp = self.generated_data(domain, row)
         spec = self.cell_spec(domain, row, sp.key if sp else None)
         seed = derive_seed(self.config.run.seed, domain.name, row.label)  # the row's own training noise
@@ -177,9 +177,7 @@ class S2LRun:
         cell = json.loads((artifact.path / "cell.json").read_text())
         if "extraction" in cell:
             cell["extraction"] = extraction_at(cell["extraction"], self.config.extraction.delta, self.training.files)
-        cell.setdefault("status", "ok")
-        cell["cached"] = artifact.reused
-        return cell
+        return TableCell.from_dict(cell | {"cached": artifact.reused})
 
     def _utility_spec(self) -> dict:
         return {"format": 1, "bundle": self.bundle_art.key, "data": self.data_art.key, "utility": self.config.section("utility"),
@@ -306,19 +304,21 @@ def _as_fields(cls: type, values: dict) -> dict:
     return {k: tuple(v) if isinstance(v, list) else v for k, v in values.items() if k in names}
 
 
-def run_cells(run: S2LRun, rows: list[Row], progress: Callable[[dict], None] | None = None, *, utility: bool = False) -> dict[str, dict[str, dict]]:
+def run_cells(
+    run: S2LRun, rows: list[Row], progress: Callable[[TableCell], None] | None = None, *, utility: bool = False
+) -> dict[str, dict[str, TableCell]]:
     """Every (domain, row) cell, logged (or passed to ``progress``) as it finishes; a crashing
     cell is recorded as failed. Cells not in the store are spread over worker processes when
     [run] workers allows more than one (see :func:`cell_workers`); ``utility``: the deployed
     model's utility is measured beside them, for ``run.utility()`` to read."""
     order = [(domain, row) for domain in run.domains for row in rows]
-    found: dict[tuple[str, str], dict] = {}
+    found: dict[tuple[str, str], TableCell] = {}
     for done, (domain, row, cell) in enumerate(_finished_cells(run, order, utility), start=1):
         found[domain.name, row.label] = cell
         if progress is not None:
             progress(cell)
             continue
-        took = "cached" if cell["cached"] else cell["status"] if cell["status"] != "ok" else f"{cell['seconds']:.1f} s"
+        took = "cached" if cell.cached else cell.status.value if not cell.ok else f"{cell.seconds:.1f} s"
         log(f"cell {done}/{len(order)}: {domain.name} {row.label} ({took})")
     return {domain.name: {row.label: found[domain.name, row.label] for row in rows} for domain in run.domains}
 
@@ -332,7 +332,7 @@ def cell_workers(config: Config, device: torch.device) -> int:
     return torch.get_num_threads() if device.type == "cpu" else 1
 
 
-def _finished_cells(run: S2LRun, order: list[tuple[Domain, Row]], utility: bool) -> Iterator[tuple[Domain, Row, dict]]:
+def _finished_cells(run: S2LRun, order: list[tuple[Domain, Row]], utility: bool) -> Iterator[tuple[Domain, Row, TableCell]]:
     """(domain, row, cell) as each cell finishes: the missing ones in worker processes, if more
     than one is allowed and needed, then the rest (read from the store) in this process."""
     missing = [(d, r) for d, r in order if not run.is_cached(d, r)]
@@ -346,7 +346,7 @@ def _finished_cells(run: S2LRun, order: list[tuple[Domain, Row]], utility: bool)
         yield domain, row, _safe_cell(run, domain, row)
 
 
-def _pooled_cells(run: S2LRun, missing: list[tuple[Domain, Row]], utility: bool, workers: int) -> Iterator[tuple[Domain, Row, dict]]:
+def _pooled_cells(run: S2LRun, missing: list[tuple[Domain, Row]], utility: bool, workers: int) -> Iterator[tuple[Domain, Row, TableCell]]:
     log(f"{len(missing)} cells{' and utility' if utility else ''} to compute in {workers} worker processes")
     for source in dict.fromkeys(s for d, r in missing if (s := run.sp_source(d, r))):
         try:  # here, on every thread, before the workers start: no two of them generate one set
@@ -366,14 +366,13 @@ def _pooled_cells(run: S2LRun, missing: list[tuple[Domain, Row]], utility: bool,
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _safe_cell(run: S2LRun, domain: Domain, row: Row) -> dict:
+def _safe_cell(run: S2LRun, domain: Domain, row: Row) -> TableCell:
     try:
         return run.run_cell(domain, row)
     except ConfigError:
         raise
     except Exception as exc:  # one broken cell must not lose the others; it is reported as failed
-        return {"row": row.label, "shaker": row.shaker, "data": row.data, "status": "failed",
-                "reason": f"{type(exc).__name__}: {exc}", "cached": False}  # fmt: skip
+        return TableCell(row.label, row.shaker, row.data, Status.FAILED, f"{type(exc).__name__}: {exc}")
 
 
 _WORKER_RUN: S2LRun | None = None  # a worker process's own run: the same config, store and deployed model
@@ -390,6 +389,6 @@ def _worker_utility() -> None:
     _WORKER_RUN.utility()
 
 
-def _worker_cell(domain_name: str, row: Row) -> dict:
+def _worker_cell(domain_name: str, row: Row) -> TableCell:
     domain = next(d for d in _WORKER_RUN.domains if d.name == domain_name)
     return _safe_cell(_WORKER_RUN, domain, row)

@@ -20,9 +20,10 @@ from s2l_guard.cache import content_key
 from s2l_guard.config import Config
 from s2l_guard.errors import ConfigError, S2LError
 from s2l_guard.metrics import rate_with_interval
-from s2l_guard.results import POOLED, Amplification, GateCell, RowInfo, Status, Timing
-from s2l_guard.runtime import log
+from s2l_guard.results import POOLED, Amplification, GateCell, RowInfo, Status, TableCell, Timing
+from s2l_guard.runtime import log, resolve_device
 
+from .cells import cell_workers
 from .plan import PlannedCell, defended_config, domain_names, plan, seeds
 from .settings import check_plugins
 from .table import run_attack
@@ -160,19 +161,19 @@ class Progress:
     far (cached cells cost nothing; a defense's own pre-training is not in it); without a
     terminal, one log line per cell instead."""
 
-    def __init__(self, total: int):
+    def __init__(self, total: int, workers: int = 1):
         from tqdm import tqdm
 
-        self.total, self.done, self.seconds = total, 0, 0.0
+        self.total, self.done, self.seconds, self.workers = total, 0, 0.0, workers
         self.start = time.perf_counter()
         self.bar = tqdm(total=total, unit="cell", desc="matrix", dynamic_ncols=True) if sys.stderr.isatty() else None
 
-    def __call__(self, cell: dict, label: str) -> None:
+    def __call__(self, cell: TableCell, label: str) -> None:
         self.done += 1
-        if not cell.get("cached") and cell.get("seconds") is not None:
-            self.seconds += cell["seconds"]
+        if not cell.cached and cell.seconds is not None:
+            self.seconds += cell.seconds / self.workers  # side by side in the workers
         eta = (self.total - self.done) * self.seconds / self.done  # the share of cached cells so far carries on
-        took = "cached" if cell.get("cached") else cell["status"] if cell.get("status") != "ok" else f"{cell.get('seconds', 0):.1f} s"
+        took = "cached" if cell.cached else cell.status.value if not cell.ok else f"{cell.seconds or 0:.1f} s"
         if self.bar is not None:
             self.bar.set_postfix_str(f"{label} ({took})", refresh=False)
             self.bar.update()
@@ -199,7 +200,7 @@ def run_matrix(config: Config, defenses: list[str] | None = None) -> dict:
     names = list(defenses or config.matrix.defenses)
     planned = plan(config, names)
     table_units = sum(1 for p in planned if p.measure == "extraction" and p.domain != POOLED)  # one per (domain, row)
-    progress = Progress(table_units)
+    progress = Progress(table_units, cell_workers(config, resolve_device(config.run.device)))
     cells, tables = [], {}
     try:
         for seed in seeds(config):
@@ -208,7 +209,7 @@ def run_matrix(config: Config, defenses: list[str] | None = None) -> dict:
                 label = f"{defense}" + (f" seed {seed}" if len(seeds(config)) > 1 else "")
                 log(f"matrix: {label} ({names.index(defense) + 1}/{len(names)})")
                 try:
-                    results = run_attack(defended_config(config, defense, seed), progress=lambda c, lb=label: progress(c, f"{lb} {c['row']}"))
+                    results = run_attack(defended_config(config, defense, seed), progress=lambda c, lb=label: progress(c, f"{lb} {c.row}"))
                 except S2LError:  # bad input (config, model folder, data set): every defense would stop on it
                     raise
                 except Exception as exc:  # noqa: BLE001 - one defense's crash must not lose the others

@@ -15,6 +15,7 @@ from sklearn.metrics import roc_curve
 from s2l_guard.audit import epsilon_lower_bound
 from s2l_guard.config import Config
 from s2l_guard.metrics import auc, metrics_to_dict, roc_metrics, threshold_protocol
+from s2l_guard.results import Status, TableCell
 from s2l_guard.stats import (
     calibrated_tpr_delta,
     candidate_shares,
@@ -39,28 +40,24 @@ CONTROLS = {  # key in results.json -> the data of the control row an SP row is 
 }
 
 
-def controls_for(cells: dict[str, dict], cell: dict) -> dict[str, dict]:
+def controls_for(cells: dict[str, TableCell], cell: TableCell) -> dict[str, TableCell]:
     """The controls an SP row is compared with: the same method on that data, else End-to-End on it.
 
     Only controls that ran are returned; non-SP rows have none.
     """
-    if cell.get("data") != DataKind.SP:
+    if cell.data != DataKind.SP:
         return {}
     found = {}
     for key, kind in CONTROLS.items():
-        control = cells.get(row_label(cell["shaker"], kind)) or cells.get(row_label("end2end", kind))
-        if control is not None and control.get("status", "ok") == "ok":
+        control = cells.get(row_label(cell.shaker, kind)) or cells.get(row_label("end2end", kind))
+        if control is not None and control.ok:
             found[key] = control
     return found
 
 
-def _scores(cell: dict, mia: str) -> tuple[np.ndarray, np.ndarray]:
-    return np.asarray(cell["mia"][mia]["members"]), np.asarray(cell["mia"][mia]["nonmembers"])
-
-
-def _pooled_scores(cells: list[dict], mia: str) -> tuple[np.ndarray, np.ndarray]:
+def _pooled_scores(cells: list[TableCell], mia: str) -> tuple[np.ndarray, np.ndarray]:
     """Members' and non-members' scores of several domains' cells, concatenated (the domains are disjoint)."""
-    return tuple(np.concatenate([_scores(c, mia)[i] for c in cells]) for i in (0, 1))
+    return tuple(np.concatenate([c.scores(mia)[i] for c in cells]) for i in (0, 1))
 
 
 def roc_points(members: np.ndarray, nonmembers: np.ndarray) -> dict[str, list[float]]:
@@ -78,11 +75,11 @@ def _calibrated(protocol: dict) -> dict:
             "test_nonmembers": protocol["split"]["test"]["nonmembers"], "threshold": fitted["threshold"]}  # fmt: skip
 
 
-def summarize_mia(cell: dict, base: dict, config: Config, seed: int, controls: dict[str, dict]) -> dict:
+def summarize_mia(cell: TableCell, base: TableCell, config: Config, seed: int, controls: dict[str, TableCell]) -> dict:
     out = {}
     b = config.attack.bootstrap
-    for name in cell["mia"]:
-        (m, n), (bm, bn) = _scores(cell, name), _scores(base, name)
+    for name in cell.mia:
+        (m, n), (bm, bn) = cell.scores(name), base.scores(name)
         entry = {
             "roc": metrics_to_dict(roc_metrics(m, n, fprs=FPRS, resamples=b, seed=seed)),
             "curve": roc_points(m, n),
@@ -98,61 +95,61 @@ def summarize_mia(cell: dict, base: dict, config: Config, seed: int, controls: d
                 "tpr@0.01_paired_bootstrap_in_sample": paired_bootstrap_delta(bm, bn, m, n, statistic="tpr@0.01", resamples=b, seed=seed).to_dict(),
             }  # fmt: skip
         for key, control in controls.items():
-            entry[key] = {"auc_delong": delong_test(*_scores(control, name), m, n).to_dict()}
+            entry[key] = {"auc_delong": delong_test(*control.scores(name), m, n).to_dict()}
         out[name] = entry
     return out
 
 
-def summarize_cell(cell: dict, base: dict, config: Config, seed: int, controls: dict[str, dict]) -> dict:
-    if cell.get("status", "ok") != "ok" or base.get("status", "ok") != "ok":
-        return {k: cell.get(k) for k in ("row", "shaker", "data", "variant", "status", "reason", "evidence", "images")}
-    summary = {k: cell.get(k) for k in ("row", "shaker", "data", "variant", "sigma", "prompt", "trainable_parameters", "final_loss",
-                                        "seconds", "cached", "trajectory", "evidence", "images")}  # fmt: skip
+def summarize_cell(cell: TableCell, base: TableCell, config: Config, seed: int, controls: dict[str, TableCell]) -> dict:
+    """A domain's row for results.json: the cell's own statistics and its changes vs the pre-trained model and the controls."""
+    d = cell.to_dict()
+    if not cell.ok or not base.ok:
+        return {k: d[k] for k in ("row", "shaker", "data", "variant", "status", "reason", "evidence", "images")}
+    summary = {k: d[k] for k in ("row", "shaker", "data", "variant", "sigma", "prompt", "trainable_parameters", "final_loss",
+                                 "seconds", "cached", "trajectory", "evidence", "images")}  # fmt: skip
     summary["status"] = "ok"
     summary["mia"] = summarize_mia(cell, base, config, seed, controls)
-    ext = dict(cell["extraction"]["summary"], extracted_files=cell["extraction"]["extracted"])
+    ext = dict(cell.extraction["summary"], extracted_files=cell.extraction["extracted"])
     b = config.attack.bootstrap
-    hits = cell["extraction"]["hits"]
-    ext["above_null"] = excess_extraction(
-        hits, cell["extraction"]["null_hits"], null_weight=cell["extraction"]["null_weight"], resamples=b, seed=seed
-    )
+    hits = cell.extraction["hits"]
+    ext["above_null"] = excess_extraction(hits, cell.extraction["null_hits"], null_weight=cell.extraction["null_weight"], resamples=b, seed=seed)
     if cell is not base:
-        ext["vs_pretrained"] = extraction_delta(base["extraction"]["hits"], hits, resamples=b, seed=seed).to_dict()
+        ext["vs_pretrained"] = extraction_delta(base.extraction["hits"], hits, resamples=b, seed=seed).to_dict()
         ext["above_null_vs_pretrained"] = share_delta(_null_shares([base]), _null_shares([cell]), statistic="extracted_above_null",
                                                       resamples=b, seed=seed).to_dict()  # fmt: skip
     for key, control in controls.items():
-        ext[key] = extraction_delta(control["extraction"]["hits"], hits, resamples=b, seed=seed).to_dict()
+        ext[key] = extraction_delta(control.extraction["hits"], hits, resamples=b, seed=seed).to_dict()
     summary["extraction"] = ext
     return summary
 
 
-def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str, config: Config, seed: int) -> dict:
+def pooled(cells_by_domain: dict[str, dict[str, TableCell]], row: str, base_row: str, config: Config, seed: int) -> dict:
     """One table row over all domains: scores pooled for MIA, extractions averaged per domain.
 
     An SP row is also compared with its out-of-domain controls (see :func:`controls_for`),
     where every domain has them. A domain whose cell (or baseline) failed fails the pooled row
     too: pooling the others would let a crash drop a domain from the gates unseen.
     """
-    usable = [cells for cells in cells_by_domain.values() if cells[row]["status"] == "ok" and cells[base_row]["status"] == "ok"]
-    refused = sorted(name for name, cells in cells_by_domain.items() if cells[row]["status"] == "refused")
-    crashed = {name: cells[r].get("reason") or "no reason given" for name, cells in cells_by_domain.items()
-               for r in (base_row, row) if cells[r]["status"] == "failed"}  # fmt: skip
+    usable = [cells for cells in cells_by_domain.values() if cells[row].ok and cells[base_row].ok]
+    refused = sorted(name for name, cells in cells_by_domain.items() if cells[row].status == Status.REFUSED)
+    crashed = {name: cells[r].reason or "no reason given" for name, cells in cells_by_domain.items()
+               for r in (base_row, row) if cells[r].status == Status.FAILED}  # fmt: skip
     if crashed and usable:
         reasons = [f"{name} failed ({reason})" for name, reason in sorted(crashed.items())]
         return {"row": row, "status": "failed", "reasons": reasons, "refused_domains": refused}
     if not usable:
-        statuses = sorted({c[row]["status"] for c in cells_by_domain.values()})
+        statuses = sorted({c[row].status.value for c in cells_by_domain.values()})
         status = next((s for s in ("failed", "refused") if s in statuses), "not-run")
-        reasons = sorted({c[row].get("reason") for c in cells_by_domain.values() if c[row].get("reason")})
+        reasons = sorted({c[row].reason for c in cells_by_domain.values() if c[row].reason})
         return {"row": row, "status": status, "reasons": reasons, "refused_domains": refused}
     cells = [c[row] for c in usable]
     bases = [c[base_row] for c in usable]
     found = [controls_for(c, c[row]) for c in usable]
     controls = {key: [f[key] for f in found] for key in CONTROLS if all(key in f for f in found)}
-    data = cells[0].get("data") + (f"+{cells[0]['variant']}" if cells[0].get("variant") else "")
+    data = cells[0].data + (f"+{cells[0].variant}" if cells[0].variant else "")
     out: dict[str, Any] = {"row": row, "status": "ok", "domains": len(cells), "data": data, "refused_domains": refused,
-                           "trainable_parameters": cells[0].get("trainable_parameters"), "mia": {},
-                           "controls": {key: control_cells[0]["row"] for key, control_cells in controls.items()}}  # fmt: skip
+                           "trainable_parameters": cells[0].trainable_parameters, "mia": {},
+                           "controls": {key: control_cells[0].row for key, control_cells in controls.items()}}  # fmt: skip
     b = config.attack.bootstrap
     for mia in config.attack.mia:
         (m, n), (bm, bn) = _pooled_scores(cells, mia), _pooled_scores(bases, mia)
@@ -169,14 +166,14 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
             cm, cn = _pooled_scores(control_cells, mia)
             entry[f"auc_delta_{key}"] = paired_bootstrap_delta(cm, cn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
         out["mia"][mia] = entry
-    if config.attack.mia and all(c.get("trajectory") for c in cells):
-        steps = shaker_settings(config, cells[0]["shaker"]).steps
+    if config.attack.mia and all(c.trajectory for c in cells):
+        steps = shaker_settings(config, cells[0].shaker).steps
         out["best_checkpoint"] = best_checkpoint(cells, bases, config.attack.mia[0], steps)
-    counts = [distinct_extracted(c["extraction"]["hits"]) for c in cells]
-    null_counts = [distinct_extracted(c["extraction"]["null_hits"]) for c in cells]
+    counts = [distinct_extracted(c.extraction["hits"]) for c in cells]
+    null_counts = [distinct_extracted(c.extraction["null_hits"]) for c in cells]
     excess = _null_shares(cells)
-    flagged = sum(sum(c["extraction"]["flagged"]) for c in cells)
-    true_flagged = sum(sum(1 for h, f in zip(c["extraction"]["any_hits"], c["extraction"]["flagged"]) if f and h >= 0) for c in cells)
+    flagged = sum(sum(c.extraction["flagged"]) for c in cells)
+    true_flagged = sum(sum(1 for h, f in zip(c.extraction["any_hits"], c.extraction["flagged"]) if f and h >= 0) for c in cells)
     out["extraction"] = {
         "extracted_per_domain_mean": float(np.mean(counts)),
         "extracted_per_domain": counts,
@@ -187,30 +184,26 @@ def pooled(cells_by_domain: dict[str, dict[str, dict]], row: str, base_row: str,
             "candidates": len(excess),
             "method": "members minus non-members matched by the same candidates, summed over domains; bootstrap of candidate shares",
         },
-        "candidates_per_domain": cells[0]["extraction"]["summary"]["candidates"],
-        "withheld": sum(c["extraction"].get("withheld", 0) for c in cells),  # by a generate API
+        "candidates_per_domain": cells[0].extraction["summary"]["candidates"],
+        "withheld": sum(c.extraction.get("withheld", 0) for c in cells),  # by a generate API
         "precision": true_flagged / flagged if flagged else None,
     }
     if row != base_row:  # domains' members are distinct images, so their hits pool into one count
-        pool = lambda cs: [h for c in cs for h in c["extraction"]["hits"]]  # noqa: E731
+        pool = lambda cs: [h for c in cs for h in c.extraction["hits"]]  # noqa: E731
         out["extraction"]["delta_total_vs_pretrained"] = extraction_delta(pool(bases), pool(cells), resamples=b, seed=seed).to_dict()
         out["extraction"]["above_null_delta_vs_pretrained"] = share_delta(_null_shares(bases), excess, statistic="extracted_above_null",
                                                                           resamples=b, seed=seed).to_dict()  # fmt: skip
     return out
 
 
-def _null_shares(cells: list[dict]) -> np.ndarray:
+def _null_shares(cells: list[TableCell]) -> np.ndarray:
     """Every candidate's share of the extraction above the null, over the cells' domains (whose
     members and non-members are disjoint, so the shares pool)."""
-    return np.concatenate([candidate_shares(c["extraction"]["hits"], c["extraction"]["null_hits"], null_weight=c["extraction"]["null_weight"])
+    return np.concatenate([candidate_shares(c.extraction["hits"], c.extraction["null_hits"], null_weight=c.extraction["null_weight"])
                            for c in cells])  # fmt: skip
 
 
-def _auc(cell: dict, mia: str) -> float:
-    return auc(*_scores(cell, mia))
-
-
-def best_checkpoint(cells: list[dict], bases: list[dict], mia: str, final_step: int) -> dict:
+def best_checkpoint(cells: list[TableCell], bases: list[TableCell], mia: str, final_step: int) -> dict:
     """The fine-tuning step with the highest mean per-domain AUC, the final step included.
 
     A worst-case bound, not an attack: picking the step needs the membership labels
@@ -218,12 +211,12 @@ def best_checkpoint(cells: list[dict], bases: list[dict], mia: str, final_step: 
     """
     by_step: dict[int, list[float]] = {}
     for cell in cells:
-        for point in cell["trajectory"]:
+        for point in cell.trajectory:
             by_step.setdefault(point["step"], []).append(point["auc"])
     curve = {step: float(np.mean(aucs)) for step, aucs in by_step.items() if len(aucs) == len(cells)}
-    curve[final_step] = float(np.mean([_auc(c, mia) for c in cells]))
+    curve[final_step] = float(np.mean([auc(*c.scores(mia)) for c in cells]))
     step = max(curve, key=lambda s: (curve[s], -s))
-    pretrained = float(np.mean([_auc(b, mia) for b in bases]))
+    pretrained = float(np.mean([auc(*b.scores(mia)) for b in bases]))
     return {"mia": mia, "step": step, "mean_domain_auc": curve[step], "pretrained_mean_domain_auc": pretrained,
             "delta": curve[step] - pretrained, "curve": [{"step": s, "mean_domain_auc": a} for s, a in sorted(curve.items())],
             "uses_membership_labels": True}  # fmt: skip
@@ -251,10 +244,10 @@ def gaussian_means(table: list[dict], rows: list[Row], config: Config) -> list[d
     return out
 
 
-def empirical_epsilon(cells_by_domain: dict[str, dict[str, dict]], config: Config, delta: float) -> dict:
+def empirical_epsilon(cells_by_domain: dict[str, dict[str, TableCell]], config: Config, delta: float) -> dict:
     """Per MIA, the lower bound on the deployed model's epsilon its pre-trained row's scores imply
     (:func:`s2l_guard.audit.epsilon_lower_bound`), pooled over the domains whose row ran."""
-    bases = [cells["pretrained"] for cells in cells_by_domain.values() if cells["pretrained"].get("status", "ok") == "ok"]
+    bases = [cells["pretrained"] for cells in cells_by_domain.values() if cells["pretrained"].ok]
     out = {}
     for mia in config.attack.mia if bases else ():
         members, nonmembers = _pooled_scores(bases, mia)
