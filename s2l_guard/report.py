@@ -15,6 +15,7 @@ import shutil
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote
 
 import matplotlib
 
@@ -456,18 +457,32 @@ def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Mat
 # ---------------------------------------------------------------- rendering
 
 
+CODE_SPAN = re.compile(r"(`[^`\n]+`)")
+MARKUP = re.compile(r"\\|<(?=[A-Za-z/!?])|\](?=[(\[:])")  # a backslash, a tag's or autolink's start, a link's middle
+
+
+def md_text(text: str) -> str:
+    """Text that Markdown shows literally, whoever wrote it (a domain name or a path from the
+    user's data or config): outside `code` spans no ``](``, ``][`` or ``]:`` can make a link or
+    image and no ``<`` an HTML tag or autolink (each is backslash-escaped), and a newline cannot
+    start a new block; code spans render their content as text already. Intervals like
+    [0.61, 0.72] stay as they are."""
+    escape = lambda part: MARKUP.sub(lambda m: "\\" + m.group(0), part.replace("\n", " "))  # noqa: E731
+    return "".join(part if CODE_SPAN.fullmatch(part) else escape(part) for part in CODE_SPAN.split(str(text)))
+
+
 def to_markdown(blocks: list[tuple]) -> str:
-    cell = lambda text: str(text).replace("|", "\\|")  # noqa: E731 - a pipe would end the cell
+    cell = lambda text: md_text(text).replace("|", "\\|")  # noqa: E731 - a pipe would end the cell
     out = []
     for kind, *args in blocks:
         if kind == "h":
-            out.append("#" * args[0] + " " + args[1])
+            out.append("#" * args[0] + " " + md_text(args[1]))
         elif kind == "p":
-            out.append(args[0])
+            out.append(md_text(args[0]))
         elif kind == "ul":
-            out.append("\n".join(f"- {item}" for item in args[0]))
+            out.append("\n".join(f"- {md_text(item)}" for item in args[0]))
         elif kind == "img":
-            out.append(f"![{args[0]}]({args[1]})")
+            out.append(f"![{md_text(args[0])}]({quote(str(args[1]))})")
         elif kind == "table":
             header, rows = args
             lines = ["| " + " | ".join(map(cell, header)) + " |", "|" + "---|" * len(header)]

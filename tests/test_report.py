@@ -197,3 +197,43 @@ def test_the_model_as_released_has_its_own_table_when_baseline_gates_run(tmp_pat
     assert rows[0][header.index("loss (TPR at 1% FPR)")].startswith(f"{tpr['value']:.3f} [{tpr['ci95'][0]:.3f}")
     extracted = next(c for c in changed["cells"] if c["id"] == "none-pretrained-extraction-all")["metrics"]["extracted"]
     assert rows[0][header.index("extraction (above null)")].startswith(f"{extracted} extracted")  # the fixture predates the null
+
+
+EVIL = "<script>alert(1)</script>](javascript:alert(2))"
+
+
+class Page(Tags):
+    def __init__(self):
+        super().__init__()
+        self.text = ""
+
+    def handle_data(self, data):
+        self.text += data
+
+
+def test_user_text_is_shown_not_obeyed_in_both_reports(tmp_path, results):
+    """A domain name, caption and config path come from the user's data and config: with markup in
+    them, report.html holds no script or link and report.md no HTML, link or image of theirs -
+    both show the text itself."""
+    from markdown_it import MarkdownIt
+
+    evil = json.loads(json.dumps(results).replace('"digit7', json.dumps(EVIL)[:-1]))
+    evil["config"]["attack"]["domains"] = [EVIL, "digit8"]
+    evil["config"]["run"]["data"] = str(tmp_path / "the user's data")  # its domains are not the testbed's
+    evil["config"]["testbed"]["caption"] = EVIL + " {name}"
+    evil["config_source"] = "/tmp/" + EVIL + ".toml"
+    run, _ = write(tmp_path, evil)
+
+    page = Page()
+    page.feed((run / "report.html").read_text())
+    assert EVIL in page.text  # shown as text
+    assert not [t for t, a in page.tags if t == "script" or any("javascript" in (v or "") for v in a.values())]
+
+    markdown = (run / "report.md").read_text()
+    md = MarkdownIt("commonmark")  # raw HTML on, as on most renderers
+    md.validateLink = lambda url: True  # judge the Markdown itself, not this renderer's link filter
+    tokens = [t for block in md.parse(markdown) for t in [block, *(block.children or [])]]
+    assert not [t for t in tokens if t.type in ("html_inline", "html_block", "link_open")]
+    assert all(t.attrGet("src").endswith(".png") for t in tokens if t.type == "image")
+    shown = "".join(t.content for t in tokens if t.type in ("text", "code_inline"))
+    assert EVIL in shown
