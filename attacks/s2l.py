@@ -50,12 +50,15 @@ def split_domains(dataset: ImageDataset, names: tuple[str, ...]) -> tuple[list[D
     training = TrainingSet(trained.images, [r.copies for r in trained.records], [r.file_name for r in trained.records])
     position = {r.file_name: k for k, r in enumerate(trained.records)}
     private = sorted({r.domain for r in dataset.records if r.membership == "member"})
+    unknown = [name for name in names if name not in private]
+    if unknown:
+        raise DataError(f"[attack] domains names {unknown}, which have no members in the data set; its private domains are {private}")
     domains = []
     for name in names or private:
         members = dataset.select(membership="member", domain=name)
         nonmembers = dataset.select(membership="nonmember", domain=name)
         if len(nonmembers) == 0:
-            raise DataError(f"domain {name} has no held-out non-members; membership inference needs some")
+            raise DataError(f"domain {name} has no held-out non-members; membership inference needs some: add rows with membership 'nonmember'")
         index = [position[r.file_name] for r in members.records]
         domains.append(Domain(name, dataset.domain_caption(name), members, nonmembers, index))
     return domains, training

@@ -593,7 +593,7 @@ def _check_cross_section(config: Config) -> None:
         problems.append(f"[pretrain] warmup_steps ({config.pretrain.warmup_steps}) must be < steps ({config.pretrain.steps})")
     private = [f"digit{d}" for d in t.private_domains]
     unknown = [d for d in config.attack.domains if d not in private]
-    if unknown:
+    if unknown and not config.run.data:  # a user's data set names its own domains, checked when it is read
         problems.append(f"[attack] domains {unknown} are not private testbed domains; choose from {private}")
     mx = config.matrix
     if len(set(mx.defenses)) != len(mx.defenses):

@@ -153,6 +153,8 @@ def _read_records(path: Path) -> Iterable[Record]:
 
 def _read_image(folder: Path, record: Record, channels: int | None) -> np.ndarray:
     path = folder / record.file_name
+    if not path.resolve().is_relative_to(folder.resolve()):  # "../x.png", an absolute path, or a symlink out
+        raise DataError(f"{folder / METADATA}: {record.file_name!r} lies outside the data folder; copy the image into it and name it relative to it")
     if not path.is_file():
         raise DataError(f"{path} is listed in {METADATA} but missing; add the image or remove its row")
     try:
@@ -164,4 +166,6 @@ def _read_image(folder: Path, record: Record, channels: int | None) -> np.ndarra
             array = np.asarray(image, dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as exc:
         raise DataError(f"{path} is not a readable image ({exc}); replace or remove it") from None
+    except Image.DecompressionBombError as exc:  # a few KB on disk that would decode to gigabytes
+        raise DataError(f"{path} is too large to decode safely ({exc}); downscale it to the model's resolution first") from None
     return array[:, :, None] if array.ndim == 2 else array

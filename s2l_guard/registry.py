@@ -58,7 +58,11 @@ class Registry(Generic[T]):
             for module in pkgutil.iter_modules(getattr(package, "__path__", [])):
                 importlib.import_module(f"{name}.{module.name}")
         for entry in entry_points(group=self.group):
-            entry.load()
+            try:
+                entry.load()
+            except Exception as exc:  # noqa: BLE001 - a broken third-party package, reported as the user's fix
+                raise ConfigError(f"the {self.kind} plugin {entry.name!r} ({entry.value}) failed to load: {type(exc).__name__}: {exc}; "
+                                  f"fix or uninstall the package that provides it") from None  # fmt: skip
 
     def names(self) -> list[str]:
         self._load()

@@ -29,7 +29,7 @@ from defenses.base import DEFENSES
 from s2l_guard.cache import Artifact, Store, content_key
 from s2l_guard.config import Config
 from s2l_guard.data import load_imagefolder
-from s2l_guard.errors import ConfigError
+from s2l_guard.errors import ConfigError, DataError
 from s2l_guard.metrics import rate_with_interval, roc_metrics
 from s2l_guard.model import Bundle, load_bundle
 from s2l_guard.provider import FinetuneRequest, Provider
@@ -37,6 +37,7 @@ from s2l_guard.results import Status, TableCell
 from s2l_guard.runtime import log, resolve_device
 from s2l_guard.utility import model_utility
 
+from .checks import compatibility_problems
 from .plan import DataKind, Row, derive_seed, ood_data, ood_domain, ood_spec, resolve_threat_model
 from .settings import check_plugins, defense_settings, mia_settings, shaker_settings
 from .stages import pretrain_stage, testbed_stage
@@ -68,9 +69,12 @@ class S2LRun:
         self.bundle_art = pretrain_stage(self.store, config, self.data_art, self.device, self.defense)
         self.dataset = load_imagefolder(self.data_art.path)
         self.deployed = load_bundle(self.bundle_art.path, device=self.device)
+        self.domains, self.training = split_domains(self.dataset, config.attack.domains)
+        problems = compatibility_problems(self.deployed, self.dataset, self.domains, config)
+        if problems:  # before the defense's preparation or any cell touches the model
+            raise DataError(f"the model at {self.bundle_art.path} does not fit the data at {self.data_art.path}: " + "\n".join(problems))
         self.defense.prepare(self.deployed, self.dataset, config)
         self.provider = Provider(self.deployed, self.threat_model, self.defense)
-        self.domains, self.training = split_domains(self.dataset, config.attack.domains)
         log(f"defense {self.defense.name}, threat model {self.threat_model}"
             + (f" (no {', '.join(self.unavailable_mia)}: they need the weights)" if self.unavailable_mia else ""))  # fmt: skip
 
