@@ -124,7 +124,12 @@ def verdict(check: str, cell: GateCell | None, gates) -> Verdict:
         )
         name = "members extracted above chance (members minus held-out non-members matched)"
     else:
-        entry = m["conditional_accuracy"]
+        entry = m.get("conditional_accuracy")
+        if entry is None:
+            loss, fd = m.get("heldout_denoising_loss"), m.get("frechet_distance")
+            return Verdict(check, cid, "skip", f"{cid}: no classifier reads this data's generations, so conditional accuracy is not "
+                                                f"measured (reported: held-out denoising loss {loss if loss is None else f'{loss:.4f}'}, "
+                                                f"Frechet distance {fd if fd is None else f'{fd:.2f}'}); [gates] min_utility judges the testbed's digits")  # fmt: skip
         value, ci = entry["value"], entry["ci95"]
         if value is None:
             return Verdict(check, cid, "fail", f"{cid}: the provider served no generation, so utility is 0", threshold=threshold)

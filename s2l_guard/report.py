@@ -138,7 +138,8 @@ def utility_tile(cells: list[GateCell], defense: str, seed: int, by_cell: dict[s
     verdict = worst(by_cell.get(cell.id, []))
     accuracy = cell.metric("conditional_accuracy")
     if cell.status != Status.OK or accuracy is None or accuracy["value"] is None:
-        return Tile(cell.status.value if cell.status != Status.OK else "no generations", verdict=verdict)
+        why = cell.status.value if cell.status != Status.OK else "not read" if accuracy is None else "no generations"
+        return Tile(why, verdict=verdict)
     return Tile("ok", accuracy["value"], tuple(accuracy["ci95"]), verdict)
 
 

@@ -1,4 +1,4 @@
-"""Utility of a (defended) testbed model, measured from outside the threat model.
+"""Utility of a (defended) model, measured from outside the threat model.
 
 A digits classifier trained on all of scikit-learn's digits plays the part the
 Inception network plays behind FID: an evaluator the model never saw, giving
@@ -80,31 +80,59 @@ def frechet_distance(a: np.ndarray, b: np.ndarray) -> float:
     return max(mean_term + float(np.trace(cov_a + cov_b - 2.0 * root)), 0.0)
 
 
+FEATURE_GRID = 8  # generic features are average-pooled to at most 8x8 per channel: a covariance small enough to estimate
+
+
+@torch.no_grad()
+def model_features(bundle, images: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
+    """Features for a Frechet distance on any data, with nothing downloaded: the VAE encoder's
+    posterior means for a latent model, else the pixels, average-pooled to at most 8x8 per channel."""
+    out = []
+    for chunk in images.split(batch_size):
+        x = bundle.to_model_space(chunk) if bundle.vae is not None else chunk.to(bundle.device)
+        x = torch.nn.functional.adaptive_avg_pool2d(x.float(), min(FEATURE_GRID, x.shape[-1]))
+        out.append(x.flatten(1).cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def is_digits_data(dataset) -> bool:
+    """Whether the digits evaluator can read this data: 8x8 grey images of digitN domains (the testbed)."""
+    return tuple(dataset.images.shape[1:]) == (1, DIGITS_SIZE, DIGITS_SIZE) and any(_digit(name) is not None for name in dataset.domains)
+
+
+def _digit(name: str) -> int | None:
+    rest = name.removeprefix("digit")
+    return int(rest) if rest != name and rest.isdigit() else None
+
+
 def model_utility(provider, bundle, dataset, config, *, seed: int) -> dict:
-    """Utility of the deployed model as its users get it, for every digit domain of the data set.
+    """Utility of the deployed model as its users get it, for every domain of the data set.
 
     Generations come through ``provider`` (so a generate API that withholds outputs
     costs utility here); ``bundle`` is the auditor's handle for the denoising loss on
-    held-out images (members' loss beside it shows the generalisation gap).
+    held-out images (members' loss beside it shows the generalisation gap). On the
+    testbed's digits an MLP classifier reads each generation (conditional accuracy) and
+    its hidden layer is the Frechet distance's feature space; on any other data there is
+    no reader, and the distance is taken in :func:`model_features`' space.
     """
     from .training import denoising_losses
 
     u, r = config.utility, config.report
-    digits = {name: int(name.removeprefix("digit")) for name in dataset.domains if name.removeprefix("digit").isdigit()}
-    if not digits:
-        return {"status": "not-run", "reason": "utility needs digit domains (digit0..digit9): the testbed's evaluator reads digits"}
-    evaluator = digits_evaluator()
+    digits = is_digits_data(dataset)
+    evaluator = digits_evaluator() if digits else None
+    domains = [name for name in sorted(dataset.domains) if _digit(name) is not None] if digits else sorted(dataset.domains)
     per_domain, served_images = {}, []
-    for i, (name, digit) in enumerate(sorted(digits.items())):
+    for i, name in enumerate(domains):
         generated = provider.generate([dataset.domain_caption(name)] * u.samples_per_domain, steps=u.sampler_steps,
                                       guidance_scale=u.guidance_scale, seed=seed + i, batch_size=r.batch_size)  # fmt: skip
         served = len(generated.images)
-        accuracy = conditional_accuracy(evaluator, generated.images, digit) if served else None
+        accuracy = conditional_accuracy(evaluator, generated.images, _digit(name)) if served and evaluator else None
         per_domain[name] = {"conditional_accuracy": accuracy, "served": served, "requested": u.samples_per_domain}
         served_images.append(generated.images)
     generated_all = torch.cat(served_images)
-    real = dataset.images[[i for i, rec in enumerate(dataset.records) if rec.domain in digits]]
-    fd = frechet_distance(evaluator.features(generated_all), evaluator.features(real)) if len(generated_all) >= 2 else None
+    real = dataset.images[[i for i, rec in enumerate(dataset.records) if rec.domain in domains]]
+    features = evaluator.features if evaluator else lambda images: model_features(bundle, images, batch_size=r.batch_size)
+    fd = frechet_distance(features(generated_all), features(real)) if len(generated_all) >= 2 else None
     accuracies = [d["conditional_accuracy"] for d in per_domain.values() if d["conditional_accuracy"] is not None]
 
     def loss(membership: str) -> float | None:
@@ -114,16 +142,22 @@ def model_utility(provider, bundle, dataset, config, *, seed: int) -> dict:
         captions = [rec.text for rec in part.records]
         return float(denoising_losses(bundle, part.images, captions, timesteps=r.loss_timesteps, draws=r.loss_draws, seed=seed).mean())
 
+    if evaluator:
+        reader = f"read by an MLP digits classifier trained on all of load_digits; Frechet distance in its hidden layer against {len(real)} real testbed images"
+    else:
+        space = "the model's VAE encoder (posterior means)" if bundle.vae is not None else "pixel space"
+        reader = (f"unread (no classifier knows this data: conditional accuracy is not measured); Frechet distance in {space}, "
+                  f"average-pooled to at most {FEATURE_GRID}x{FEATURE_GRID} per channel, against {len(real)} real images")  # fmt: skip
     return {
         "status": "ok",
+        "evaluator": "digits" if evaluator else None,
         "conditional_accuracy_mean": float(np.mean(accuracies)) if accuracies else None,
-        "served_share": float(sum(d["served"] for d in per_domain.values()) / (u.samples_per_domain * len(digits))),
+        "served_share": float(sum(d["served"] for d in per_domain.values()) / (u.samples_per_domain * len(domains))),
         "frechet_distance": fd,
         "real_images": len(real),
         "heldout_denoising_loss": loss("nonmember"),
         "member_denoising_loss": loss("member"),
         "domains": per_domain,
-        "method": f"{u.samples_per_domain} generations per domain ({u.sampler_steps} DDIM steps, guidance {u.guidance_scale}) read by "
-                  f"an MLP digits classifier trained on all of load_digits; Frechet distance in its hidden layer against "
-                  f"{len(real)} real testbed images; denoising loss at timesteps {list(r.loss_timesteps)} x {r.loss_draws} draws",
+        "method": f"{u.samples_per_domain} generations per domain ({u.sampler_steps} DDIM steps, guidance {u.guidance_scale}) {reader}; "
+                  f"denoising loss at timesteps {list(r.loss_timesteps)} x {r.loss_draws} draws",
     }  # fmt: skip

@@ -71,12 +71,14 @@ def copy_data(world: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(world / "data", tmp_path / "data"))
 
 
-def audit_config(world: Path, tmp_path: Path, *, model: Path | None = None, data: Path | None = None, domains: tuple = ()) -> str:
+def audit_config(world: Path, tmp_path: Path, *, model: Path | None = None, data: Path | None = None, domains: tuple = (), extra: str = "") -> str:
     """A profile auditing the given model on the given data (by default the world's, which fit)."""
     path = tmp_path / "audit.toml"
     path.write_text(
         f'extends = "{world / "base.toml"}"\n[run]\nmodel = "{model or world / "sd"}"\ndata = "{data or world / "data"}"\n'
         f"[attack]\ndomains = {list(domains)}\nmia = ['loss']\n"
+        + (extra or "[report]\nloss_timesteps = [10, 40]\n")  # the tiny model's schedule has 100 steps
+        + "[mia.loss]\ntimesteps = [10]\n"
     )
     return str(path)
 
@@ -234,6 +236,11 @@ CASES = [
     ("duplicate-row", _data(_duplicate_row), ["listed twice"]),
     ("unknown-domain", _unknown_domain, ["cow", "'cat', 'dog'"]),
     ("model-and-data-mismatch", _small_data, ["3x8x8", "3x16x16"]),
+    (
+        "loss-timesteps-outside-schedule",
+        lambda w, t: ["attack", "--config", audit_config(w, t, extra="[report]\nloss_timesteps = [10, 400]\n")],
+        ["400", "0..99"],
+    ),
     ("not-a-model", _not_a_model, ["model_index.json"]),
     ("model-missing-unet", _model(_no_unet), ["unet"]),
     ("nan-weights", _model(_nan_weights), ["NaN"]),
@@ -278,3 +285,20 @@ def test_a_plugin_that_fails_to_load_is_named(monkeypatch, capsys):
     assert main(["plugins"]) == 2
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and "'brokenmia'" in err and "ModuleNotFoundError" in err and "uninstall" in err
+
+
+@pytest.mark.slow  # a table and its gates on a Stable-Diffusion-shaped model
+def test_a_model_and_data_that_fit_run_and_are_gated(world, tmp_path, monkeypatch, capsys):
+    """The case the refusals guard: the same SD-shaped folder with data at its resolution runs
+    every cell, measures utility without the digits classifier, and its gates are judged."""
+    monkeypatch.chdir(tmp_path)
+    config = audit_config(world, tmp_path)
+    assert main(["matrix", "--config", config, "--defense", "none", "--out", str(tmp_path / "m")]) == 0
+    results = json.loads((tmp_path / "m" / "results.json").read_text())
+    failed = [c for c in results["cells"] if c["status"] == "failed"]
+    assert not failed, failed[:2]
+    [utility] = [c for c in results["cells"] if c["measure"] == "utility"]
+    assert utility["status"] == "ok" and "conditional_accuracy" not in utility["metrics"]
+    assert utility["metrics"]["frechet_distance"] > 0 and utility["metrics"]["heldout_denoising_loss"] > 0
+    out = capsys.readouterr().out
+    assert "pass" in out.lower() or "fail" in out.lower() or "err" in out.lower()

@@ -61,3 +61,30 @@ def test_bad_inputs_are_errors():
         evaluator.predict(torch.zeros(3, 3, 8, 8))
     with pytest.raises(S2LError, match="at least 2 samples"):
         frechet_distance(np.zeros((1, 4)), np.zeros((5, 4)))
+
+
+def test_utility_of_any_data_uses_the_models_own_encoder(tmp_path):
+    """Photos of cats and dogs have no classifier here: utility is the held-out denoising loss and a
+    Frechet distance in the VAE encoder's space, and conditional accuracy is left unmeasured."""
+    from s2l_guard.config import load_config
+    from s2l_guard.data import Record, load_imagefolder, write_imagefolder
+    from s2l_guard.provider import Provider
+    from s2l_guard.testing import tiny_latent_bundle
+    from s2l_guard.utility import model_features, model_utility
+
+    rng = np.random.default_rng(0)
+    records = [
+        Record(f"{d}-{m}-{i}.png", f"a photo of {d}", d, m, int(m == "member"))
+        for d in ("cat", "dog")
+        for m in ("member", "nonmember")
+        for i in range(3)
+    ]
+    dataset = load_imagefolder(write_imagefolder(tmp_path / "data", rng.integers(0, 256, (12, 16, 16, 3), dtype=np.uint8), records))
+    bundle = tiny_latent_bundle()
+    assert model_features(bundle, dataset.images[:5]).shape == (5, 4 * 8 * 8)  # 4 latent channels, 8x8 latents
+    config = load_config("configs/smoke.toml").replace(utility={"samples_per_domain": 3, "sampler_steps": 2}, report={"loss_timesteps": [10, 40]})
+    utility = model_utility(Provider(bundle, "open-weights"), bundle, dataset, config, seed=0)
+    assert utility["status"] == "ok" and utility["evaluator"] is None and utility["conditional_accuracy_mean"] is None
+    assert sorted(utility["domains"]) == ["cat", "dog"] and utility["served_share"] == 1.0 and utility["real_images"] == 12
+    assert np.isfinite(utility["frechet_distance"]) and utility["frechet_distance"] > 0
+    assert utility["heldout_denoising_loss"] > 0 and "VAE encoder" in utility["method"]

@@ -17,7 +17,7 @@ from .settings import shaker_settings
 
 def compatibility_problems(bundle: Bundle, dataset: ImageDataset, domains: list[Domain], config: Config) -> list[str]:
     """Each way ``bundle`` cannot run on ``dataset``'s attacked ``domains`` under ``config``, one line each."""
-    return _image_problems(bundle, dataset) + _prompt_problems(bundle, domains, config)
+    return _image_problems(bundle, dataset) + _prompt_problems(bundle, domains, config) + _timestep_problems(bundle, config)
 
 
 def _image_problems(bundle: Bundle, dataset: ImageDataset) -> list[str]:
@@ -31,6 +31,17 @@ def _image_problems(bundle: Bundle, dataset: ImageDataset) -> list[str]:
     return [
         f"the data's images are {channels}x{height}x{width} (channels x height x width) but the model takes {'x'.join(map(str, want))} ({how}); "
         "resize or convert the data set to the model's shape, or audit a model trained at the data's"
+    ]
+
+
+def _timestep_problems(bundle: Bundle, config: Config) -> list[str]:
+    """The utility's denoising loss is read at [report] loss_timesteps of the model's own schedule."""
+    steps = bundle.scheduler.config.num_train_timesteps
+    outside = [t for t in config.report.loss_timesteps if not 0 <= t < steps]
+    if not outside:
+        return []
+    return [
+        f"[report] loss_timesteps {outside} lie outside this model's timesteps 0..{steps - 1}; scale them to its schedule (the defaults assume 1000)"
     ]
 
 

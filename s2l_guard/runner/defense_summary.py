@@ -96,7 +96,7 @@ def format_defense_summary(all_results: list[dict]) -> str:
         ok = u.get("status") == "ok"
         rows.append([d["name"], d["threat_model"], f"{privacy['epsilon']:.2f}" if privacy else "-",
                      f"{h['primary']} {format_entry(h['pre_auc'])}" if h["pre_auc"] else "-", best, extracted,
-                     str(len(h["refused"])), f"{u['conditional_accuracy_mean']:.3f}" if ok else "-",
+                     str(len(h["refused"])), f"{u['conditional_accuracy_mean']:.3f}" if ok and u["conditional_accuracy_mean"] is not None else "-",
                      f"{u['frechet_distance']:.2f}" if ok and u["frechet_distance"] is not None else "-",
                      f"{u['heldout_denoising_loss']:.4f}" if ok and u["heldout_denoising_loss"] is not None else "-",
                      f"{results['wall_seconds']:.0f}"])  # fmt: skip

@@ -130,11 +130,12 @@ def utility_cell(planned: PlannedCell, utility: dict, threat_model: str) -> Gate
         return replace(blank, status=Status.NOT_RUN, reason=utility.get("reason", "utility was not measured"))
     domains = utility["domains"].values()
     served = sum(d["served"] for d in domains)
-    correct = sum(round(d["conditional_accuracy"] * d["served"]) for d in domains if d["conditional_accuracy"] is not None)
-    accuracy = rate_with_interval(correct, served)
-    metrics = {"conditional_accuracy": {"value": accuracy["rate"], "ci95": accuracy["ci95"], "n": served},
-               "served_share": utility["served_share"], "frechet_distance": utility["frechet_distance"],
+    metrics = {"served_share": utility["served_share"], "frechet_distance": utility["frechet_distance"],
                "heldout_denoising_loss": utility["heldout_denoising_loss"]}  # fmt: skip
+    if utility.get("evaluator", "digits") is not None:  # a classifier read the generations (the testbed's digits)
+        correct = sum(round(d["conditional_accuracy"] * d["served"]) for d in domains if d["conditional_accuracy"] is not None)
+        accuracy = rate_with_interval(correct, served)
+        metrics = {"conditional_accuracy": {"value": accuracy["rate"], "ci95": accuracy["ci95"], "n": served}} | metrics
     return replace(blank, status=Status.OK, metrics=metrics, samples={"generations": served})
 
 
