@@ -10,6 +10,8 @@ keep resumable state (checkpoints) in a work folder under the same key.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -18,7 +20,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from .errors import CacheError
 
@@ -77,11 +79,37 @@ class Store:
         return Artifact(kind, key, path, True) if (path / MANIFEST).is_file() else None
 
     def get_or_build(self, kind: str, spec: Any, build: Callable[[Path, str], None]) -> Artifact:
-        """Return the artifact for ``spec``, building it with ``build(folder, key)`` if absent."""
+        """Return the artifact for ``spec``, building it with ``build(folder, key)`` if absent.
+
+        One process builds a given artifact at a time: another that needs it meanwhile (two runs
+        of one matrix on one store) waits for the build and then reuses it."""
         found = self.find(kind, spec)
         if found:
             return found
         key = content_key(kind, spec)
+        with self._build_lock(kind, key):
+            found = self.find(kind, spec)  # built by the process that held the lock
+            return found or self._build(kind, key, spec, build)
+
+    @contextlib.contextmanager
+    def _build_lock(self, kind: str, key: str) -> Iterator[None]:
+        """An exclusive lock on (kind, key) across processes; the OS drops it if the holder dies."""
+        path = self.root / "locks" / f"{kind}-{key}.lock"
+        path.parent.mkdir(exist_ok=True)
+        with path.open("a") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                from .runtime import log  # imports torch; only a waiting process pays for it here
+
+                log(f"waiting for another process that is building {kind} {key}")
+                fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _build(self, kind: str, key: str, spec: Any, build: Callable[[Path, str], None]) -> Artifact:
         final = self.path(kind, key)
         tmp = self.root / "tmp" / f"{kind}-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         tmp.mkdir(parents=True)

@@ -62,6 +62,39 @@ def pretrain(store: Path, out: Path, config: Path, **popen):
     return subprocess.Popen([sys.executable, "-c", code], cwd=out, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, **popen)
 
 
+BUILD_TWICE = """
+import sys, time
+from pathlib import Path
+from s2l_guard.cache import Store
+
+def build(folder, key):
+    with open(sys.argv[2], "a") as log:
+        log.write("built\\n")
+    time.sleep(1.0)  # long enough for the other process to arrive while this one builds
+    (folder / "x.txt").write_text("content")
+
+art = Store(sys.argv[1]).get_or_build("demo", {"a": 1}, build)
+print(art.path, art.reused)
+"""
+
+
+def test_two_processes_needing_one_artifact_build_it_once(tmp_path):
+    """Two runs on one store: the second waits for the first's build and reuses it."""
+    script = tmp_path / "build.py"
+    script.write_text(BUILD_TWICE)
+    builds = tmp_path / "builds.log"
+    procs = [
+        subprocess.Popen([sys.executable, str(script), str(tmp_path / "store"), str(builds)], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outs = [p.communicate(timeout=60)[0].split("\n") for p in procs]
+    assert [p.returncode for p in procs] == [0, 0]
+    assert builds.read_text() == "built\n"
+    results = sorted(line for out in outs for line in out if line and not line.startswith("[s2l-guard]"))
+    assert len(results) == 2 and results[0].split()[0] == results[1].split()[0]
+    assert sorted(r.split()[1] for r in results) == ["False", "True"]
+    assert any("waiting for another process that is building demo" in line for out in outs for line in out)
+
+
 @pytest.mark.slow  # SIGKILLs a pre-training subprocess (about 40 s)
 def test_killed_pretrain_resumes_to_the_same_result(tmp_path):
     """SIGKILL a pre-training after its first checkpoint; the rerun resumes and matches a clean run.
@@ -109,3 +142,33 @@ def test_killed_pretrain_resumes_to_the_same_result(tmp_path):
     again = pretrain(tmp_path, killed_dir, config)
     out, _ = again.communicate(timeout=300)
     assert "pre-trained bundle reused" in out and "memorization report reused" in out
+
+
+@pytest.mark.slow  # two small smoke tables at once, in subprocesses
+def test_two_runs_of_one_table_on_one_store_agree(tmp_path):
+    """Started together on one store, each build happens once (the other run waits for it): both
+    finish with the same results and every artifact's manifest matches its key."""
+    config = tmp_path / "twice.toml"
+    config.write_text(
+        f'extends = "{Path(__file__).resolve().parents[1] / "configs" / "smoke.toml"}"\n[run]\nstore = "{tmp_path / "store"}"\nworkers = 1\n'
+        "[attack]\ndomains = ['digit7']\nshakers = ['lora']\nood_shakers = []\nood_generated_shakers = []\ngaussian_sigmas = []\nmia = ['loss']\n"
+    )
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    code = f"import sys; from s2l_guard.cli import main; sys.exit(main(['attack', '--config', {str(config)!r}]))"
+    folders = [tmp_path / "a", tmp_path / "b"]
+    for folder in folders:
+        folder.mkdir()
+    procs = [
+        subprocess.Popen([sys.executable, "-c", code], cwd=f, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for f in folders
+    ]
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outs
+    assert any("waiting for another process" in out for out in outs)  # they did meet
+    results = []
+    for folder in folders:
+        [path] = (folder / "runs").rglob("results.json")
+        results.append(json.loads(path.read_text())["table"])  # the pooled rows: statistics only, no timings
+    assert results[0] == results[1]
+    for manifest in (tmp_path / "store").glob(f"*/*/{MANIFEST}"):
+        entry = json.loads(manifest.read_text())
+        assert content_key(entry["kind"], entry["spec"]) == manifest.parent.name
