@@ -155,6 +155,10 @@ def _no_nonmembers(d):
     write_rows(d, [r for r in rows(d) if not (r["domain"] == "dog" and r["membership"] == "nonmember")])
 
 
+def _one_nonmember(d):
+    write_rows(d, [r for r in rows(d) if not (r["domain"] == "cat" and r["membership"] == "nonmember" and not r["file_name"].endswith("0.png"))])
+
+
 def _duplicate_row(d):
     write_rows(d, rows(d) + rows(d)[:1])
 
@@ -234,6 +238,7 @@ CASES = [
     ("decompression-bomb", _data(_bomb), ["cat-member-0.png", "too large"]),
     ("no-nonmembers", _data(_no_nonmembers), ["dog", "non-members"]),
     ("duplicate-row", _data(_duplicate_row), ["listed twice"]),
+    ("one-nonmember", _data(_one_nonmember), ["cat", "1 held-out non-member", "at least 2"]),
     ("unknown-domain", _unknown_domain, ["cow", "'cat', 'dog'"]),
     ("model-and-data-mismatch", _small_data, ["3x8x8", "3x16x16"]),
     (

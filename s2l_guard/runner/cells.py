@@ -37,7 +37,7 @@ from s2l_guard.results import Status, TableCell
 from s2l_guard.runtime import log, resolve_device
 from s2l_guard.utility import model_utility
 
-from .checks import compatibility_problems
+from .checks import compatibility_problems, sample_warnings
 from .plan import DataKind, Row, derive_seed, ood_data, ood_domain, ood_spec, resolve_threat_model
 from .settings import check_plugins, defense_settings, mia_settings, shaker_settings
 from .stages import pretrain_stage, testbed_stage
@@ -73,6 +73,8 @@ class S2LRun:
         problems = compatibility_problems(self.deployed, self.dataset, self.domains, config)
         if problems:  # before the defense's preparation or any cell touches the model
             raise DataError(f"the model at {self.bundle_art.path} does not fit the data at {self.data_art.path}: " + "\n".join(problems))
+        for warning in sample_warnings(self.domains, config):
+            log(f"note: {warning}")
         self.defense.prepare(self.deployed, self.dataset, config)
         self.provider = Provider(self.deployed, self.threat_model, self.defense)
         log(f"defense {self.defense.name}, threat model {self.threat_model}"

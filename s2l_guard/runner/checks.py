@@ -17,7 +17,30 @@ from .settings import shaker_settings
 
 def compatibility_problems(bundle: Bundle, dataset: ImageDataset, domains: list[Domain], config: Config) -> list[str]:
     """Each way ``bundle`` cannot run on ``dataset``'s attacked ``domains`` under ``config``, one line each."""
-    return _image_problems(bundle, dataset) + _prompt_problems(bundle, domains, config) + _timestep_problems(bundle, config)
+    problems = _image_problems(bundle, dataset) + _prompt_problems(bundle, domains, config) + _timestep_problems(bundle, config)
+    return problems + _sample_problems(domains)
+
+
+def _sample_problems(domains: list[Domain]) -> list[str]:
+    """Thresholds are fitted on one part of each class and judged on the other: two of each at least."""
+    return [
+        f"domain {d.name} has {len(d.members)} member(s) and {len(d.nonmembers)} held-out non-member(s); the calibrated "
+        "threshold needs at least 2 of each (one part to fit it, one to test it): add images to the data set"
+        for d in domains
+        if min(len(d.members), len(d.nonmembers)) < 2
+    ]
+
+
+def sample_warnings(domains: list[Domain], config: Config) -> list[str]:
+    """Statistics the data is too small to resolve: reported as such, worth knowing before the run."""
+    pooled = sum(len(d.nonmembers) for d in domains)
+    test = pooled - min(max(round(config.attack.calibration_share * pooled), 1), pooled - 1)
+    if test >= 100:
+        return []
+    return [
+        f"{pooled} held-out non-members over the attacked domains leave about {test} for testing, under the 100 that TPR at "
+        "1% FPR needs: it will be reported as unresolvable (and its gates skipped); add non-members to resolve it"
+    ]
 
 
 def _image_problems(bundle: Bundle, dataset: ImageDataset) -> list[str]:
