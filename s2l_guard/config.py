@@ -220,6 +220,15 @@ class UtilityConfig:
     samples_per_domain: int = _opt(100, ge=1)
     sampler_steps: int = _opt(50, ge=1)
     guidance_scale: float = _opt(3.0, ge=1.0)
+    # A local transformers vision model folder (e.g. a CLIP vision tower saved with its image
+    # processor) whose pooled output is the Frechet distance's feature space, as Inception is FID's;
+    # "": the digits classifier on the testbed, the model's own VAE encoder (or pixels) otherwise.
+    feature_model: str = ""
+
+
+# Keys added after runs were published: left out of run hashes and artifact keys while they hold
+# their default, so those runs' folders and cached artifacts stay valid.
+UNHASHED_DEFAULTS = {("utility", "feature_model"): ""}
 
 
 @dataclass(frozen=True)
@@ -313,9 +322,13 @@ class Config:
         return json.loads(json.dumps(data))
 
     def measured_dict(self) -> dict[str, Any]:
-        """``to_dict`` less what decides how fast, not what, a run measures: run folders are hashed on it."""
+        """``to_dict`` less what decides how fast, not what, a run measures ([run] workers) and the keys of
+        :data:`UNHASHED_DEFAULTS` at their default: run folders and some artifact keys are hashed on it."""
         data = self.to_dict()
         data["run"].pop("workers")
+        for (section, key), default in UNHASHED_DEFAULTS.items():
+            if data[section][key] == default:
+                data[section].pop(key)
         return data
 
     def section(self, name: str) -> dict[str, Any]:

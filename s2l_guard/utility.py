@@ -13,6 +13,8 @@ from __future__ import annotations
 import functools
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -131,7 +133,13 @@ def model_utility(provider, bundle, dataset, config, *, seed: int) -> dict:
         served_images.append(generated.images)
     generated_all = torch.cat(served_images)
     real = dataset.images[[i for i, rec in enumerate(dataset.records) if rec.domain in domains]]
-    features = evaluator.features if evaluator else lambda images: model_features(bundle, images, batch_size=r.batch_size)
+    given = load_feature_model(u.feature_model) if u.feature_model else None
+    if given:
+        features = given.features
+    elif evaluator:
+        features = evaluator.features
+    else:
+        features = lambda images: model_features(bundle, images, batch_size=r.batch_size)  # noqa: E731
     fd = frechet_distance(features(generated_all), features(real)) if len(generated_all) >= 2 else None
     accuracies = [d["conditional_accuracy"] for d in per_domain.values() if d["conditional_accuracy"] is not None]
 
@@ -142,7 +150,10 @@ def model_utility(provider, bundle, dataset, config, *, seed: int) -> dict:
         captions = [rec.text for rec in part.records]
         return float(denoising_losses(bundle, part.images, captions, timesteps=r.loss_timesteps, draws=r.loss_draws, seed=seed).mean())
 
-    if evaluator:
+    if given:
+        read = "read by an MLP digits classifier trained on all of load_digits" if evaluator else "unread (conditional accuracy is not measured)"
+        reader = f"{read}; Frechet distance in the pooled output of the local model {given.path} against {len(real)} real images"
+    elif evaluator:
         reader = f"read by an MLP digits classifier trained on all of load_digits; Frechet distance in its hidden layer against {len(real)} real testbed images"
     else:
         space = "the model's VAE encoder (posterior means)" if bundle.vae is not None else "pixel space"
@@ -161,3 +172,45 @@ def model_utility(provider, bundle, dataset, config, *, seed: int) -> dict:
         "method": f"{u.samples_per_domain} generations per domain ({u.sampler_steps} DDIM steps, guidance {u.guidance_scale}) {reader}; "
                   f"denoising loss at timesteps {list(r.loss_timesteps)} x {r.loss_draws} draws",
     }  # fmt: skip
+
+
+@dataclass(frozen=True)
+class FeatureModel:
+    """A local vision model (transformers) as the Frechet distance's feature space: its image
+    processor prepares the images, its pooled output (or mean hidden state) is the feature."""
+
+    model: Any
+    processor: Any
+    path: str
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor, *, batch_size: int = 64) -> np.ndarray:
+        out = []
+        for chunk in images.split(batch_size):
+            rgb = chunk.expand(-1, 3, -1, -1) if chunk.shape[1] == 1 else chunk  # grey images as RGB
+            pixels = (rgb.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+            inputs = self.processor(images=list(pixels), return_tensors="pt")
+            output = self.model(pixel_values=inputs["pixel_values"])
+            pooled = getattr(output, "pooler_output", None)
+            out.append((pooled if pooled is not None else output.last_hidden_state.mean(1)).float().numpy())
+        return np.concatenate(out).astype(np.float64)
+
+
+@functools.lru_cache(maxsize=2)
+def load_feature_model(path: str) -> FeatureModel:
+    """[utility] feature_model: a folder saved by transformers (``save_pretrained`` of the model and
+    its image processor), read from disk only, safetensors weights only."""
+    from transformers import AutoImageProcessor, AutoModel
+
+    folder = Path(path)
+    if not (folder / "config.json").is_file() or not (folder / "preprocessor_config.json").is_file():
+        raise S2LError(f"[utility] feature_model = {path!r} needs config.json and preprocessor_config.json; "
+                       "save the model and its image processor there with save_pretrained")  # fmt: skip
+    try:
+        model = AutoModel.from_pretrained(folder, local_files_only=True, use_safetensors=True).eval()
+        processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise S2LError(
+            f"[utility] feature_model = {path!r} could not be loaded ({exc}); give a transformers vision model folder with safetensors weights"
+        ) from None
+    return FeatureModel(model, processor, str(folder))

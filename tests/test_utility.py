@@ -88,3 +88,23 @@ def test_utility_of_any_data_uses_the_models_own_encoder(tmp_path):
     assert sorted(utility["domains"]) == ["cat", "dog"] and utility["served_share"] == 1.0 and utility["real_images"] == 12
     assert np.isfinite(utility["frechet_distance"]) and utility["frechet_distance"] > 0
     assert utility["heldout_denoising_loss"] > 0 and "VAE encoder" in utility["method"]
+
+
+def test_a_local_vision_model_can_be_the_feature_space(tmp_path):
+    """[utility] feature_model: a transformers folder (a tiny CLIP vision tower built here) replaces
+    the default feature space, as Inception is FID's; a folder without its image processor is refused."""
+    from transformers import CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
+
+    from s2l_guard.utility import load_feature_model
+
+    torch.manual_seed(0)
+    config = CLIPVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=16, patch_size=8)
+    CLIPVisionModel(config).save_pretrained(tmp_path / "clip")
+    with pytest.raises(S2LError, match="preprocessor_config.json"):
+        load_feature_model(str(tmp_path / "clip"))
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(tmp_path / "clip")
+    model = load_feature_model(str(tmp_path / "clip"))
+    sevens, ones = digits_of(7)[:40], digits_of(1)[:40]
+    a, b = model.features(sevens), model.features(ones)
+    assert a.shape == (40, 16) and np.isfinite(a).all()
+    assert frechet_distance(a[:20], a[20:]) < frechet_distance(a, b)  # a random tower still tells 7s from 1s

@@ -26,7 +26,7 @@ from attacks.base import MIA, SHAKERS, FinetuneData
 from attacks.s2l import Domain, extraction_at, measure, split_domains
 from attacks.sp_set import generate_sp_set
 from defenses.base import DEFENSES
-from s2l_guard.cache import Artifact, Store, content_key
+from s2l_guard.cache import Artifact, Store, content_key, folder_key
 from s2l_guard.config import Config
 from s2l_guard.data import load_imagefolder
 from s2l_guard.errors import ConfigError, DataError
@@ -186,9 +186,14 @@ class S2LRun:
         return TableCell.from_dict(cell | {"cached": artifact.reused})
 
     def _utility_spec(self) -> dict:
-        return {"format": 1, "bundle": self.bundle_art.key, "data": self.data_art.key, "utility": self.config.section("utility"),
+        return {"format": 1, "bundle": self.bundle_art.key, "data": self.data_art.key, "utility": self.config.measured_dict()["utility"],
                 "loss": [self.config.report.loss_timesteps, self.config.report.loss_draws], "seed": self.config.run.seed,
-                "provider": self.api_spec()}  # fmt: skip
+                "provider": self.api_spec()} | self._utility_key_parts()  # fmt: skip
+
+    def _utility_key_parts(self) -> dict:
+        """A feature model is keyed by its files, not its path."""
+        path = self.config.utility.feature_model
+        return {"feature_model": folder_key(Path(path))} if path and Path(path).is_dir() else {}
 
     def utility_is_cached(self) -> bool:
         return self.store.find("utility", self._utility_spec()) is not None
