@@ -5,12 +5,15 @@ from __future__ import annotations
 
 import hashlib
 import json
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
@@ -307,3 +310,61 @@ def test_a_model_and_data_that_fit_run_and_are_gated(world, tmp_path, monkeypatc
     assert utility["metrics"]["frechet_distance"] > 0 and utility["metrics"]["heldout_denoising_loss"] > 0
     out = capsys.readouterr().out
     assert "pass" in out.lower() or "fail" in out.lower() or "err" in out.lower()
+
+
+# ---------------------------------------------------------------- fuzzing the config loader
+
+SECTIONS = ["run", "testbed", "model", "pretrain", "report", "attack", "ablation", "sp_set", "extraction", "defense", "adaptive",
+            "utility", "matrix", "gates", "shakers.lora", "mia.secmi", "defenses.dp_sgd", "nosuch"]  # fmt: skip
+KEYS = ["seed", "steps", "workers", "domains", "mia", "shakers", "delta", "rank", "name", "learning_rate", "caption", "mode",
+        "private_domains", "checks", "extends", "batch_size", "bogus"]  # fmt: skip
+
+
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, str):
+        return json.dumps(value)  # a TOML basic string is a JSON string
+    if isinstance(value, list):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    return repr(value)
+
+
+scalars = st.one_of(st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=False, allow_infinity=False, width=32),
+                    st.text(max_size=12))  # fmt: skip
+values = st.one_of(scalars, st.lists(st.one_of(st.integers(-20, 20), st.text(max_size=6)), max_size=4))
+tables = st.dictionaries(st.sampled_from(SECTIONS), st.dictionaries(st.sampled_from(KEYS), values, max_size=4), max_size=4)
+
+
+@settings(max_examples=100, deadline=None)
+@given(tables, st.booleans())
+def test_any_toml_loads_or_is_a_config_error(sections, from_smoke):
+    """Whatever a profile holds, the loader returns a Config or raises ConfigError: never another exception."""
+    from s2l_guard.config import Config, load_config
+    from s2l_guard.errors import ConfigError
+
+    text = (f'extends = "{SMOKE}"\n' if from_smoke else "") + "".join(
+        f"[{name}]\n" + "".join(f"{key} = {toml_value(v)}\n" for key, v in table.items()) for name, table in sections.items()
+    )
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fuzz.toml"
+        path.write_text(text)
+        try:
+            assert isinstance(load_config(path), Config)
+        except ConfigError:
+            pass
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_loads_or_is_a_config_error(text):
+    from s2l_guard.config import load_config
+    from s2l_guard.errors import ConfigError
+
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "fuzz.toml"
+        path.write_text(text, encoding="utf-8")
+        try:
+            load_config(path)
+        except ConfigError:
+            pass
