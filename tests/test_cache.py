@@ -63,16 +63,22 @@ def pretrain(store: Path, out: Path, config: Path, **popen):
 
 
 BUILD_TWICE = """
-import sys, time
+import os, sys, time
 from pathlib import Path
 from s2l_guard.cache import Store
+
+arrivals = Path(sys.argv[2]).parent
 
 def build(folder, key):
     with open(sys.argv[2], "a") as log:
         log.write("built\\n")
-    time.sleep(1.0)  # long enough for the other process to arrive while this one builds
+    deadline = time.time() + 60  # hold the build until the other process has come for it too
+    while len(list(arrivals.glob("arrived-*"))) < 2 and time.time() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)  # it asks the store right after arriving
     (folder / "x.txt").write_text("content")
 
+(arrivals / f"arrived-{os.getpid()}").touch()
 art = Store(sys.argv[1]).get_or_build("demo", {"a": 1}, build)
 print(art.path, art.reused)
 """
