@@ -364,6 +364,11 @@ def metrics_to_dict(result):
     return result
 
 
+def calibration_count(n: int, calibration_share: float) -> int:
+    """How many of ``n`` samples of a class go to calibration: the share rounded, never leaving a part empty."""
+    return min(max(int(round(calibration_share * n)), 1), n - 1)
+
+
 def calibration_split(n_members: int, n_nonmembers: int, *, calibration_share: float = 0.5, seed: int = 0) -> dict[str, np.ndarray]:
     """Seeded split of members and of non-members into calibration and test indices.
 
@@ -391,8 +396,7 @@ def calibration_split(n_members: int, n_nonmembers: int, *, calibration_share: f
     for name, n in (("members", n_members), ("nonmembers", n_nonmembers)):
         if n < 2:
             raise InputError(f"{n} {name} cannot be split into a calibration and a test part; score at least 2")
-        # Round to the nearest count, but never leave a part empty.
-        k = min(max(int(round(calibration_share * n)), 1), n - 1)
+        k = calibration_count(n, calibration_share)
         perm = rng.permutation(n)
         out[f"calibration_{name}"], out[f"test_{name}"] = np.sort(perm[:k]), np.sort(perm[k:])
     return out

@@ -9,6 +9,7 @@ are recomputed from them.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import multiprocessing
 import os
@@ -188,10 +189,11 @@ class S2LRun:
     def _utility_spec(self) -> dict:
         return {"format": 1, "bundle": self.bundle_art.key, "data": self.data_art.key, "utility": self.config.measured_dict()["utility"],
                 "loss": [self.config.report.loss_timesteps, self.config.report.loss_draws], "seed": self.config.run.seed,
-                "provider": self.api_spec()} | self._utility_key_parts()  # fmt: skip
+                "provider": self.api_spec()} | self._utility_key_parts  # fmt: skip
 
+    @functools.cached_property
     def _utility_key_parts(self) -> dict:
-        """A feature model is keyed by its files, not its path."""
+        """A feature model is keyed by its files, not its path (hashed once per run: it may be large)."""
         path = self.config.utility.feature_model
         return {"feature_model": folder_key(Path(path))} if path and Path(path).is_dir() else {}
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from attacks.s2l import Domain
 from s2l_guard.config import Config
 from s2l_guard.data import ImageDataset
+from s2l_guard.metrics import calibration_count
 from s2l_guard.model import Bundle
 
 from .settings import shaker_settings
@@ -34,7 +35,7 @@ def _sample_problems(domains: list[Domain]) -> list[str]:
 def sample_warnings(domains: list[Domain], config: Config) -> list[str]:
     """Statistics the data is too small to resolve: reported as such, worth knowing before the run."""
     pooled = sum(len(d.nonmembers) for d in domains)
-    test = pooled - min(max(round(config.attack.calibration_share * pooled), 1), pooled - 1)
+    test = pooled - calibration_count(pooled, config.attack.calibration_share)
     if test >= 100:
         return []
     return [
@@ -73,7 +74,7 @@ def _prompt_problems(bundle: Bundle, domains: list[Domain], config: Config) -> l
     one prompt); Textual Inversion's learned vectors lengthen a prompt by ``num_vectors - 1``."""
     tokenizer, problems = bundle.tokenizer, []
     limit = tokenizer.model_max_length
-    learned = {name: shaker_settings(config, name).num_vectors for name in config.attack.shakers if "textual_inversion" in name}
+    learned = {name: shaker_settings(config, name) for name in config.attack.shakers if "textual_inversion" in name}
     for domain in domains:
         length = len(tokenizer(domain.prompt).input_ids)
         if length > limit:
@@ -81,8 +82,9 @@ def _prompt_problems(bundle: Bundle, domains: list[Domain], config: Config) -> l
                 f"domain {domain.name}'s prompt {domain.prompt!r} is {length} tokens but the model's tokenizer holds {limit}; shorten its captions"
             )
             continue
-        for name, vectors in learned.items():
-            word = shaker_settings(config, name).initializer_token or domain.prompt.split()[-1]
+        for name, settings in learned.items():
+            vectors = settings.num_vectors
+            word = settings.initializer_token or domain.prompt.split()[-1]
             with_vectors = length - len(tokenizer(word, add_special_tokens=False).input_ids) + vectors
             if with_vectors > limit:
                 problems.append(

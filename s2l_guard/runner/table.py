@@ -10,6 +10,7 @@ from typing import Callable
 from s2l_guard import __version__
 from s2l_guard.config import Config
 from s2l_guard.formatting import format_interval, short_count
+from s2l_guard.results import TableCell
 
 from .cells import S2LRun, run_cells
 from .defense_summary import defense_lines
@@ -21,7 +22,7 @@ from .summaries import controls_for, empirical_epsilon, gaussian_means, pooled, 
 SCHEMA = "s2l-guard/attack-results/1"
 
 
-def run_attack(config: Config, progress: Callable[[dict], None] | None = None) -> dict:
+def run_attack(config: Config, progress: Callable[[TableCell], None] | None = None) -> dict:
     """Run the S2L table for every attacked domain; return results.json's content.
 
     ``progress`` is called with each finished (domain, row) cell instead of logging it.
