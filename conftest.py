@@ -17,3 +17,7 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
 if _workers > 1 and "OMP_NUM_THREADS" not in os.environ:
     os.environ["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // _workers))
+
+# The test tiers size their threads above, so their CLI subprocesses skip the machine-wide core
+# lease (s2l_guard/cores.py); tests/test_cores.py turns it on where it is the thing tested.
+os.environ.setdefault("S2L_GUARD_CORE_LEASE", "0")

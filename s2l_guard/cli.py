@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 from pathlib import Path
@@ -11,6 +12,7 @@ from . import __version__
 from .errors import S2LError
 
 PROFILES = Path(__file__).resolve().parents[1] / "configs"
+_LEASE = contextlib.ExitStack()  # the cores a computing command holds until main() returns
 
 
 def config_path(value: str) -> Path:
@@ -79,13 +81,19 @@ def _cmd_testbed_build(args) -> int:
 
 
 def _run_config(args):
-    """The config a run command works on (``--device`` applied), printed first as every output is."""
+    """The config a run command works on (``--device`` applied), printed first as every output is;
+    once it has loaded, the command leases the cores its threads will use (s2l_guard/cores.py)."""
+    import torch
+
+    from .cores import core_lease
+
     config = _load(args.config)
     if args.device:
         config = config.replace(run={"device": args.device})
     if getattr(args, "workers", None) is not None:
         config = config.replace(run={"workers": args.workers})
     print(config.to_toml())
+    _LEASE.enter_context(core_lease(torch.get_num_threads()))
     return config
 
 
@@ -131,8 +139,9 @@ def apply_model_options(config, model: str | None, data: str | None):
 
 
 def _cmd_matrix(args) -> int:
-    from .gates import evaluate
+    from .gates import count_text, evaluate, flip_table
     from .report import write_report
+    from .results import cells_by_key
     from .runner.matrix import matrix_folder, run_matrix, write_matrix
     from .runner.plan import plan
     from .runner.stages import run_folder
@@ -147,8 +156,10 @@ def _cmd_matrix(args) -> int:
     write_matrix(results, folder)
     files = write_report(folder, ablation_dirs=[run_folder(config)])
     verdicts = evaluate(results, config.gates, plan(config))
-    counts = {o: sum(v.outcome == o for v in verdicts) for o in ("pass", "fail", "error", "skip")}
-    print(f"gates: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error (control does not leak), {counts['skip']} skipped")
+    print(f"gates: {count_text(verdicts)} (error: the positive control does not leak; skip: the cell did not run)")
+    if len(results["seeds"]) > 1:
+        rows = flip_table(plan(config), cells_by_key(results), config.gates)
+        print(f"verdicts flipping across {len(results['seeds'])} seeds: " + "; ".join(f"{c} {f}/{n} ({r})" for c, n, f, r in rows))
     log(f"matrix in {folder}/ ({', '.join(f.name for f in files)}, results.json); took {results['wall_seconds']:.1f} s")
     log(f"gate a release on it: pytest suites/ --s2l-config {config.source} --s2l-reuse --s2l-run-dir {folder}")
     return 0
@@ -256,6 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("s2l-guard: interrupted; finished artifacts are kept, rerun to resume", file=sys.stderr)
         return 130
+    finally:
+        _LEASE.close()
 
 
 if __name__ == "__main__":
