@@ -14,12 +14,15 @@ positive control, pooled over domains, chosen by ``[gates] mode``:
 Baseline gates judge the model as released (the pre-trained row); their control is the
 oracle row (of the undefended model under ``compare``). When the control does not leak,
 the gate cannot tell a safe model from an insensitive test: the verdict is an error,
-never a pass. The gate suite (``pytest suites/``) and the reports share these functions.
+never a pass. Under several seeds ([matrix] seeds) a gate that passes under one seed but not
+under another is ``unstable``: its passes do not stand (a release cannot rest on the seed it
+happened to draw). The gate suite (``pytest suites/``) and the reports share these functions.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, replace
 
 from .results import POOLED, GateCell, Status, cells_by_key
 from .runner.plan import PlannedCell
@@ -34,7 +37,8 @@ THRESHOLDS = {"auc_amplification": "max_auc_amplification", "tpr_at_1pct_fpr": "
 
 @dataclass(frozen=True)
 class Verdict:
-    """A gate's outcome: pass, fail, skip (the cell did not run) or error (the control does not leak)."""
+    """A gate's outcome: pass, fail, skip (the cell did not run), error (the control does not leak)
+    or unstable (it passes under this seed but not under another of the matrix's seeds)."""
 
     check: str
     cell_id: str
@@ -190,8 +194,29 @@ def control_problem(check: str, cell: PlannedCell, cells: dict[tuple, GateCell],
 
 
 def judge(check: str, planned: PlannedCell, cells: dict[tuple, GateCell], gates) -> Verdict:
-    """The gate on one cell, its positive control included: a measured cell (ok or refused) whose
-    control does not leak is an error; a cell that failed or did not run is judged as such."""
+    """The gate on one cell, as :func:`judge_seed`; a pass is ``unstable`` when the same gate
+    under another seed of the matrix does not pass."""
+    v = judge_seed(check, planned, cells, gates)
+    if v.outcome != "pass" or not planned.many_seeds:
+        return v
+    others = {seed: judge_seed(check, replace(planned, seed=seed), cells, gates).outcome for seed in seeds_of(planned, cells)}
+    overturned = {seed: outcome for seed, outcome in others.items() if outcome != "pass"}
+    if not overturned:
+        return v
+    under = "; ".join(f"{outcome} under seed {seed}" for seed, outcome in sorted(overturned.items()))
+    return replace(v, outcome="unstable", message=f"UNSTABLE across seeds ({under}), so this pass does not stand: {v.message}")
+
+
+def seeds_of(planned: PlannedCell, cells: dict[tuple, GateCell]) -> list[int]:
+    """The seeds the matrix measured ``planned``'s cell under."""
+    where = (planned.defense, planned.attack, planned.measure, planned.domain)
+    return sorted(key[4] for key in cells if key[:4] == where)
+
+
+def judge_seed(check: str, planned: PlannedCell, cells: dict[tuple, GateCell], gates) -> Verdict:
+    """The gate on one cell under its own seed, its positive control included: a measured cell
+    (ok or refused) whose control does not leak is an error; a cell that failed or did not run is
+    judged as such."""
     cell = cells.get((planned.defense, planned.attack, planned.measure, planned.domain, planned.seed))
     v = verdict(check, cell, gates)
     if cell is None or not cell.measured:
@@ -206,8 +231,32 @@ def evaluate(results: dict, gates, planned: list[PlannedCell]) -> list[Verdict]:
     return [judge(check, p, cells, gates) for check in gates.checks for p in gate_plan(planned, gates, check)]
 
 
-RANK = {"fail": 3, "error": 2, "pass": 1, "skip": 0}  # the worst verdict stands for a tile of several gates
-LABEL = {"pass": "PASS", "fail": "FAIL", "error": "ERR", "skip": "skip"}
+RANK = {"fail": 4, "unstable": 3, "error": 2, "pass": 1, "skip": 0}  # the worst verdict stands for a tile of several gates
+LABEL = {"pass": "PASS", "fail": "FAIL", "unstable": "UNST", "error": "ERR", "skip": "skip"}
+
+
+def count_text(verdicts: list[Verdict]) -> str:
+    """``"3 pass, 1 fail, 2 error, 0 skip"``, and the unstable passes when there are any."""
+    counts = {o: sum(v.outcome == o for v in verdicts) for o in RANK}
+    text = f"{counts['pass']} pass, {counts['fail']} fail, {counts['error']} error, {counts['skip']} skip"
+    return text + (f", {counts['unstable']} unstable (passes another seed overturns)" if counts["unstable"] else "")
+
+
+def flip_table(planned: list[PlannedCell], cells: dict[tuple, GateCell], gates) -> list[list[str]]:
+    """How often each check's verdict flips across the matrix's seeds: [check, gates, flipping,
+    share] rows and a total; a gate flips when its outcomes (each seed's own, as judge_seed gives
+    them) are not all the same."""
+    outcomes: dict[tuple, set[str]] = defaultdict(set)
+    for check in gates.checks:
+        for cell in gate_plan(planned, gates, check):
+            outcomes[check, cell.defense, cell.attack, cell.measure, cell.domain].add(judge_seed(check, cell, cells, gates).outcome)
+    rows = []
+    for check in [*gates.checks, "all"]:
+        mine = [o for key, o in outcomes.items() if check in ("all", key[0])]
+        flips = sum(len(o) > 1 for o in mine)
+        if mine:
+            rows.append([check, str(len(mine)), str(flips), f"{flips / len(mine):.1%}"])
+    return rows
 
 
 def summary_lines(judged: list[tuple[PlannedCell, Verdict]], mode: str) -> list[str]:
@@ -223,7 +272,6 @@ def summary_lines(judged: list[tuple[PlannedCell, Verdict]], mode: str) -> list[
     table = [["defense", *columns]] + [[d, *(LABEL[tiles[d, a]] if (d, a) in tiles else "-" for a in columns)] for d in rows]
     widths = [max(len(r[i]) for r in table) for i in range(len(columns) + 1)]
     lines = ["  ".join(text.ljust(w) for text, w in zip(r, widths)).rstrip() for r in table]
-    counts = {o: sum(v.outcome == o for _, v in judged) for o in RANK}
-    lines.append(f"mode {mode}: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error, {counts['skip']} skip "
-                 f"({len(judged)} gates; a tile shows its worst verdict: FAIL > ERR > PASS > skip)")  # fmt: skip
+    lines.append(f"mode {mode}: {count_text([v for _, v in judged])} ({len(judged)} gates; "
+                 f"a tile shows its worst verdict: FAIL > UNST > ERR > PASS > skip)")  # fmt: skip
     return lines

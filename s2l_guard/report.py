@@ -27,13 +27,13 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from .config import Config  # noqa: E402
 from .formatting import format_interval  # noqa: E402
-from .gates import LABEL, RANK, THRESHOLDS, Verdict, evaluate  # noqa: E402
-from .results import POOLED, GateCell, Status, gate_cells  # noqa: E402
+from .gates import LABEL, RANK, THRESHOLDS, Verdict, count_text, evaluate, flip_table  # noqa: E402
+from .results import POOLED, GateCell, Status, cells_by_key, gate_cells  # noqa: E402
 from .runner.plan import plan  # noqa: E402
 
 STATUS_TEXT = {"not-run": "not run", "refused": "refused", "failed": "failed", "absent": "n/a"}
-EDGE = {"fail": "#c00000", "error": "#e08000"}  # a thick tile border makes these stand out
-UTILITY_FILL = {"pass": "#d8f0d8", "fail": "#f6d0d0", "error": "#fbe3c0", "skip": "#e6e6e6"}
+EDGE = {"fail": "#c00000", "unstable": "#8000c0", "error": "#e08000"}  # a thick tile border makes these stand out
+UTILITY_FILL = {"pass": "#d8f0d8", "fail": "#f6d0d0", "unstable": "#e6d0f6", "error": "#fbe3c0", "skip": "#e6e6e6"}
 
 
 def config_of(results: dict) -> Config:
@@ -375,12 +375,23 @@ def not_run_lines(cells: list[GateCell]) -> list[str]:
     return [f"{status} ({len(cs)} cells; defenses {distinct(c.defense for c in cs)}): {reason}" for (status, reason), cs in reasons.items()]
 
 
+def stability_blocks(results: dict, config: Config) -> list[tuple]:
+    """Under several seeds: how often each check's verdict flips between them."""
+    if len(results["seeds"]) < 2:
+        return []
+    rows = flip_table(plan(config, results["defenses"]), cells_by_key(results), config.gates)
+    return [
+        ("h", 3, f"Stability across {len(results['seeds'])} seeds"),
+        ("p", "A gate flips when its verdicts under the seeds differ; its passes are then reported as unstable (UNST), not passed."),
+        ("table", ["check", "gates", "flipping", "flip rate"], rows),
+    ]
+
+
 def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Matrix, rocs: list[Path], ablations) -> list[tuple]:
     """The report as blocks, rendered to Markdown and to HTML alike:
     ("h", level, text), ("p", text), ("ul", items), ("table", header, rows), ("img", alt, file name)."""
     g = config.gates
     cells = gate_cells(results)
-    counts = {o: sum(v.outcome == o for v in verdicts) for o in ("pass", "fail", "error", "skip")}
     thresholds = [[check, key, f"{getattr(g, key):g}", "yes" if check in g.checks else "no"] for check, key in THRESHOLDS.items()]
     blocks = [
         ("h", 1, f"S2L matrix report: {config.name}"),
@@ -405,16 +416,14 @@ def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Mat
             f"{g.control_min_amplification:g}, else it is an error.",
         ),  # fmt: skip
         ("table", ["check", "threshold", "value", "enabled"], thresholds),
-        (
-            "p",
-            f"Verdicts: {counts['pass']} pass, {counts['fail']} fail, {counts['error']} error, {counts['skip']} skip ({len(verdicts)} gates).",
-        ),  # fmt: skip
+        ("p", f"Verdicts: {count_text(verdicts)} ({len(verdicts)} gates)."),
+        *stability_blocks(results, config),
         ("h", 2, "Matrix"),
         (
             "p",
             "Each entry: amplification delta (after shaking minus before; AUC for MIAs, distinct members extracted for extraction) "
             "of the cell pooled over domains, its 95% interval, and the gate verdict (the pooled cell's, else the worst "
-            "over its domains: FAIL > ERR > PASS > skip).",
+            "over its domains: FAIL > UNST > ERR > PASS > skip; UNST: passes under one seed, not under another).",
         ),  # fmt: skip
         ("img", "matrix", "matrix.png"),
         (
@@ -441,6 +450,11 @@ def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Mat
         ),  # fmt: skip
         ("h", 2, "Failed gates"),
         ("ul", failure_lines([v for v in verdicts if v.outcome == "fail"]) or ["none"]),
+        *(
+            [("h", 2, "Unstable gates"), ("ul", failure_lines([v for v in verdicts if v.outcome == "unstable"]))]
+            if any(v.outcome == "unstable" for v in verdicts)
+            else []
+        ),
         ("h", 2, "Errored gates"),
         ("ul", error_lines([v for v in verdicts if v.outcome == "error"]) or ["none"]),
         ("h", 2, "Cells that did not run"),
@@ -496,12 +510,12 @@ body { font-family: system-ui, sans-serif; font-size: 14px; margin: 2em; max-wid
 table { border-collapse: collapse; margin: 1em 0; font-size: 12px; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; }
-td.pass { background: #d8f0d8; } td.fail { background: #f6c6c6; } td.error { background: #fbe3c0; } td.skip { background: #eee; }
+td.pass { background: #d8f0d8; } td.fail { background: #f6c6c6; } td.unstable { background: #e6d0f6; } td.error { background: #fbe3c0; } td.skip { background: #eee; }
 .wide { overflow-x: auto; }
 img { border: 1px solid #eee; margin: 0.5em 0; }  /* natural size: a wide matrix scrolls rather than shrinks */
 code { background: #f4f4f4; padding: 0 3px; }
 """
-VERDICT_CLASS = {"PASS": "pass", "FAIL": "fail", "ERR": "error", "skip": "skip", "not run": "skip"}
+VERDICT_CLASS = {"PASS": "pass", "FAIL": "fail", "UNST": "unstable", "ERR": "error", "skip": "skip", "not run": "skip"}
 
 
 def inline(text: str) -> str:
@@ -510,7 +524,7 @@ def inline(text: str) -> str:
 
 
 def td(text: str) -> str:
-    found = re.search(r"\b(PASS|FAIL|ERR|skip)\b|not run", str(text))
+    found = re.search(r"\b(PASS|FAIL|UNST|ERR|skip)\b|not run", str(text))
     css = f' class="{VERDICT_CLASS[found.group(0)]}"' if found else ""
     return f"<td{css}>{inline(text)}</td>"
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 from hypothesis import given
@@ -10,7 +11,7 @@ from hypothesis import strategies as st
 
 from s2l_guard.config import GatesConfig, load_config
 from s2l_guard.errors import ConfigError
-from s2l_guard.gates import control_problem, gate_plan, judge, verdict
+from s2l_guard.gates import control_problem, count_text, flip_table, gate_plan, judge, verdict
 from s2l_guard.results import Amplification, GateCell, Status, TableCell, cells_by_key
 from s2l_guard.runner.matrix import failed_cells, utility_cell
 from s2l_guard.runner.plan import POOLED, PlannedCell, plan
@@ -104,6 +105,32 @@ def test_positive_control_must_leak_on_the_undefended_model():
     assert judge("auc_amplification", gated, cells, gates).outcome == "error"
     cells[key(flat)] = leaking
     assert judge("auc_amplification", gated, cells, gates).outcome == "pass"
+
+
+def two_seed_cells(deltas: dict[int, float]) -> dict:
+    """The dp_sgd lora/secmi pooled cell under each seed (amplification ``delta`` +-0.02) and a
+    leaking undefended control under each."""
+    cells = {}
+    for seed, delta in deltas.items():
+        gated = mia_cell(delta, (delta - 0.02, delta + 0.02), id=f"dp_sgd-lora-secmi-all-seed{seed}", defense="dp_sgd", seed=seed)
+        control = mia_cell(0.08, (0.03, 0.13), id=f"none-lora-secmi-all-seed{seed}", defense="none", seed=seed)
+        cells |= {gated.key: gated, control.key: control}
+    return cells
+
+
+def test_a_pass_another_seed_overturns_is_unstable_and_counted_as_a_flip():
+    gates = GatesConfig(max_auc_amplification=0.05, checks=("auc_amplification",))
+    planned = [PlannedCell("dp_sgd", "lora", "secmi", POOLED, seed, many_seeds=True) for seed in (0, 1, 2)]
+    steady = two_seed_cells({0: 0.0, 1: 0.01, 2: -0.01})
+    assert [judge("auc_amplification", p, steady, gates).outcome for p in planned] == ["pass"] * 3
+    flipping = two_seed_cells({0: 0.0, 1: 0.06, 2: -0.01})  # seed 1's upper end 0.08 > 0.05
+    outcomes = [judge("auc_amplification", p, flipping, gates) for p in planned]
+    assert [v.outcome for v in outcomes] == ["unstable", "fail", "unstable"]
+    assert outcomes[0].message.startswith("UNSTABLE across seeds (fail under seed 1)")
+    assert judge("auc_amplification", replace(planned[0], many_seeds=False), flipping, gates).outcome == "pass"  # one seed: nothing to compare
+    assert flip_table(planned, steady, gates) == [["auc_amplification", "1", "0", "0.0%"], ["all", "1", "0", "0.0%"]]
+    assert flip_table(planned, flipping, gates)[-1] == ["all", "1", "1", "100.0%"]
+    assert "2 unstable" in count_text(outcomes) and "unstable" not in count_text(outcomes[1:2])
 
 
 @given(st.floats(-0.5, 0.5), st.floats(0, 0.3), st.floats(0, 0.3), st.floats(-0.2, 0.3))
