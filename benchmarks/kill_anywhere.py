@@ -2,7 +2,8 @@
 
 One uninterrupted run is the reference. A second run, on its own store, is killed (its whole
 process group: workers too) at a random moment, rerun, killed again, ... ``--kills`` times, then
-run to the end. After every kill the store is checked: each artifact's manifest must hash to
+run to the end; the moments are random points of the reference's work, so every one of the
+kills lands before the run is done (see ``kill_moments``). After every kill the store is checked: each artifact's manifest must hash to
 its folder's key and its files must read back (no torn artifact), and every artifact that was
 finished before a rerun must still be the same build after it (nothing finished is recomputed).
 At the end the two results.json files must be equal but for timings.
@@ -71,6 +72,15 @@ def finished_artifacts(store: Path) -> tuple[dict[str, float], list[str]]:
     return finished, corrupt
 
 
+def kill_moments(rng: random.Random, kills: int, work: float) -> list[float]:
+    """Seconds of work each run does before its kill: the gaps between ``kills`` sorted random
+    points of the first 95% of the reference's work. A killed run loses what it had not stored, so
+    its successor is at most where the reference was at that point: every run is killed before the
+    end, and the last kill lands at most 95% of the way through."""
+    points = sorted(rng.uniform(0, 0.95 * work) for _ in range(kills))
+    return [later - earlier for earlier, later in zip([0.0, *points], points)]
+
+
 def without_timings(value):
     if isinstance(value, dict):
         return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
@@ -102,8 +112,8 @@ def main() -> int:
         print(f"reference: {' '.join(args.args)} in {total:.1f} s uninterrupted; {overhead:.1f} s a rerun with everything stored")
         kills = corrupt_total = recomputed_total = 0
         before: dict[str, float] = {}
-        for k in range(args.kills):
-            moment = rng.uniform(0.5, overhead + 2 * max(total - overhead, 0) / args.kills)  # each rerun starts afresh: imports again
+        for k, work in enumerate(kill_moments(rng, args.kills, total - overhead)):
+            moment = overhead + work  # each rerun starts afresh (imports, loading), then works on from where the last was killed
             done, took = run(resumed, args.args, moment)
             finished, corrupt = finished_artifacts(resumed / ".s2l-cache")
             recomputed = [name for name, created in before.items() if finished.get(name) != created]
@@ -118,8 +128,8 @@ def main() -> int:
         recomputed_total += sum(1 for name, created in before.items() if finished.get(name) != created)
         corrupt_total += len(corrupt)
         identical = results_of(resumed) == results_of(reference)
-    print(f"{kills} kills ({args.kills - kills} runs finished before their moment); final results.json "
-          f"{'identical' if identical else 'DIFFERENT'}; {corrupt_total} corrupt, {recomputed_total} recomputed")  # fmt: skip
+    print(f"{kills}/{args.kills} kills resumed (each by the next run; {args.kills - kills} finished before their moment); "
+          f"final results.json {'identical' if identical else 'DIFFERENT'}, {corrupt_total} corrupt, {recomputed_total} recomputed")  # fmt: skip
     return 0 if identical and not corrupt_total and not recomputed_total else 1
 
 
