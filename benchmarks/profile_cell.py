@@ -80,6 +80,21 @@ class StageTimer:
             self.seconds[label] += time.perf_counter() - start
 
 
+def wrap_cell_stages(timer: StageTimer) -> None:
+    """Time the parts of a cell: SP generation, fine-tuning, candidates, matching, each MIA."""
+    import attacks.s2l as s2l_attack
+    import s2l_guard.runner.cells as cells
+    from attacks.base import MIA
+    from s2l_guard.provider import Provider
+
+    timer.wrap(cells, "generate_sp_set", "SP generation")
+    timer.wrap(Provider, "finetune", "fine-tuning")
+    timer.wrap(Provider, "generate", "candidate generation")
+    timer.wrap(s2l_attack, "candidate_distances", "extraction matching")
+    for name in MIA.names():
+        timer.wrap(MIA.get(name), "score", f"MIA {name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="standard", help="a profile name under configs/ or a TOML path")
@@ -94,23 +109,15 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    import attacks.s2l as s2l_attack
     import s2l_guard.runner.cells as cells
-    from attacks.base import MIA
     from s2l_guard.cli import config_path
     from s2l_guard.config import load_config
-    from s2l_guard.provider import Provider
     from s2l_guard.runner.plan import plan_rows
     from s2l_guard.runner.summaries import controls_for, summarize_cell
 
     path = config_path(args.config)
     timer = StageTimer()
-    timer.wrap(cells, "generate_sp_set", "SP generation")
-    timer.wrap(Provider, "finetune", "fine-tuning")
-    timer.wrap(Provider, "generate", "candidate generation")
-    timer.wrap(s2l_attack, "candidate_distances", "extraction matching")
-    for name in MIA.names():
-        timer.wrap(MIA.get(name), "score", f"MIA {name}")
+    wrap_cell_stages(timer)
 
     with tempfile.TemporaryDirectory() as store:
         config = load_config(path)

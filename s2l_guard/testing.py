@@ -59,21 +59,52 @@ def tiny_latent_bundle(*, seed: int = 0) -> Bundle:
     return Bundle(base.tokenizer, base.text_encoder, unet, base.scheduler, vae).eval()
 
 
-def save_sd_v1_folder(folder: Path, *, seed: int = 0) -> Path:
-    """A Stable Diffusion v1-shaped folder written by diffusers' own pipeline class.
+def sd_v1_sized_bundle(*, seed: int = 0) -> Bundle:
+    """Stable Diffusion v1's VAE and UNet at their real sizes (512x512 images, 64x64x4 latents,
+    860M UNet parameters), randomly initialised; a 2-layer text encoder of SD's width (768)
+    stands in for CLIP ViT-L's 12 layers. For timing the latent path on a GPU, not for tests."""
+    base = build_testbed_bundle(ModelConfig(text_hidden_size=768, text_layers=2, text_heads=12, max_tokens=8), seed=seed)
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=512,
+    )
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(320, 640, 1280, 1280),
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+    )
+    return Bundle(base.tokenizer, base.text_encoder, unet, base.scheduler, vae).eval()
+
+
+def save_sd_v1_folder(folder: Path, *, seed: int = 0, bundle: Bundle | None = None) -> Path:
+    """A Stable Diffusion v1-shaped folder written by diffusers' own pipeline class (of
+    ``bundle``'s components; by default :func:`tiny_latent_bundle`'s).
 
     The scheduler is PNDM, as in the SD v1 checkpoints, and the tokenizer is a
     CLIP tokenizer: the same component classes a real checkpoint folder lists.
     """
     from diffusers import StableDiffusionPipeline
 
-    bundle = tiny_latent_bundle(seed=seed)
+    bundle = bundle or tiny_latent_bundle(seed=seed)
     pipe = StableDiffusionPipeline(
         vae=bundle.vae,
         text_encoder=bundle.text_encoder,
         tokenizer=bundle.tokenizer,
         unet=bundle.unet,
-        scheduler=PNDMScheduler(num_train_timesteps=100, skip_prk_steps=True, steps_offset=1),
+        scheduler=PNDMScheduler(num_train_timesteps=bundle.scheduler.config.num_train_timesteps, skip_prk_steps=True, steps_offset=1),
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
@@ -82,4 +113,4 @@ def save_sd_v1_folder(folder: Path, *, seed: int = 0) -> Path:
     return Path(folder)
 
 
-__all__ = ["TINY_MODEL", "tiny_bundle", "tiny_latent_bundle", "save_sd_v1_folder", "build_tokenizer"]
+__all__ = ["TINY_MODEL", "tiny_bundle", "tiny_latent_bundle", "sd_v1_sized_bundle", "save_sd_v1_folder", "build_tokenizer"]

@@ -1,5 +1,6 @@
 """The benchmark scripts: their bookkeeping, and that they run on the smoke profile."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -95,3 +96,22 @@ def test_dp_step_prints_the_plain_step_and_each_modes_ratio():
         line = next(line for line in out.splitlines() if line.startswith(f"DP step, {mode}"))
         seconds, ratio = float(line.split()[3]), float(line.split("DP / plain")[1].split()[0])
         assert ratio == pytest.approx(seconds / plain, rel=0.02)  # both printed rounded
+
+
+def test_the_gpu_script_runs_the_latent_cell_in_bf16_at_smoke_size_on_cpu():
+    """benchmarks/gpu.sh's script, as it would run on a GPU but at smoke size: the latent cell's
+    stages are timed, and autocast really computes in bfloat16."""
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--size", "smoke", "--device", "cpu", "--stages", "latent"],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout  # fmt: skip
+    assert "autocast bfloat16 (a matmul's result inside it: torch.bfloat16)" in out
+    stages = {line[:56].strip(): float(line[56:]) for line in out.splitlines() if line.startswith("latent: ")}
+    assert {"latent: SP generation", "latent: fine-tuning", "latent: MIA secmi", "latent: candidate generation"} <= set(stages)
+    assert all(seconds >= 0 for seconds in stages.values())
+    assert "peak memory after the latent cell:" in out
+
+
+@pytest.mark.slow
+def test_the_gpu_script_runs_the_smoke_table_too():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu.py"), "--size", "smoke", "--device", "cpu", "--stages", "table"],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout  # fmt: skip
+    assert re.search(r"^table: \d+ cells and utility +\d+\.\d$", out, re.M) and "peak memory after the table" in out
