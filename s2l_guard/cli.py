@@ -193,6 +193,18 @@ def _cmd_ablate(args) -> int:
     return 0
 
 
+def _cmd_audit(args) -> int:
+    """The one-run canary audit of a DP defense's claimed epsilon (s2l_guard/canaries.py)."""
+    from .canaries import audit_defense, format_audit
+
+    config = _run_config(args)
+    if args.defense:
+        config = config.replace(defense={"name": args.defense})
+    result = audit_defense(config, canaries=args.canaries, guesses=args.guesses, broken=args.broken)
+    print(format_audit(result))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="s2l-guard",
@@ -244,6 +256,15 @@ def build_parser() -> argparse.ArgumentParser:
     report = commands.add_parser("report", help="(re)write report.md, report.html and the figures of a matrix run folder")
     report.add_argument("run_dir", help="a folder holding a matrix results.json")
     report.set_defaults(func=_cmd_report)
+
+    audit = commands.add_parser("audit", help="bound a DP defense's epsilon from below with one training run and canaries")
+    _add_config(audit)
+    audit.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
+    audit.add_argument("--defense", metavar="NAME", help="the DP defense to audit (default: [defense] name): dp_sgd or private_finetune")
+    audit.add_argument("--canaries", type=int, default=200, help="canary images, each trained on with probability 1/2 (default 200)")
+    audit.add_argument("--guesses", type=int, default=100, help="canaries guessed, half in and half out (default 100)")
+    audit.add_argument("--broken", action="store_true", help="the positive control: switch the noise off, keep the claimed epsilon")
+    audit.set_defaults(func=_cmd_audit)
 
     from .runner.ablation import ABLATIONS
 

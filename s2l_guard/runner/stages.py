@@ -113,6 +113,13 @@ def standard_pretrain(config: Config, dataset, device: torch.device, images, cap
     return bundle, summary
 
 
+def defense_context(config: Config, dataset, device: torch.device, workdir: Path, undefended=None) -> PretrainContext:
+    """What a training-recipe defense trains from: ``dataset``, the standard recipe on it, progress lines."""
+    return PretrainContext(dataset, config, device, workdir, lambda images, captions: standard_pretrain(config, dataset, device, images, captions, workdir),
+                           lambda: fresh_bundle(config, dataset, device), pretrain_settings(config),
+                           lambda total, name: _progress_lines(total, time.perf_counter(), name), undefended)  # fmt: skip
+
+
 def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.device, defense=None) -> Artifact:
     """The provider's model: the standard recipe, or the one a training-recipe defense replaces it with."""
     defended = defense is not None and "training" in defense.points
@@ -128,7 +135,6 @@ def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.d
         start = time.perf_counter()
         dataset = load_imagefolder(data.path)
         workdir = store.workdir("bundle", key)
-        recipe = lambda images, captions: standard_pretrain(config, dataset, device, images, captions, workdir)  # noqa: E731
         if defended:
             log(f"pre-training under the {defense.name} defense")
 
@@ -136,13 +142,10 @@ def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.d
                 base = pretrain_stage(store, config, data, device)
                 return load_bundle(base.path, device=device), json.loads((base.path / "training.json").read_text())
 
-            context = PretrainContext(dataset, config, device, workdir, recipe, lambda: fresh_bundle(config, dataset, device),
-                                      pretrain_settings(config), lambda total, name: _progress_lines(total, time.perf_counter(), name),
-                                      undefended)  # fmt: skip
-            bundle, summary = defense.pretrain(context)
+            bundle, summary = defense.pretrain(defense_context(config, dataset, device, workdir, undefended))
             summary["defense"] = defense.spec()
         else:
-            bundle, summary = recipe(*dataset.training_set())
+            bundle, summary = standard_pretrain(config, dataset, device, *dataset.training_set(), workdir)
         bundle.save(folder)
         summary.update(wall_seconds_this_process=round(time.perf_counter() - start, 2), device=str(device), torch=torch.__version__)
         (folder / "training.json").write_text(json.dumps(summary, indent=2))
