@@ -92,6 +92,10 @@ def _run_config(args):
         config = config.replace(run={"device": args.device})
     if getattr(args, "workers", None) is not None:
         config = config.replace(run={"workers": args.workers})
+    if getattr(args, "executor", None):
+        config = config.replace(run={"executor": args.executor})
+    if getattr(args, "address", None):
+        config = config.replace(run={"executor": "ray", "ray_address": args.address})
     print(config.to_toml())
     _LEASE.enter_context(core_lease(torch.get_num_threads()))
     return config
@@ -205,6 +209,13 @@ def _cmd_audit(args) -> int:
     return 0
 
 
+def _add_cell_options(parser: argparse.ArgumentParser) -> None:
+    """Where a run's cells are computed: --workers, --executor, --address."""
+    parser.add_argument("--workers", type=int, metavar="N", help="override [run] workers (processes computing cells; 0: auto)")
+    parser.add_argument("--executor", choices=("local", "ray"), help="override [run] executor: worker processes here, or Ray tasks")
+    parser.add_argument("--address", metavar="ADDR", help="a Ray cluster to run the cells on ('auto', 'ray://head:10001'); implies --executor ray")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="s2l-guard",
@@ -237,7 +248,7 @@ def build_parser() -> argparse.ArgumentParser:
     attack = commands.add_parser("attack", help="run the S2L attack table on the pre-trained model (writes results.json)")
     _add_config(attack)
     attack.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
-    attack.add_argument("--workers", type=int, metavar="N", help="override [run] workers (processes computing cells; 0: auto)")
+    _add_cell_options(attack)
     attack.add_argument("--defense", metavar="NAME", help="override [defense] name: a registered defense, or 'all' to run each in turn")
     attack.add_argument("--threat-model", choices=("auto", "open-weights", "finetune-api", "generate-api"),
                         help="override [defense] threat_model (auto: weights for training-recipe defenses, the API for API ones)")  # fmt: skip
@@ -246,7 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
     matrix = commands.add_parser("matrix", help="the defense x attack matrix: results.json, report.md/html, matrix.png")
     _add_config(matrix)
     matrix.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
-    matrix.add_argument("--workers", type=int, metavar="N", help="override [run] workers (processes computing cells; 0: auto)")
+    _add_cell_options(matrix)
     matrix.add_argument("--defense", nargs="+", metavar="NAME", help="override [matrix] defenses")
     matrix.add_argument("--model", help="audit this diffusers model folder instead of pre-training the testbed model")
     matrix.add_argument("--data", help="the model's labelled data set (imagefolder + metadata.jsonl; default: the testbed)")
@@ -273,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
                         help=f"one or more of: {', '.join(sorted(ABLATIONS))}")  # fmt: skip
     _add_config(ablate)
     ablate.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
-    ablate.add_argument("--workers", type=int, metavar="N", help="override [run] workers (processes computing cells; 0: auto)")
+    _add_cell_options(ablate)
     ablate.set_defaults(func=_cmd_ablate)
     return parser
 

@@ -43,6 +43,10 @@ class RunConfig:
     # Processes that compute a table's cells side by side; 0 (auto): one per CPU thread, one
     # thread each, and one on a GPU. Results do not depend on it beyond float roundoff.
     workers: int = _opt(0, ge=0)
+    # Where those cells are computed: "local" (worker processes on this machine) or "ray" (Ray
+    # tasks on a local Ray instance, or on the cluster at ray_address: "auto", "ray://head:10001").
+    executor: str = _opt("local", choices=("local", "ray"))
+    ray_address: str = ""
     # A model to audit instead of pre-training the testbed one: a diffusers-format folder
     # (docs/model-folders.md), and the labelled data set its private domains come from
     # (docs/testbed.md layout; empty = the testbed, for a model trained on it).
@@ -322,10 +326,11 @@ class Config:
         return json.loads(json.dumps(data))
 
     def measured_dict(self) -> dict[str, Any]:
-        """``to_dict`` less what decides how fast, not what, a run measures ([run] workers) and the keys of
+        """``to_dict`` less what decides how fast, not what, a run measures ([run] workers, executor) and the keys of
         :data:`UNHASHED_DEFAULTS` at their default: run folders and some artifact keys are hashed on it."""
         data = self.to_dict()
-        data["run"].pop("workers")
+        for how in ("workers", "executor", "ray_address"):
+            data["run"].pop(how)
         for (section, key), default in UNHASHED_DEFAULTS.items():
             if data[section][key] == default:
                 data[section].pop(key)

@@ -350,29 +350,41 @@ def _finished_cells(run: S2LRun, order: list[tuple[Domain, Row]], utility: bool)
     than one is allowed and needed, then the rest (read from the store) in this process."""
     missing = [(d, r) for d, r in order if not run.is_cached(d, r)]
     utility = utility and not run.utility_is_cached()
+    ray = run.config.run.executor == "ray" and (missing or utility)
     workers = min(cell_workers(run.config, run.device), len(missing) + utility)
-    if workers > 1:
+    if ray or workers > 1:
         computed = {(d.name, r.label) for d, r in missing}
-        yield from _pooled_cells(run, missing, utility, workers)
+        _generate_sp_sets(run, missing)
+        cheap_last = sorted(missing, key=lambda dr: dr[1].data == DataKind.NONE)  # fine-tunes before the cheap untrained rows
+        if ray:
+            from .ray_cells import ray_cells
+
+            yield from ray_cells(run, cheap_last, utility)
+        else:
+            yield from _pooled_cells(run, cheap_last, utility, workers)
         order = [(d, r) for d, r in order if (d.name, r.label) not in computed]
     for domain, row in order:
         yield domain, row, _safe_cell(run, domain, row)
 
 
-def _pooled_cells(run: S2LRun, missing: list[tuple[Domain, Row]], utility: bool, workers: int) -> Iterator[tuple[Domain, Row, TableCell]]:
-    log(f"{len(missing)} cells{' and utility' if utility else ''} to compute in {workers} worker processes")
+def _generate_sp_sets(run: S2LRun, missing: list[tuple[Domain, Row]]) -> None:
+    """The SP sets the missing cells need, here on every thread before any worker starts, so no two
+    workers generate one set."""
     for source in dict.fromkeys(s for d, r in missing if (s := run.sp_source(d, r))):
-        try:  # here, on every thread, before the workers start: no two of them generate one set
+        try:
             run.sp_set(*source)
         except Exception:  # noqa: BLE001 - each cell that needs the set tries again and reports the error
             pass
+
+
+def _pooled_cells(run: S2LRun, missing: list[tuple[Domain, Row]], utility: bool, workers: int) -> Iterator[tuple[Domain, Row, TableCell]]:
+    log(f"{len(missing)} cells{' and utility' if utility else ''} to compute in {workers} worker processes")
     threads = max(1, torch.get_num_threads() // workers)
     pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_start_worker, initargs=(run.config, threads))
     try:
-        if utility:  # the longest task first, then fine-tunes before the cheap untrained rows
+        if utility:  # the longest task first
             pool.submit(_worker_utility)
-        cheap_last = sorted(missing, key=lambda dr: dr[1].data == DataKind.NONE)
-        futures = {pool.submit(_worker_cell, d.name, r): (d, r) for d, r in cheap_last}
+        futures = {pool.submit(_worker_cell, d.name, r): (d, r) for d, r in missing}
         for future in as_completed(futures):
             yield *futures[future], future.result()
     finally:  # on an error or Ctrl-C no queued task starts; what finished is in the store
@@ -391,9 +403,19 @@ def _safe_cell(run: S2LRun, domain: Domain, row: Row) -> TableCell:
 _WORKER_RUN: S2LRun | None = None  # a worker process's own run: the same config, store and deployed model
 
 
+def worker_threads(threads: int) -> None:
+    """A cell worker's thread counts: torch's, and the BLAS pool numpy and scipy use (the Frechet
+    distance's matrix square root), which otherwise spans every core - so a cell rounds alike in a
+    local worker and in a Ray task (Ray sets OMP_NUM_THREADS to a task's CPUs)."""
+    from threadpoolctl import threadpool_limits
+
+    torch.set_num_threads(threads)
+    threadpool_limits(threads)
+
+
 def _start_worker(config: Config, threads: int) -> None:
     global _WORKER_RUN
-    torch.set_num_threads(threads)
+    worker_threads(threads)
     sys.stdout = open(os.devnull, "w")  # the parent logs each cell; the workers' setup lines would repeat per worker
     _WORKER_RUN = S2LRun(config)
 
