@@ -1,6 +1,8 @@
 """What the docs give readers to copy works: the CI recipes of docs/gates.md parse and run the gates."""
 
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import yaml
@@ -25,3 +27,18 @@ def test_the_ci_recipes_parse_and_keep_the_report_and_the_junit_file():
     for recipe in (commands, " ".join(job["script"])):  # the options they pass are the suite's own
         options = set(re.findall(r"--s2l-[a-z-]+", recipe))
         assert options <= set(re.findall(r'"(--s2l-[a-z-]+)"', (ROOT / "suites" / "conftest.py").read_text()))
+
+
+def test_table_diff_finds_every_entry_that_differs_from_the_published_table(tmp_path):
+    """docs/calibration/table_diff.py, the reproduction check of docs/standard-table.md."""
+    script = ROOT / "docs" / "calibration" / "table_diff.py"
+    published = (ROOT / "docs" / "standard-table.md").read_text()
+    table = published[published.index("## The table") :]
+    same = tmp_path / "same.md"
+    same.write_text(table)
+    out = subprocess.run([sys.executable, str(script), str(same)], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.startswith("432 of 432 published entries agree")
+    changed = tmp_path / "changed.md"
+    changed.write_text(table.replace("| -0.033 [-0.055, -0.013], p=0.00 |", "| -0.034 [-0.055, -0.013], p=0.00 |", 1))
+    out = subprocess.run([sys.executable, str(script), str(changed)], capture_output=True, text=True)
+    assert out.returncode == 1 and "431 of 432" in out.stdout and "lora / dAUC vs pre-trained" in out.stdout
