@@ -70,13 +70,21 @@ def epsilon_from_guesses(m: int, r: int, v: int, *, delta: float, confidence: fl
     return low
 
 
+def check_counts(canaries: int, guesses: int) -> None:
+    if guesses < 2 or guesses % 2 or guesses > canaries:
+        raise SettingsError(
+            f"guesses = {guesses} must be even, at least 2 and at most the {canaries} canaries; e.g. --guesses {max(2, canaries // 2 // 2 * 2)}"
+        )
+
+
 def one_run_bound(scores, included, *, guesses: int, delta: float, confidence: float = 0.95) -> dict:
     """Guess "in" for the top ``guesses // 2`` scores and "out" for the bottom ``guesses // 2``
     (higher = more likely trained on), count the right guesses, and bound epsilon from below."""
     scores, included = np.asarray(scores, dtype=float), np.asarray(included, dtype=bool)
     m, half = len(scores), guesses // 2
-    if not 1 <= half or 2 * half > m or len(included) != m:
-        raise SettingsError(f"guesses = {guesses} must be even, >= 2 and at most the {m} canaries")
+    check_counts(m, guesses)
+    if len(included) != m:
+        raise SettingsError(f"{m} scores but {len(included)} inclusion bits; give one per canary")
     order = np.argsort(-scores, kind="stable")
     right = int(included[order[:half]].sum() + (~included[order[-half:]]).sum())
     return {
@@ -147,6 +155,8 @@ def audit_defense(config: Config, *, canaries: int = 200, guesses: int = 100, co
     from .runner.stages import defense_context, fresh_bundle, testbed_stage
     from .runtime import log, resolve_device
 
+    check_counts(canaries, guesses)
+    canary_captions(canaries)  # at most 676 have a caption of their own
     name = config.defense.name
     defense = DEFENSES.get(name)(defense_settings(config, name))
     claimed = getattr(defense.settings, "target_epsilon", None)
