@@ -1,12 +1,13 @@
 """SIGKILL a matrix run at random moments and check that every rerun resumes it faithfully.
 
 One uninterrupted run is the reference. A second run, on its own store, is killed (its whole
-process group: workers too) at a random moment, rerun, killed again, ... ``--kills`` times, then
-run to the end; the moments are random points of the reference's work, so every one of the
-kills lands before the run is done (see ``kill_moments``). After every kill the store is checked: each artifact's manifest must hash to
-its folder's key and its files must read back (no torn artifact), and every artifact that was
-finished before a rerun must still be the same build after it (nothing finished is recomputed).
-At the end the two results.json files must be equal but for timings.
+process group: workers too) at a random moment, rerun, killed again, ... until ``--kills`` runs
+have been killed, then run to the end. A run that finishes before its moment ends a chain: its
+results.json is checked, the store is emptied and a new chain starts. After every run the store
+is checked: each artifact's manifest must hash to its folder's key and its files must read back
+(no torn artifact), and every artifact finished before the run must still be the same build
+after it (nothing finished is recomputed). Every chain's final results.json must equal the
+reference's but for timings.
 
     .venv/bin/python benchmarks/kill_anywhere.py            # 20 kills of the smoke matrix (a few minutes)
     .venv/bin/python benchmarks/kill_anywhere.py --kills 5 --args attack --config smoke
@@ -20,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -72,15 +74,6 @@ def finished_artifacts(store: Path) -> tuple[dict[str, float], list[str]]:
     return finished, corrupt
 
 
-def kill_moments(rng: random.Random, kills: int, work: float) -> list[float]:
-    """Seconds of work each run does before its kill: the gaps between ``kills`` sorted random
-    points of the first 95% of the reference's work. A killed run loses what it had not stored, so
-    its successor is at most where the reference was at that point: every run is killed before the
-    end, and the last kill lands at most 95% of the way through."""
-    points = sorted(rng.uniform(0, 0.95 * work) for _ in range(kills))
-    return [later - earlier for earlier, later in zip([0.0, *points], points)]
-
-
 def without_timings(value):
     if isinstance(value, dict):
         return {k: without_timings(v) for k, v in value.items() if k not in TIMING_KEYS}
@@ -110,27 +103,35 @@ def main() -> int:
         _, total = run(reference, args.args, None)
         _, overhead = run(reference, args.args, None)  # everything stored: imports, loading, statistics
         print(f"reference: {' '.join(args.args)} in {total:.1f} s uninterrupted; {overhead:.1f} s a rerun with everything stored")
-        kills = corrupt_total = recomputed_total = 0
+        kills = runs = corrupt_total = recomputed_total = 0
+        finished_runs: list[bool] = []  # each run that finished: its results.json equal to the reference's?
         before: dict[str, float] = {}
-        for k, work in enumerate(kill_moments(rng, args.kills, total - overhead)):
-            moment = overhead + work  # each rerun starts afresh (imports, loading), then works on from where the last was killed
+        while kills < args.kills and runs < 4 * args.kills:
+            runs += 1
+            moment = rng.uniform(0.5, overhead + 2 * max(total - overhead, 0) / args.kills)  # a rerun starts afresh: imports again
             done, took = run(resumed, args.args, moment)
             finished, corrupt = finished_artifacts(resumed / ".s2l-cache")
             recomputed = [name for name, created in before.items() if finished.get(name) != created]
             corrupt_total += len(corrupt)
             recomputed_total += len(recomputed)
-            print(f"kill {k + 1}/{args.kills} at {moment:.1f} s: {'finished first' if done else 'killed'}; "
-                  f"{len(finished)} artifacts finished, {len(corrupt)} corrupt, {len(recomputed)} recomputed")  # fmt: skip
             kills += not done
+            print(f"run {runs}, kill moment {moment:.1f} s: {'finished first' if done else f'killed ({kills}/{args.kills})'}; "
+                  f"{len(finished)} artifacts finished, {len(corrupt)} corrupt, {len(recomputed)} recomputed")  # fmt: skip
             before = finished
+            if done:  # the chain reached the end: check it, then start a new one on an empty store
+                finished_runs.append(results_of(resumed) == results_of(reference))
+                shutil.rmtree(resumed)
+                resumed.mkdir()
+                before = {}
         run(resumed, args.args, None)
         finished, corrupt = finished_artifacts(resumed / ".s2l-cache")
         recomputed_total += sum(1 for name, created in before.items() if finished.get(name) != created)
         corrupt_total += len(corrupt)
-        identical = results_of(resumed) == results_of(reference)
-    print(f"{kills}/{args.kills} kills resumed (each by the next run; {args.kills - kills} finished before their moment); "
-          f"final results.json {'identical' if identical else 'DIFFERENT'}, {corrupt_total} corrupt, {recomputed_total} recomputed")  # fmt: skip
-    return 0 if identical and not corrupt_total and not recomputed_total else 1
+        finished_runs.append(results_of(resumed) == results_of(reference))
+        identical = all(finished_runs)
+    print(f"{kills}/{args.kills} kills resumed ({runs} killed or finished runs, {len(finished_runs)} chains run to the end: "
+          f"{'every' if identical else 'NOT every'} final results.json identical), {corrupt_total} corrupt, {recomputed_total} recomputed")  # fmt: skip
+    return 0 if identical and kills == args.kills and not corrupt_total and not recomputed_total else 1
 
 
 if __name__ == "__main__":
