@@ -96,20 +96,21 @@ def one_run_bound(scores, included, *, guesses: int, delta: float, confidence: f
         "delta": delta,
         "confidence": confidence,
         "method": "one-run audit (Steinke, Nasr and Jagielski 2023): canaries each trained on with probability 1/2, "
-        "scored by the loss attack; top and bottom halves of the guesses judged, the rest abstained",
+        "scored by how much training lowered their loss; the top and bottom halves of the guesses judged, the rest abstained",
     }
 
 
-def canary_scores(trained, untrained, patterns: torch.Tensor, *, seed: int) -> np.ndarray:
+def canary_scores(trained, untrained, patterns: torch.Tensor, *, seed: int, timesteps: int = 1000) -> np.ndarray:
     """How much training lowered each canary's denoising loss under its own caption: the loss
     attack on the trained model minus the same attack (same noise) on the untrained one, so that a
-    pattern that is merely easy to denoise does not pass for a memorized one. Timesteps 20, 100 and
-    200 with 8 noise draws each: on the smoke model this separated the canaries of a run without
-    noise best among the single timesteps and the raw loss (docs/defenses.md)."""
+    pattern that is merely easy to denoise does not pass for a memorized one. At 2%, 10% and 20%
+    of the ``timesteps`` of the noise schedule, 8 noise draws each: on the smoke model this
+    separated the canaries of a run without noise best among the single timesteps and the raw
+    loss (docs/defenses.md)."""
     from attacks.base import MIA
 
     loss = MIA.get("loss")
-    attack = loss(loss.Settings(timesteps=(20, 100, 200), draws=8))
+    attack = loss(loss.Settings(timesteps=tuple(timesteps * share // 100 for share in (2, 10, 20)), draws=8))
     captions = canary_captions(len(patterns))
     return attack.score(trained, patterns, captions, seed=seed) - attack.score(untrained, patterns, captions, seed=seed)
 
@@ -171,7 +172,8 @@ def audit_defense(config: Config, *, canaries: int = 200, guesses: int = 100, co
     log(f"audit: training {name} once with {int(included.sum())} of {canaries} canaries{' and the noise switched off' if broken else ''}")
     with tempfile.TemporaryDirectory(prefix="s2l-audit-") as workdir, noise_switched_off() if broken else contextlib.nullcontext():
         bundle, summary = defense.pretrain(defense_context(config, with_canaries(dataset, patterns, included), device, Path(workdir)))
-    scores = canary_scores(bundle.eval(), fresh_bundle(config, dataset, device).eval(), patterns.to(device), seed=seed)
+    untrained = fresh_bundle(config, dataset, device).eval()
+    scores = canary_scores(bundle.eval(), untrained, patterns.to(device), seed=seed, timesteps=config.model.num_train_timesteps)
     privacy = summary.get("privacy", {})
     result = one_run_bound(scores, included, guesses=guesses, delta=privacy.get("delta", 1e-5), confidence=confidence)
     return result | {"defense": name, "claimed_epsilon": claimed, "broken": broken, "caught": result["epsilon"] > claimed,

@@ -6,8 +6,8 @@ With a config, the gates are judged with its [gates] (mode, checks, thresholds) 
 those the matrix ran with; the measurements are the same either way.
 
 Per defense (pooled over the attacked domains, 95% intervals): the released model's own
-leakage (SecMI and PIA AUC, extraction above the held-out non-member null), S2L's paired
-change with End-to-End and LoRA on the SP set (SecMI; extraction above the null), the
+leakage (SecMI, PIA and CLiD AUC, extraction above the held-out non-member null), S2L's paired
+change with End-to-End and LoRA on the SP set (SecMI; CLiD with End-to-End; extraction above the null), the
 oracle row's PIA change (End-to-End on the real members), utility, and the gate verdicts
 of the matrix's [gates] as pass/fail/error/skip.
 """
@@ -48,8 +48,8 @@ def main(folder: str, gates_config: str | None = None) -> None:
             return "-"
         return format_interval(entry.get("value", entry.get("delta")), entry.get("ci95"), signed=signed, digits=digits)
 
-    header = ["defense", "threat model", "epsilon", "released SecMI AUC", "released PIA AUC", "released extraction above null",
-              "end2end dAUC SecMI", "lora dAUC SecMI", "end2end d above null", "oracle dAUC PIA", "cond. accuracy",
+    header = ["defense", "threat model", "epsilon", "released SecMI AUC", "released PIA AUC", "released CLiD AUC", "released extraction above null",
+              "end2end dAUC SecMI", "lora dAUC SecMI", "end2end dAUC CLiD", "end2end d above null", "oracle dAUC PIA", "cond. accuracy",
               "gates pass/fail/error/skip"]  # fmt: skip
     print("| " + " | ".join(header) + " |\n|" + "---|" * len(header))
     for defense in results["defenses"]:
@@ -57,9 +57,10 @@ def main(folder: str, gates_config: str | None = None) -> None:
         privacy = table.get("report", {}).get("pretraining", {}).get("privacy")
         c = counts[defense]
         row = [defense, table.get("threat_model") or "-", f"{privacy['epsilon']:.2f}" if privacy else "-",
-               metric(defense, "pretrained", "secmi", "auc"), metric(defense, "pretrained", "pia", "auc"),
+               metric(defense, "pretrained", "secmi", "auc"), metric(defense, "pretrained", "pia", "auc"), metric(defense, "pretrained", "clid", "auc"),
                metric(defense, "pretrained", "extraction", "extracted_above_null", signed=True, digits=1),
                metric(defense, "end2end", "secmi", "auc_amplification", signed=True), metric(defense, "lora", "secmi", "auc_amplification", signed=True),
+               metric(defense, "end2end", "clid", "auc_amplification", signed=True),
                metric(defense, "end2end", "extraction", "extraction_amplification", signed=True, digits=1),
                metric(defense, "end2end-members", "pia", "auc_amplification", signed=True),
                metric(defense, "-", "utility", "conditional_accuracy"),
