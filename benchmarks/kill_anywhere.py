@@ -82,6 +82,23 @@ def without_timings(value):
     return value
 
 
+def differences(a, b, path: str = "") -> list[str]:
+    """The paths at which two JSON values differ, with both values."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(a.keys() | b.keys(), key=str) for d in differences(a.get(k), b.get(k), f"{path}/{k}")]
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{path}[{i}]")]
+    return [] if a == b else [f"{path}: {str(a)[:80]} != {str(b)[:80]}"]
+
+
+def same_results(resumed: Path, reference: Path) -> bool:
+    """Whether the resumed run's results.json files equal the reference's; prints where they do not."""
+    diff = differences(results_of(resumed), results_of(reference))
+    for line in diff[:10]:
+        print(f"  differs: {line}")
+    return not diff
+
+
 def results_of(workdir: Path) -> dict:
     """Every results.json the run wrote (the matrix's, the tables'), by path, without timings."""
     runs = workdir / "runs"
@@ -119,7 +136,7 @@ def main() -> int:
                   f"{len(finished)} artifacts finished, {len(corrupt)} corrupt, {len(recomputed)} recomputed")  # fmt: skip
             before = finished
             if done:  # the chain reached the end: check it, then start a new one on an empty store
-                finished_runs.append(results_of(resumed) == results_of(reference))
+                finished_runs.append(same_results(resumed, reference))
                 shutil.rmtree(resumed)
                 resumed.mkdir()
                 before = {}
@@ -127,7 +144,7 @@ def main() -> int:
         finished, corrupt = finished_artifacts(resumed / ".s2l-cache")
         recomputed_total += sum(1 for name, created in before.items() if finished.get(name) != created)
         corrupt_total += len(corrupt)
-        finished_runs.append(results_of(resumed) == results_of(reference))
+        finished_runs.append(same_results(resumed, reference))
         identical = all(finished_runs)
     print(f"{kills}/{args.kills} kills resumed ({runs} killed or finished runs, {len(finished_runs)} chains run to the end: "
           f"{'every' if identical else 'NOT every'} final results.json identical), {corrupt_total} corrupt, {recomputed_total} recomputed")  # fmt: skip
