@@ -33,7 +33,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from s2l_guard.cache import MANIFEST, content_key  # noqa: E402
 
-TIMING_KEYS = ("seconds", "cached", "wall_seconds", "wall_seconds_this_process", "created")
+# Left out of the comparison: timings, and the commit that computed a run (a commit made while the
+# benchmark runs changes it; a change that moved a result would still show in the values).
+TIMING_KEYS = ("seconds", "cached", "wall_seconds", "wall_seconds_this_process", "created", "code_version")
 
 
 def run(workdir: Path, argv: list[str], kill_after: float | None) -> tuple[bool, float]:
