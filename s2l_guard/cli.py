@@ -198,8 +198,8 @@ def _cmd_ablate(args) -> int:
 
 
 def _cmd_audit(args) -> int:
-    """The one-run canary audit of a DP defense's claimed epsilon (s2l_guard/canaries.py)."""
-    from .canaries import audit_defense, format_audit
+    """The one-run canary audit of a DP defense's claimed epsilon (s2l_guard/runner/canaries.py)."""
+    from .runner.canaries import audit_defense, format_audit
 
     config = _run_config(args)
     if args.defense:

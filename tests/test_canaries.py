@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 from scipy.stats import binom
 
-from s2l_guard.canaries import canary_captions, epsilon_from_guesses, one_run_bound, p_value
 from s2l_guard.errors import SettingsError
+from s2l_guard.runner.canaries import canary_captions, epsilon_from_guesses, one_run_bound, p_value
 
 
 def test_p_value_is_the_binomial_tail_without_delta_and_grows_with_delta():
@@ -59,7 +59,7 @@ def test_the_broken_dp_control_switches_opacus_noise_off_and_back_on():
     import torch
     from opacus.optimizers import optimizer as dp_optimizer
 
-    from s2l_guard.canaries import noise_switched_off
+    from s2l_guard.runner.canaries import noise_switched_off
 
     with noise_switched_off():
         assert not dp_optimizer._generate_noise(std=1.0, reference=torch.ones(1000)).any()
@@ -68,8 +68,8 @@ def test_the_broken_dp_control_switches_opacus_noise_off_and_back_on():
 
 @pytest.mark.slow  # two smoke DP pre-trainings (about a minute)
 def test_the_audit_runs_a_dp_defense_with_canaries_and_its_broken_twin(tmp_path, monkeypatch):
-    from s2l_guard.canaries import audit_defense, format_audit
     from s2l_guard.config import load_config
+    from s2l_guard.runner.canaries import audit_defense, format_audit
 
     monkeypatch.chdir(tmp_path)
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")

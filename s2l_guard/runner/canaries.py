@@ -29,9 +29,9 @@ import numpy as np
 import torch
 from scipy.stats import binom
 
-from .config import Config
-from .data import ImageDataset, Record
-from .errors import SettingsError
+from s2l_guard.config import Config
+from s2l_guard.data import ImageDataset, Record
+from s2l_guard.errors import SettingsError
 
 LETTERS = "abcdefghijklmnopqrstuvwxyz"
 
@@ -148,13 +148,13 @@ def audit_defense(config: Config, *, canaries: int = 200, guesses: int = 100, co
     ``broken``: the positive control, the same run with the noise switched off (the claim unchanged).
     """
     from defenses.base import DEFENSES
+    from s2l_guard.cache import Store
+    from s2l_guard.data import load_imagefolder
+    from s2l_guard.runtime import log, resolve_device
 
-    from .cache import Store
-    from .data import load_imagefolder
-    from .runner.plan import derive_seed
-    from .runner.settings import defense_settings
-    from .runner.stages import defense_context, fresh_bundle, testbed_stage
-    from .runtime import log, resolve_device
+    from .plan import derive_seed
+    from .settings import defense_settings
+    from .stages import defense_context, fresh_bundle, testbed_stage
 
     check_counts(canaries, guesses)
     canary_captions(canaries)  # at most 676 have a caption of their own
