@@ -204,7 +204,10 @@ def _cmd_audit(args) -> int:
     config = _run_config(args)
     if args.defense:
         config = config.replace(defense={"name": args.defense})
-    result = audit_defense(config, canaries=args.canaries, guesses=args.guesses, broken=args.broken)
+    if args.epsilon is not None:  # the claim to audit, e.g. a small one a single run can refute
+        name = config.defense.name
+        config = config.replace(defenses={name: dict(config.defenses.get(name, {})) | {"target_epsilon": args.epsilon}})
+    result = audit_defense(config, kind=args.kind, canaries=args.canaries, guesses=args.guesses, broken=args.broken)
     print(format_audit(result))
     return 0
 
@@ -272,8 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config(audit)
     audit.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
     audit.add_argument("--defense", metavar="NAME", help="the DP defense to audit (default: [defense] name): dp_sgd or private_finetune")
-    audit.add_argument("--canaries", type=int, default=200, help="canary images, each trained on with probability 1/2 (default 200)")
-    audit.add_argument("--guesses", type=int, default=100, help="canaries guessed, half in and half out (default 100)")
+    audit.add_argument(
+        "--kind",
+        choices=("gradient", "image"),
+        default="gradient",
+        help="gradient: Dirac gradient canaries in the DP optimizer (white-box, default); image: canary images in the data",
+    )
+    audit.add_argument("--canaries", type=int, help="canaries, each in the data set with probability 1/2 (default 200)")
+    audit.add_argument(
+        "--guesses", type=int, help='canaries guessed: the top-scoring ones "in" (gradient, default 80), or half in and half out (image, default 100)'
+    )
+    audit.add_argument("--epsilon", type=float, help="override the defense's target_epsilon: the claim the run makes and the audit tests")
     audit.add_argument("--broken", action="store_true", help="the positive control: switch the noise off, keep the claimed epsilon")
     audit.set_defaults(func=_cmd_audit)
 

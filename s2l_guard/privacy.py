@@ -21,7 +21,11 @@ what makes a step differentially private, all of it opacus' own (Abadi et al.
   beyond floating-point summation order); each row's timestep, caption dropout
   and noise come from a generator keyed by (seed, step, row) (:func:`_draws`),
   not by its place in a physical batch,
-* the epsilon reported by the engine's accountant after training.
+* the epsilon reported by the engine's accountant after training,
+* *noise multiplicity* (``noise_multiplicity = K``, Dockhorn et al. 2023, "Differentially
+  Private Diffusion Models"): each row is denoised at K timesteps and noises in one forward pass,
+  and its K per-sample gradients are averaged before opacus clips them, so each example still
+  contributes one clipped gradient (the accountant's unit) that is K times less noisy.
 
 ``TrainSettings.grad_clip`` is not used (the DP optimizer clips each example's
 gradient instead), and DP-SGD takes no prior preservation.
@@ -65,6 +69,7 @@ from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
 
+from . import gradient_canaries
 from .errors import ConfigError, S2LError
 from .model import Bundle
 from .privacy_settings import ACCOUNTANTS, PrivacySettings
@@ -254,6 +259,9 @@ class DPHooks(TrainHooks):
         except (NotImplementedError, ValueError) as exc:
             raise S2LError(_unsupported_message(run.description, self.wrapper, exc)) from exc
         self.expected_batch_size = int(dp_optimizer.expected_batch_size)
+        if self.privacy.noise_multiplicity > 1:
+            _average_draws_before_clipping(dp_optimizer, self.privacy.noise_multiplicity)
+        gradient_canaries.attach_active(dp_optimizer, sample_rate=self.sample_rate)  # an audit's canaries, when one is recording
         physical = self._exit.enter_context(
             BatchMemoryManager(data_loader=dp_loader, max_physical_batch_size=self.privacy.physical_batch_size, optimizer=dp_optimizer)
         )
@@ -274,10 +282,12 @@ class DPHooks(TrainHooks):
                 return
 
     def _batch(self, run: Run, step: int, index: torch.Tensor) -> Batch:
-        s = run.settings
-        t, dropped, noise = _draws(s.seed, step, index, run.T, s.caption_dropout, run.latents.shape[1:])
-        which = torch.where(dropped, len(run.prompts) - 1, run.prompt_index[index])
-        return Batch(run.latents[index], t, noise.to(run.bundle.device), which, len(index))
+        """The rows of ``index``, each repeated for its ``noise_multiplicity`` draws (row-major: a row's draws together)."""
+        s, draws = run.settings, self.privacy.noise_multiplicity
+        t, dropped, noise = _draws(s.seed, step, index, run.T, s.caption_dropout, run.latents.shape[1:], draws)
+        rows = index.repeat_interleave(draws)
+        which = torch.where(dropped, len(run.prompts) - 1, run.prompt_index[rows])
+        return Batch(run.latents[rows], t, noise.to(run.bundle.device), which, len(rows))
 
     def losses(self, run: Run, batch: Batch) -> torch.Tensor:
         return self.module(batch.z0, batch.t.to(run.bundle.device), batch.noise, self.tokens[batch.which])
@@ -314,25 +324,41 @@ def _steps_taken(engine) -> int:
     return sum(int(entry[-1]) for entry in engine.accountant.history)
 
 
-def _example_generator(seed: int, step: int, row: int) -> torch.Generator:
-    """The generator of one row's draws at one logical step.
+def _example_generator(seed: int, step: int, row: int, draw: int = 0) -> torch.Generator:
+    """The generator of one row's ``draw``-th draws at one logical step.
 
     Keyed by the row, not by its position in a physical batch, so the physical
-    batch size (a memory knob) does not change what is drawn.
+    batch size (a memory knob) does not change what is drawn; the first draw keeps
+    the key of a run with one draw per row.
     """
-    key = hashlib.blake2b(f"{seed}/{step}/{row}".encode(), digest_size=8).digest()
+    key = hashlib.blake2b(f"{seed}/{step}/{row}{f'/{draw}' if draw else ''}".encode(), digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
 
 
-def _draws(seed: int, step: int, index: torch.Tensor, T: int, caption_dropout: float, shape) -> tuple:
-    """Timestep, caption-dropout flag and noise of each row in ``index`` (as train() draws them)."""
+def _draws(seed: int, step: int, index: torch.Tensor, T: int, caption_dropout: float, shape, draws: int = 1) -> tuple:
+    """Timestep, caption-dropout flag and noise of each row in ``index``, ``draws`` of each per row, a row's together."""
     t, dropped, noise = [], [], []
     for row in index.tolist():
-        g = _example_generator(seed, step, row)
-        t.append(torch.randint(0, T, (1,), generator=g))
-        dropped.append(torch.rand(1, generator=g) < caption_dropout)
-        noise.append(torch.randn((1, *shape), generator=g))
+        for draw in range(draws):
+            g = _example_generator(seed, step, row, draw)
+            t.append(torch.randint(0, T, (1,), generator=g))
+            dropped.append(torch.rand(1, generator=g) < caption_dropout)
+            noise.append(torch.randn((1, *shape), generator=g))
     return torch.cat(t), torch.cat(dropped), torch.cat(noise)
+
+
+def _average_draws_before_clipping(optimizer, draws: int) -> None:
+    """Make ``optimizer`` (opacus' DPOptimizer) average each example's ``draws`` per-sample
+    gradients into one before it clips: the clipped unit stays the example, as the accountant assumes."""
+    clip_and_accumulate = optimizer.clip_and_accumulate
+
+    def average_then_clip() -> None:
+        for p in optimizer.params:
+            sample = p.grad_sample if isinstance(p.grad_sample, torch.Tensor) else torch.cat(p.grad_sample)
+            p.grad_sample = sample.reshape(len(sample) // draws, draws, *sample.shape[1:]).mean(1)
+        clip_and_accumulate()
+
+    optimizer.clip_and_accumulate = average_then_clip
 
 
 def _unsupported_message(description: str, wrapper: torch.nn.Module, exc: Exception) -> str:

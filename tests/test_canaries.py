@@ -66,18 +66,24 @@ def test_the_broken_dp_control_switches_opacus_noise_off_and_back_on():
     assert dp_optimizer._generate_noise(std=1.0, reference=torch.ones(1000)).abs().sum() > 100
 
 
-@pytest.mark.slow  # two smoke DP pre-trainings (about a minute)
-def test_the_audit_runs_a_dp_defense_with_canaries_and_its_broken_twin(tmp_path, monkeypatch):
+@pytest.mark.slow  # five smoke DP trainings (about 40 s)
+@pytest.mark.parametrize("defense", ["dp_sgd", "private_finetune"])
+def test_the_audit_catches_a_dp_defense_without_noise_and_passes_it_with_noise(tmp_path, monkeypatch, defense):
     from s2l_guard.config import load_config
     from s2l_guard.runner.canaries import audit_defense, format_audit
 
     monkeypatch.chdir(tmp_path)
     config = load_config(Path(__file__).resolve().parents[1] / "configs" / "smoke.toml")
-    config = config.replace(run={"store": str(tmp_path / "store")}, defense={"name": "dp_sgd"})
-    correct = audit_defense(config, canaries=32, guesses=16)
-    broken = audit_defense(config, canaries=32, guesses=16, broken=True)
+    claim = {"target_epsilon": 1.0, "delta": 1e-5}  # a claim one run can refute (the smoke sets are small: 1 / (10 N) is large)
+    config = config.replace(run={"store": str(tmp_path / "store")}, defense={"name": defense},
+                            defenses={defense: dict(config.defenses.get(defense, {})) | claim})  # fmt: skip
+    correct = audit_defense(config, canaries=100, guesses=30)
+    broken = audit_defense(config, canaries=100, guesses=30, broken=True)
     for result in (correct, broken):
-        assert result["claimed_epsilon"] == 10.0 and result["guesses"] == 16 and 0 <= result["correct"] <= 16
-        assert result["included"] == correct["included"]  # the same canaries trained on in both runs
+        assert result["kind"] == "gradient" and result["claimed_epsilon"] == 1.0 and result["guesses"] == 30
+        assert result["included"] == correct["included"]  # the same canaries in both runs
     assert not correct["caught"] and "consistent with the claim" in format_audit(correct)
-    assert "(noise switched off)" in format_audit(broken)
+    assert broken["caught"] and broken["correct"] == 30 and "(noise switched off)" in format_audit(broken)
+    if defense == "dp_sgd":  # canary images: the black-box kind runs too (too weak to catch the broken run here)
+        images = audit_defense(config, kind="image", canaries=32, guesses=16)
+        assert images["kind"] == "image" and not images["caught"] and 0 <= images["correct"] <= 16

@@ -254,7 +254,7 @@ def test_plain_and_dp_steps_share_schedule_ema_and_callbacks(private):
     assert_plain(bundle)
 
 
-def record_dp_steps(monkeypatch, *, clip: bool = True, noise: bool = True, max_grad_norm: float = 1e-3):
+def record_dp_steps(monkeypatch, *, clip: bool = True, noise: bool = True, max_grad_norm: float = 1e-3, **privacy):
     """Train a few DP steps of one example per physical batch and record, from opacus' optimizer,
     each example's contribution to the summed gradient (its norm, and its norm before clipping)
     and the noise added to the sum. ``clip`` / ``noise`` False break DP on purpose."""
@@ -265,6 +265,7 @@ def record_dp_steps(monkeypatch, *, clip: bool = True, noise: bool = True, max_g
 
     def recording_clip(self):
         before = [p.summed_grad.clone() if p.summed_grad is not None else torch.zeros_like(p) for p in self.params]
+        assert len(self.grad_samples[0]) <= 1  # one example per physical batch, however many draws it had
         if len(self.grad_samples[0]):
             raw_norms.append(torch.stack([g.flatten().norm() for g in self.grad_samples]).norm().item())
         bound = self.max_grad_norm
@@ -286,7 +287,7 @@ def record_dp_steps(monkeypatch, *, clip: bool = True, noise: bool = True, max_g
 
     monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", recording_clip)
     monkeypatch.setattr(DPOptimizer, "add_noise", recording_noise)
-    result = run(tiny_bundle(), steps=3, batch_size=4, epsilon=10.0, physical=1, max_grad_norm=max_grad_norm)
+    result = run(tiny_bundle(), steps=3, batch_size=4, epsilon=10.0, physical=1, max_grad_norm=max_grad_norm, **privacy)
     return result, contributions, raw_norms, torch.cat(noise_values)
 
 
@@ -303,8 +304,10 @@ def dp_violations(result, contributions, noise_values, max_grad_norm=1e-3) -> li
 
 
 @pytest.mark.filterwarnings("ignore")
-def test_each_example_is_clipped_and_the_noise_is_what_the_accountant_assumed(monkeypatch):
-    result, contributions, raw_norms, noise_values = record_dp_steps(monkeypatch)
+@pytest.mark.parametrize("draws", [1, 4])
+def test_each_example_is_clipped_and_the_noise_is_what_the_accountant_assumed(monkeypatch, draws):
+    """With noise multiplicity, an example's 4 draws are one clipped contribution, not four."""
+    result, contributions, raw_norms, noise_values = record_dp_steps(monkeypatch, noise_multiplicity=draws)
     assert max(raw_norms) > 10 * 1e-3  # examples' gradients were above the bound: clipping had work to do
     assert len(noise_values) > 10_000  # thousands of noise draws: their std is known to about 1%
     assert dp_violations(result, contributions, noise_values) == []
@@ -317,3 +320,27 @@ def test_dp_without_clipping_or_without_noise_is_caught(monkeypatch, broken):
     result, contributions, _, noise_values = record_dp_steps(monkeypatch, **{broken: False})
     found = dp_violations(result, contributions, noise_values)
     assert len(found) == 1 and found[0].startswith("an example" if broken == "clip" else "noise std")
+
+
+def test_noise_multiplicity_averages_each_examples_own_draws():
+    from types import SimpleNamespace
+
+    from s2l_guard.privacy import _average_draws_before_clipping, _draws
+
+    first, _, first_noise = _draws(7, 2, torch.tensor([5, 9]), 1000, 0.1, (1, 8, 8))
+    t, dropped, noise = _draws(7, 2, torch.tensor([5, 9]), 1000, 0.1, (1, 8, 8), draws=3)
+    assert len(t) == len(dropped) == len(noise) == 6
+    assert torch.equal(t[[0, 3]], first) and torch.equal(noise[[0, 3]], first_noise)  # one draw per row: as before
+    assert len(set(t.tolist())) > 2  # the draws differ
+
+    weight = torch.nn.Parameter(torch.zeros(2, 3))
+    weight.grad_sample = torch.arange(4 * 2 * 3, dtype=torch.float32).reshape(4, 2, 3)  # 2 examples x 2 draws
+    seen = []
+    optimizer = SimpleNamespace(params=[weight], clip_and_accumulate=lambda: seen.append(weight.grad_sample.clone()))
+    _average_draws_before_clipping(optimizer, 2)
+    optimizer.clip_and_accumulate()
+    expected = torch.arange(24, dtype=torch.float32).reshape(2, 2, 2, 3).mean(1)  # rows 0-1 are example 0, rows 2-3 example 1
+    assert torch.equal(seen[0], expected)
+    weight.grad_sample = torch.zeros(0, 2, 3)  # an empty Poisson batch
+    optimizer.clip_and_accumulate()
+    assert seen[1].shape == (0, 2, 3)
