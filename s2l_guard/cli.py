@@ -212,6 +212,22 @@ def _cmd_audit(args) -> int:
     return 0
 
 
+def _cmd_sweep(args) -> int:
+    """The privacy-utility-leakage frontier of the DP defenses (s2l_guard/runner/sweep.py)."""
+    from .runner.sweep import DP_DEFENSES, EPSILONS, comeback_lines, parse_epsilons, run_sweep, sweep_folder, write_sweep
+    from .runtime import log
+
+    config = _run_config(args)
+    defenses = tuple(args.defense or DP_DEFENSES)
+    epsilons = parse_epsilons(args.epsilons) if args.epsilons else EPSILONS
+    results = run_sweep(config, defenses, epsilons)
+    folder = Path(args.out) if args.out else sweep_folder(config, defenses, epsilons)
+    files = write_sweep(folder, results)
+    print("\n".join(comeback_lines(results)))
+    log(f"sweep in {folder}/ ({', '.join(f.name for f in files)}); took {results['wall_seconds']:.1f} s")
+    return 0
+
+
 def _add_cell_options(parser: argparse.ArgumentParser) -> None:
     """Where a run's cells are computed: --workers, --executor, --address."""
     parser.add_argument("--workers", type=int, metavar="N", help="override [run] workers (processes computing cells; 0: auto)")
@@ -288,6 +304,16 @@ def build_parser() -> argparse.ArgumentParser:
     audit.add_argument("--epsilon", type=float, help="override the defense's target_epsilon: the claim the run makes and the audit tests")
     audit.add_argument("--broken", action="store_true", help="the positive control: switch the noise off, keep the claimed epsilon")
     audit.set_defaults(func=_cmd_audit)
+
+    sweep = commands.add_parser("sweep", help="the DP defenses at a range of epsilons: frontier table and figures")
+    sweep.add_argument("what", choices=("epsilon",), help="what to sweep: epsilon (each DP defense's target_epsilon)")
+    _add_config(sweep)
+    sweep.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
+    _add_cell_options(sweep)
+    sweep.add_argument("--defense", nargs="+", metavar="NAME", help="the DP defenses to sweep (default: dp_sgd private_finetune)")
+    sweep.add_argument("--epsilons", metavar="LIST", help="comma-separated target epsilons, inf for no noise (default: 1,3,10,30,100,inf)")
+    sweep.add_argument("--out", help="run folder (default: runs/<profile>-sweep-epsilon-<hash>)")
+    sweep.set_defaults(func=_cmd_sweep)
 
     from .runner.ablation import ABLATIONS
 

@@ -53,6 +53,7 @@ resumed run whose accountant lost its history would under-report epsilon.
 from __future__ import annotations
 
 import hashlib
+import math
 import warnings
 from contextlib import ExitStack
 from dataclasses import dataclass, field
@@ -227,13 +228,16 @@ class DPHooks(TrainHooks):
         rows = TensorDataset(torch.arange(len(run.images)))
         loader = DataLoader(rows, batch_size=s.batch_size, generator=torch.Generator().manual_seed(s.seed))
         self.sample_rate = 1.0 / len(loader)  # what make_private's DPDataLoader and accountant use
-        self.noise_multiplier = get_noise_multiplier(
-            target_epsilon=self.privacy.target_epsilon,
-            target_delta=self.delta,
-            sample_rate=self.sample_rate,
-            steps=s.steps,
-            accountant=self.privacy.accountant,
-        )
+        if math.isinf(self.privacy.target_epsilon):  # the frontier's reference point: the same recipe, clipped, without noise
+            self.noise_multiplier = 0.0
+        else:
+            self.noise_multiplier = get_noise_multiplier(
+                target_epsilon=self.privacy.target_epsilon,
+                target_delta=self.delta,
+                sample_rate=self.sample_rate,
+                steps=s.steps,
+                accountant=self.privacy.accountant,
+            )
         self.tokens = bundle.tokenize(run.prompts)  # the wrapper encodes captions itself: a trained text encoder needs per-example gradients
         bundle.eval()
         self.wrapper = DenoisingLossModule(bundle, train_text_encoder=any(name.startswith("text_encoder.") for name in run.trainable))
@@ -307,7 +311,7 @@ class DPHooks(TrainHooks):
         """What the run trained and the privacy it spent, by the engine's accountant."""
         return PrivateTrainResult(
             losses=trained.losses,
-            epsilon=float(self.engine.accountant.get_epsilon(self.delta)),
+            epsilon=float(self.engine.accountant.get_epsilon(self.delta)) if self.noise_multiplier else math.inf,
             delta=self.delta,
             noise_multiplier=float(self.noise_multiplier),
             sample_rate=self.sample_rate,

@@ -20,7 +20,7 @@ PRV_MAX_EPSILON = 100.0
 class PrivacySettings:
     """The DP guarantee to train for and how to compute it."""
 
-    target_epsilon: float = 10.0  # > 0
+    target_epsilon: float = 10.0  # > 0; inf: the same recipe (clipping included) without noise, no privacy
     delta: float = 0.0  # 0: 1 / (10 N) for N training rows; must be below 1 / N
     max_grad_norm: float = 1.0  # per-sample clipping bound C
     accountant: str = "rdp"  # "rdp" or "prv" (opacus accountants)
@@ -34,8 +34,8 @@ class PrivacySettings:
         if self.accountant not in ACCOUNTANTS:
             raise SettingsError(f"privacy accountant {self.accountant!r} is unknown; use one of {', '.join(ACCOUNTANTS)}")
         if not self.target_epsilon > 0:
-            raise SettingsError(f"privacy target_epsilon must be > 0, got {self.target_epsilon}; use e.g. 1 to 10")
-        if self.accountant == "prv" and self.target_epsilon > PRV_MAX_EPSILON:
+            raise SettingsError(f"privacy target_epsilon must be > 0 (or inf: no noise), got {self.target_epsilon}; use e.g. 1 to 10")
+        if self.accountant == "prv" and PRV_MAX_EPSILON < self.target_epsilon < float("inf"):
             raise SettingsError(
                 f"privacy target_epsilon = {self.target_epsilon} is beyond what opacus' PRV accountant can "
                 f"calibrate (<= {PRV_MAX_EPSILON:g}); use accountant = 'rdp' for such budgets"
