@@ -243,3 +243,30 @@ def test_anneal_continues_the_undefended_model_with_the_rate_decayed_to_zero(tmp
     for bad in ({"steps": 0}, {"schedule": "constant"}, {"warmup_steps": 6, "steps": 6}, {"ema_decay": 1.0}):
         with pytest.raises(ValueError, match="anneal"):
             AnnealSettings(**bad)
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_private_finetune_pretrains_its_public_part_once_for_every_epsilon(tmp_path):
+    """The public pre-training is kept in the store by its rows: a second epsilon reuses it, and the
+    model released through the store equals the one trained without it."""
+    from pathlib import Path
+
+    from defenses.private_finetune import PrivateFinetuneSettings
+    from s2l_guard.cache import Store
+    from s2l_guard.data import load_imagefolder
+    from s2l_guard.model import load_bundle
+    from s2l_guard.runner.stages import defense_context, pretrain_stage, testbed_stage
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "configs" / "smoke.toml").replace(run={"store": str(tmp_path / "store")})
+    store, cpu = Store(config.run.store), torch.device("cpu")
+    data = testbed_stage(store, config)
+    defense = lambda epsilon: DEFENSES.get("private_finetune")(PrivateFinetuneSettings(target_epsilon=epsilon, steps=3, batch_size=8))  # noqa: E731
+    first = pretrain_stage(store, config, data, cpu, defense(10.0))
+    second = pretrain_stage(store, config, data, cpu, defense(3.0))
+    assert first.key != second.key
+    assert len(list((tmp_path / "store" / "bundle").iterdir())) == 3  # the public pre-training once, and each released model
+
+    unstored, _ = defense(10.0).pretrain(defense_context(config, load_imagefolder(data.path), cpu, tmp_path / "work"))
+    released = load_bundle(first.path)
+    assert all(torch.equal(p, q) for (_, p), (_, q) in zip(released.named_parameters(), unstored.named_parameters()))

@@ -226,7 +226,7 @@ def audit_defense(config: Config, *, kind: str = "gradient", canaries: int | Non
         else:
             patterns = canary_images(canaries, tuple(dataset.images.shape[1:]), seed)
             training_set = with_canaries(dataset, patterns, included)
-        bundle, summary = defense.pretrain(defense_context(config, training_set, device, workdir))
+        bundle, summary = defense.pretrain(defense_context(config, training_set, device, workdir, store=Store(config.run.store)))
     if kind == "gradient":
         scores, how = recorder.scores, GRADIENT_METHOD
     else:

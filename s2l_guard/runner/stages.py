@@ -7,6 +7,7 @@ model, and changing the testbed retrains it.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import platform
 import sys
@@ -113,10 +114,30 @@ def standard_pretrain(config: Config, dataset, device: torch.device, images, cap
     return bundle, summary
 
 
-def defense_context(config: Config, dataset, device: torch.device, workdir: Path, undefended=None) -> PretrainContext:
-    """What a training-recipe defense trains from: ``dataset``, the standard recipe on it, progress lines."""
-    return PretrainContext(dataset, config, device, workdir, lambda images, captions: standard_pretrain(config, dataset, device, images, captions, workdir),
-                           lambda: fresh_bundle(config, dataset, device), pretrain_settings(config),
+def stored_standard_pretrain(store: Store, config: Config, dataset, device: torch.device, images, captions):
+    """:func:`standard_pretrain` on some rows, kept in the store under a key of those rows: a defense
+    that pre-trains on part of the data (private_finetune's public domains) trains that part once
+    for every epsilon of a sweep and every audit, not once each."""
+    rows = hashlib.sha256(images.cpu().numpy().tobytes() + "\n".join(captions).encode()).hexdigest()[:24]
+
+    def build(folder: Path, key: str) -> None:
+        bundle, summary = standard_pretrain(config, dataset, device, images, captions, store.workdir("bundle", key))
+        bundle.save(folder)
+        (folder / "training.json").write_text(json.dumps(summary, indent=2))
+
+    artifact = store.get_or_build("bundle", pretrain_spec(config, f"rows-{rows}"), build)
+    log(f"standard pre-training of {len(images)} rows {'reused' if artifact.reused else 'saved'}: {artifact.path}")
+    return load_bundle(artifact.path, device=device), json.loads((artifact.path / "training.json").read_text())
+
+
+def defense_context(config: Config, dataset, device: torch.device, workdir: Path, undefended=None, store: Store | None = None) -> PretrainContext:
+    """What a training-recipe defense trains from: ``dataset``, the standard recipe on it (kept in
+    ``store`` when one is given), progress lines."""
+    if store is not None:
+        standard = lambda images, captions: stored_standard_pretrain(store, config, dataset, device, images, captions)  # noqa: E731
+    else:
+        standard = lambda images, captions: standard_pretrain(config, dataset, device, images, captions, workdir)  # noqa: E731
+    return PretrainContext(dataset, config, device, workdir, standard, lambda: fresh_bundle(config, dataset, device), pretrain_settings(config),
                            lambda total, name: _progress_lines(total, time.perf_counter(), name), undefended)  # fmt: skip
 
 
@@ -142,7 +163,7 @@ def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.d
                 base = pretrain_stage(store, config, data, device)
                 return load_bundle(base.path, device=device), json.loads((base.path / "training.json").read_text())
 
-            bundle, summary = defense.pretrain(defense_context(config, dataset, device, workdir, undefended))
+            bundle, summary = defense.pretrain(defense_context(config, dataset, device, workdir, undefended, store))
             summary["defense"] = defense.spec()
         else:
             bundle, summary = standard_pretrain(config, dataset, device, *dataset.training_set(), workdir)
