@@ -50,6 +50,12 @@ def test_a_leak_is_bounded_far_above_a_small_claim_and_bad_counts_are_refused():
     assert bound["epsilon"] > 2.0 and bound["correct"] >= 95 and bound["guesses"] == 100
     with pytest.raises(SettingsError, match="must be even"):
         one_run_bound(scores, included, guesses=300, delta=0.0)
+    top = one_run_bound(scores, included, guesses=41, delta=1e-5, sides="in")  # "in" guesses only: any count
+    assert top["guesses"] == 41 and top["correct"] == int(included[np.argsort(-scores)[:41]].sum()) and top["epsilon"] > 1.0
+    with pytest.raises(SettingsError, match="at least 1"):
+        one_run_bound(scores, included, guesses=0, delta=0.0, sides="in")
+    with pytest.raises(SettingsError, match="sides"):
+        one_run_bound(scores, included, guesses=10, delta=0.0, sides="out")
     with pytest.raises(SettingsError, match="two-letter"):
         canary_captions(1000)
     assert canary_captions(28)[:3] == ["aa", "ab", "ac"] and canary_captions(28)[27] == "bb"

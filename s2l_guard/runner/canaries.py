@@ -2,8 +2,8 @@
 
 ``canaries`` canaries are each put in a DP defense's training data with probability 1/2,
 independently, and the defense trains once, as it would for release. Every canary is scored; the
-auditor guesses "in" for the ``guesses / 2`` best-scoring, "out" for the ``guesses / 2``
-worst-scoring, and abstains on the rest. Under (epsilon, delta)-DP the number of correct guesses v
+auditor guesses "in" for the best-scoring (and, with canary images, "out" for as many of the
+worst-scoring) and abstains on the rest. Under (epsilon, delta)-DP the number of correct guesses v
 of r is no more likely than under randomized response with accuracy e^eps / (1 + e^eps), plus a
 delta term (the paper's Theorem 3.1 and its p-value), so the largest epsilon at which v correct
 guesses still have a p-value below 1 - confidence is a lower bound on the run's epsilon, with that
