@@ -302,3 +302,17 @@ def _check_finite(bundle: Bundle, folder: Path) -> None:
     for name, param in bundle.named_parameters():
         if not torch.isfinite(param).all():
             raise BundleError(f"{folder}: weight {name} holds NaN or infinite values; the checkpoint is corrupt, re-export it")
+
+
+def merge_adapters(model: torch.nn.Module) -> None:
+    """Fold every peft adapter (LoRA) into its base layer and put the base layer back in its place."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    adapted = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
+    for name, module in adapted:
+        module.merge()
+        parent_name, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
+    # inject_adapter_in_model leaves its config on the model; a plain model has none.
+    if hasattr(model, "peft_config"):
+        del model.peft_config

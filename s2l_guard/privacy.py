@@ -66,6 +66,7 @@ from diffusers.training_utils import EMAModel
 from opacus import PrivacyEngine
 from opacus.accountants.utils import get_noise_multiplier
 from opacus.utils.batch_memory_manager import BatchMemoryManager
+from opacus.utils.fast_gradient_clipping_utils import DPTensorFastGradientClipping
 from opacus.utils.module_utils import trainable_modules
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader, TensorDataset
@@ -119,7 +120,7 @@ class DenoisingLossModule(torch.nn.Module):
         if self.text_encoder is not None:
             # CLIP's default position ids are one [1, L] row broadcast over the batch; opacus would
             # then record a single, summed "per-sample" gradient for the position embedding.
-            positions = torch.arange(token_ids.shape[1], device=token_ids.device).expand(token_ids.shape[0], -1)
+            positions = torch.arange(token_ids.shape[1], device=token_ids.device).repeat(token_ids.shape[0], 1)  # contiguous: ghost clipping views it
             context = self.text_encoder(token_ids, position_ids=positions)[0]
         else:
             with torch.no_grad():
@@ -188,6 +189,7 @@ class DPHooks(TrainHooks):
 
     def __init__(self, privacy: PrivacySettings) -> None:
         self.privacy = privacy
+        self.ghost = privacy.grad_sample_mode == "ghost"
         self.delta = 0.0
         self.wrapper: DenoisingLossModule | None = None
         self.module = None  # opacus' GradSampleModule around the wrapper
@@ -249,7 +251,7 @@ class DPHooks(TrainHooks):
         self.engine = PrivacyEngine(accountant=self.privacy.accountant)
         noise_gen = torch.Generator(device=bundle.device).manual_seed(s.seed * 1_000_003 + 7)
         try:
-            self.module, dp_optimizer, dp_loader = self.engine.make_private(
+            made = self.engine.make_private(
                 module=self.wrapper,
                 optimizer=optimizer,
                 data_loader=loader,
@@ -262,6 +264,11 @@ class DPHooks(TrainHooks):
             )
         except (NotImplementedError, ValueError) as exc:
             raise S2LError(_unsupported_message(run.description, self.wrapper, exc)) from exc
+        if self.ghost:  # its loss wrapper is not needed: backward() wraps the per-example losses itself
+            self.module, dp_optimizer, _, dp_loader = made
+        else:
+            self.module, dp_optimizer, dp_loader = made
+        self.dp_optimizer = dp_optimizer
         self.expected_batch_size = int(dp_optimizer.expected_batch_size)
         if self.privacy.noise_multiplicity > 1:
             _average_draws_before_clipping(dp_optimizer, self.privacy.noise_multiplicity)
@@ -280,7 +287,10 @@ class DPHooks(TrainHooks):
                 yield self._batch(run, step, index)
             else:  # an empty Poisson batch: opacus still adds noise and counts the step, from empty per-sample gradients
                 for p in run.params:
-                    p.grad_sample = p.new_zeros((0, *p.shape))
+                    if self.ghost:  # ghost clipping accumulates p.grad, the clipped sum, instead
+                        p.grad = torch.zeros_like(p)
+                    else:
+                        p.grad_sample = p.new_zeros((0, *p.shape))
                 yield None
             if _steps_taken(self.engine) > step:
                 return
@@ -295,6 +305,15 @@ class DPHooks(TrainHooks):
 
     def losses(self, run: Run, batch: Batch) -> torch.Tensor:
         return self.module(batch.z0, batch.t.to(run.bundle.device), batch.noise, self.tokens[batch.which])
+
+    def backward(self, loss: torch.Tensor, losses: torch.Tensor) -> None:
+        """Hooks and functorch: one backward pass, per-sample gradients from opacus' hooks. Ghost
+        clipping: opacus' two passes, per-sample gradient norms first, then the loss with each
+        example weighted by its clipping factor, whose gradient is the clipped sum."""
+        if self.ghost:
+            DPTensorFastGradientClipping(self.module, self.dp_optimizer, losses, loss_reduction="mean").backward()
+        else:
+            loss.backward()
 
     def step_loss(self, objective: float, total: float, count: int) -> float:
         """The mean loss of the logical batch's rows (over all its physical batches); nan for an empty one."""

@@ -9,9 +9,10 @@ from .errors import SettingsError
 
 ACCOUNTANTS = ("rdp", "prv")
 # opacus' per-sample gradient engines that run the testbed UNet through the same step and agree
-# (tests/test_privacy.py). "ew" (expanded weights) fails on the UNet with a view-size error;
-# "ghost" clipping needs its own loss wrapper and step, and is not wired in.
-GRAD_SAMPLE_MODES = ("hooks", "functorch")
+# (tests/test_privacy.py): "ghost" clipping takes each example's gradient norm without its
+# gradient, then backpropagates the clipped loss a second time. "ew" (expanded weights) fails
+# on the UNet with a view-size error.
+GRAD_SAMPLE_MODES = ("hooks", "functorch", "ghost")
 # opacus' PRV noise search overflows and runs for many minutes far above this (e.g. epsilon 1e3).
 PRV_MAX_EPSILON = 100.0
 
@@ -46,6 +47,9 @@ class PrivacySettings:
             raise SettingsError(f"privacy max_grad_norm must be > 0, got {self.max_grad_norm}; use e.g. 1.0")
         if self.grad_sample_mode not in GRAD_SAMPLE_MODES:
             raise SettingsError(f"privacy grad_sample_mode {self.grad_sample_mode!r} is unknown; use one of {', '.join(GRAD_SAMPLE_MODES)}")
+        if self.noise_multiplicity > 1 and self.grad_sample_mode == "ghost":
+            raise SettingsError("privacy noise_multiplicity > 1 averages per-sample gradients, which ghost clipping never forms; "
+                                "use grad_sample_mode = 'hooks'")  # fmt: skip
         if self.noise_multiplicity < 1:
             raise SettingsError(f"privacy noise_multiplicity must be >= 1, got {self.noise_multiplicity}; 1 draws one noise per example")
         if self.physical_batch_size < 1:

@@ -145,6 +145,10 @@ class TrainHooks:
         context = run.contexts[batch.which] if run.contexts is not None else bundle.encode_prompts([run.prompts[i] for i in batch.which])
         return denoising_loss(bundle, batch.z0, context, batch.t.to(bundle.device), batch.noise, run.noise_scheduler)
 
+    def backward(self, loss: torch.Tensor, losses: torch.Tensor) -> None:
+        """Backpropagate the batch objective ``loss`` (``losses``: its per-example terms)."""
+        loss.backward()
+
     def step_loss(self, objective: float, total: float, count: int) -> float:
         """The loss a step logs: here the objective it minimised (instance plus weighted class loss).
 
@@ -275,7 +279,7 @@ def _take_step(run: Run, hooks: TrainHooks, optimizer: torch.optim.Optimizer, st
                 loss = loss + run.prior.weight * losses[batch.instances :].mean()
             if not torch.isfinite(loss):
                 raise S2LError(f"{run.description}: loss became {loss.item()} at step {step}; lower the learning rate")
-            loss.backward()
+            hooks.backward(loss, losses)
             objective = loss.item()
             total += losses[: batch.instances].sum().item()
             count += batch.instances

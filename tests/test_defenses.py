@@ -270,3 +270,30 @@ def test_private_finetune_pretrains_its_public_part_once_for_every_epsilon(tmp_p
     unstored, _ = defense(10.0).pretrain(defense_context(config, load_imagefolder(data.path), cpu, tmp_path / "work"))
     released = load_bundle(first.path)
     assert all(torch.equal(p, q) for (_, p), (_, q) in zip(released.named_parameters(), unstored.named_parameters()))
+
+
+@pytest.mark.filterwarnings("ignore")
+def test_private_finetune_with_lora_trains_only_adapters_and_releases_a_plain_model(tmp_path):
+    """lora_rank > 0: the DP stage trains LoRA adapters on the attention projections and folds them
+    in; the released model has the public model's parameter names, and only those projections moved."""
+    from pathlib import Path
+
+    from defenses.private_finetune import PrivateFinetuneSettings
+    from s2l_guard.cache import Store
+    from s2l_guard.data import load_imagefolder
+    from s2l_guard.runner.stages import defense_context, stored_standard_pretrain, testbed_stage
+
+    root = Path(__file__).resolve().parents[1]
+    config = load_config(root / "configs" / "smoke.toml").replace(run={"store": str(tmp_path / "store")})
+    store, cpu = Store(config.run.store), torch.device("cpu")
+    dataset = load_imagefolder(testbed_stage(store, config).path)
+    settings = PrivateFinetuneSettings(target_epsilon=1e4, steps=4, batch_size=8, learning_rate=1e-2, lora_rank=2, layers=("attn2.",))
+    released, summary = DEFENSES.get("private_finetune")(settings).pretrain(defense_context(config, dataset, cpu, tmp_path / "work", store=store))
+    public, _ = stored_standard_pretrain(store, config, dataset, cpu, *dataset.select(membership="public").training_set())
+    before, after = dict(public.named_parameters()), dict(released.named_parameters())
+    assert set(after) == set(before)  # no adapter left behind
+    moved = {n for n in after if not torch.equal(after[n], before[n])}
+    assert moved and all(".attn2.to_" in n and n.endswith(".weight") for n in moved)
+    assert summary["private_trainable_parameters"] < sum(before[n].numel() for n in moved)  # the adapters are smaller than what they move
+    with pytest.raises(ValueError, match="lora_rank must be >= 0"):
+        PrivateFinetuneSettings(lora_rank=-1)

@@ -19,16 +19,17 @@ pytestmark = pytest.mark.filterwarnings("ignore")
 CLAIM, DELTA = 1.0, 1e-6  # a claim one run can refute: 100 right guesses of 100 bound epsilon near 3.4
 
 
-def audit(included, *, broken: bool, steps: int = 10):
+def audit(included, *, broken: bool, steps: int = 10, mode: str = "hooks"):
     with noise_switched_off() if broken else contextlib.nullcontext(), gradient_canaries.recording(included, seed=3) as canaries:
-        result = run(tiny_bundle(), steps=steps, epsilon=CLAIM, names=("unet.",), delta=DELTA)
+        result = run(tiny_bundle(), steps=steps, epsilon=CLAIM, names=("unet.",), delta=DELTA, grad_sample_mode=mode)
     return result, canaries
 
 
+@pytest.mark.parametrize("mode", ["hooks", "ghost"])
 @pytest.mark.parametrize("broken", [True, False])
-def test_the_audit_flags_dp_without_noise_and_passes_dp_with_it(broken):
+def test_the_audit_flags_dp_without_noise_and_passes_dp_with_it(broken, mode):
     included = np.random.default_rng(0).random(400) < 0.5
-    result, canaries = audit(included, broken=broken)
+    result, canaries = audit(included, broken=broken, mode=mode)
     bound = one_run_bound(canaries.scores, included, guesses=100, delta=result.delta, sides="in")
     assert result.epsilon == pytest.approx(CLAIM, abs=0.01)  # the accountant's claim is the same either way
     if broken:

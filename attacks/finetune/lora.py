@@ -19,13 +19,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model
-from peft.tuners.tuners_utils import BaseTunerLayer
 
 from attacks.base import SHAKERS, FinetuneData
 from s2l_guard.errors import S2LError
-from s2l_guard.model import Bundle
+from s2l_guard.model import Bundle, merge_adapters
 
 from .base import Adaptation, FinetuneMethod, FinetuneSettings, setting
 
@@ -89,7 +87,7 @@ class Lora(FinetuneMethod):
 
         def merge() -> None:
             for prefix in parts:
-                _merge_and_unload(getattr(bundle, prefix))
+                merge_adapters(getattr(bundle, prefix))
 
         return Adaptation.of(trainable, exports=[export], finalize=[merge])
 
@@ -111,15 +109,3 @@ def _save_diffusers_lora(folder: Path, bundle: Bundle, configs: dict[str, LoraCo
         text_encoder_lora_adapter_metadata=configs["text_encoder"].to_dict() if "text_encoder" in configs else None,
         weight_name=LORA_FILE,
     )
-
-
-def _merge_and_unload(model: torch.nn.Module) -> None:
-    """Fold every adapter into its base layer and put the base layer back in its place."""
-    adapted = [(name, module) for name, module in model.named_modules() if isinstance(module, BaseTunerLayer)]
-    for name, module in adapted:
-        module.merge()
-        parent_name, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent_name) if parent_name else model, child, module.get_base_layer())
-    # inject_adapter_in_model leaves its config on the model; a plain model has none.
-    if hasattr(model, "peft_config"):
-        del model.peft_config

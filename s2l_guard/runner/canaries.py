@@ -164,13 +164,17 @@ def noise_switched_off() -> Iterator[None]:
     """The broken-DP positive control: opacus' optimizer adds zero noise while the accountant, and
     so the claim, stay as they were - the failure an audit exists to catch."""
     import opacus.optimizers.optimizer as dp_optimizer
+    import opacus.optimizers.optimizer_fast_gradient_clipping as ghost_optimizer  # imports the function by name
 
-    original = dp_optimizer._generate_noise
-    dp_optimizer._generate_noise = lambda std, reference, **kwargs: torch.zeros_like(reference)
+    modules = (dp_optimizer, ghost_optimizer)
+    originals = [module._generate_noise for module in modules]
+    for module in modules:
+        module._generate_noise = lambda std, reference, **kwargs: torch.zeros_like(reference)
     try:
         yield
     finally:
-        dp_optimizer._generate_noise = original
+        for module, original in zip(modules, originals):
+            module._generate_noise = original
 
 
 KINDS = ("gradient", "image")
