@@ -56,7 +56,8 @@ def test_the_table_says_where_leakage_and_amplification_come_back(tmp_path):
     points[0]["status"] = "ok"
     results = _results(points)
     assert comeback_lines(results) == [
-        "dp_sgd: the released model leaks (an MIA's AUC interval above 0.5) from epsilon 10; S2L amplifies (an AUC change's interval above 0) from epsilon inf"
+        "dp_sgd: the released model leaks (an MIA's AUC interval above 0.5) from epsilon 10 (secmi); "
+        "S2L amplifies (an AUC change's interval above 0) from epsilon inf (end2end secmi)"
     ]
     table = format_sweep(results)
     assert "| dp_sgd | inf | inf | 0.900 [0.850, 0.950] |" in table and "| dp_sgd | 3 | failed: boom |" in table

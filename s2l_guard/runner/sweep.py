@@ -180,14 +180,19 @@ def format_sweep(results: dict) -> str:
 
 def comeback_lines(results: dict) -> list[str]:
     """Per defense: the smallest epsilon at which the released model's leakage is above chance
-    (some MIA's AUC interval above 0.5) and at which S2L amplifies (some paired change's interval above 0)."""
+    (some MIA's AUC interval above 0.5) and at which S2L amplifies (some paired change's interval
+    above 0), naming the MIAs (and fine-tunes) that show it there - the table shows only the first MIA."""
     lines = []
     for defense in results["defenses"]:
         points = sorted((p for p in results["points"] if p["defense"] == defense and p["status"] == "ok"), key=lambda p: p["target_epsilon"])
-        leaks = [p["target_epsilon"] for p in points if any(_above(p["released"][m]["auc"], 0.5) for m in results["mia"])]
-        amplifies = [p["target_epsilon"] for p in points
-                     if any(_above(p["amplification"][s][m], 0.0) for s in results["shakers"] for m in results["mia"])]  # fmt: skip
-        say = lambda found: f"from epsilon {_epsilon_label(found[0])}" if found else "at no epsilon swept"  # noqa: E731
+        leaks = [(p["target_epsilon"], [m for m in results["mia"] if _above(p["released"][m]["auc"], 0.5)]) for p in points]
+        amplifies = [(p["target_epsilon"], [f"{s} {m}" for s in results["shakers"] for m in results["mia"] if _above(p["amplification"][s][m], 0.0)])
+                     for p in points]  # fmt: skip
+
+        def say(found):
+            first = next(((epsilon, names) for epsilon, names in found if names), None)
+            return f"from epsilon {_epsilon_label(first[0])} ({', '.join(first[1])})" if first else "at no epsilon swept"
+
         lines.append(f"{defense}: the released model leaks (an MIA's AUC interval above 0.5) {say(leaks)}; "
                      f"S2L amplifies (an AUC change's interval above 0) {say(amplifies)}")  # fmt: skip
     return lines
