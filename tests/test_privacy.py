@@ -284,7 +284,16 @@ def record_dp_steps(monkeypatch, *, clip: bool = True, noise: bool = True, max_g
             self.max_grad_norm = bound
         contributions.append(torch.stack([(p.summed_grad.view_as(p) - b).norm() for p, b in zip(self.params, before)]).norm().item())
 
-    def recording_noise(self):
+    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", recording_clip)
+    monkeypatch.setattr(DPOptimizer, "add_noise", recording_noise(add_noise, noise, noise_values))
+    result = run(tiny_bundle(), steps=3, batch_size=4, epsilon=10.0, physical=1, max_grad_norm=max_grad_norm, **privacy)
+    return result, contributions, raw_norms, torch.cat(noise_values)
+
+
+def recording_noise(add_noise, noise: bool, noise_values: list):
+    """``add_noise`` that records the noise it added to the sum (none when ``noise`` is False)."""
+
+    def recording(self):
         multiplier = self.noise_multiplier
         self.noise_multiplier = multiplier if noise else 0.0
         try:
@@ -293,10 +302,7 @@ def record_dp_steps(monkeypatch, *, clip: bool = True, noise: bool = True, max_g
             self.noise_multiplier = multiplier
         noise_values.append(torch.cat([(p.grad - p.summed_grad.view_as(p)).flatten() for p in self.params]))
 
-    monkeypatch.setattr(DPOptimizer, "clip_and_accumulate", recording_clip)
-    monkeypatch.setattr(DPOptimizer, "add_noise", recording_noise)
-    result = run(tiny_bundle(), steps=3, batch_size=4, epsilon=10.0, physical=1, max_grad_norm=max_grad_norm, **privacy)
-    return result, contributions, raw_norms, torch.cat(noise_values)
+    return recording
 
 
 def record_ghost_steps(monkeypatch, *, clip: bool, noise: bool, max_grad_norm: float, **privacy):
@@ -319,18 +325,9 @@ def record_ghost_steps(monkeypatch, *, clip: bool, noise: bool, max_grad_norm: f
         accumulate(self)
         contributions.append(torch.stack([(p.summed_grad.view_as(p) - b).norm() for p, b in zip(self.params, before)]).norm().item())
 
-    def recording_noise(self):
-        multiplier = self.noise_multiplier
-        self.noise_multiplier = multiplier if noise else 0.0
-        try:
-            add_noise(self)
-        finally:
-            self.noise_multiplier = multiplier
-        noise_values.append(torch.cat([(p.grad - p.summed_grad.view_as(p)).flatten() for p in self.params]))
-
     monkeypatch.setattr(Module, "get_clipping_coef", recording_coef)
     monkeypatch.setattr(Optimizer, "accumulate", recording_accumulate)
-    monkeypatch.setattr(Optimizer, "add_noise", recording_noise)
+    monkeypatch.setattr(Optimizer, "add_noise", recording_noise(add_noise, noise, noise_values))
     result = run(tiny_bundle(), steps=3, batch_size=4, epsilon=10.0, physical=1, max_grad_norm=max_grad_norm, **privacy)
     return result, contributions, raw_norms, torch.cat(noise_values)
 
