@@ -11,7 +11,7 @@ Recipe keys (space-separated ``key=value``; the defense's defaults otherwise):
 - ``eps``: target epsilon (``inf``: clipped, no noise); ``sigma_per_row``: instead of an epsilon,
   the noise's standard deviation on the *mean* clipped gradient in units of the clipping bound
   (noise multiplier / expected batch size) - the tolerance curve, privacy not accounted;
-- ``batch``, ``steps``, ``lr``, ``optimizer`` (adamw or sgd), ``clip`` (C), ``k`` (noise multiplicity),
+- ``batch``, ``steps``, ``lr`` (AdamW's, as the defense), ``clip`` (C), ``k`` (noise multiplicity),
   ``ema`` (EMA decay of the released weights), ``layers`` (comma-separated name parts),
   ``lora`` (rank of LoRA adapters on the attention projections inside ``layers``; trains only
   those, merged after), ``projections`` (which projections get adapters, comma-separated).
@@ -30,7 +30,7 @@ from unittest import mock
 
 import torch
 
-from defenses.private_finetune import PROJECTIONS, lora_adapters
+from defenses.private_finetune import PROJECTIONS, private_trainable
 from s2l_guard import privacy
 from s2l_guard.cache import Store
 from s2l_guard.cli import config_path
@@ -45,7 +45,7 @@ from s2l_guard.sampling import sample
 from s2l_guard.training import TrainSettings
 from s2l_guard.utility import _digit, digits_evaluator
 
-DEFAULTS = {"eps": "10", "batch": "64", "steps": "300", "lr": "1e-3", "optimizer": "adamw", "clip": "1.0", "k": "1", "ema": "0",
+DEFAULTS = {"eps": "10", "batch": "64", "steps": "300", "lr": "1e-3", "clip": "1.0", "k": "1", "ema": "0",
             "layers": "attn1.,attn2.", "lora": "0", "projections": ",".join(PROJECTIONS), "sigma_per_row": ""}  # fmt: skip
 
 
@@ -62,19 +62,9 @@ def parse_recipe(text: str) -> dict[str, str]:
 def run_recipe(recipe: dict[str, str], base, images, captions, config, private, evaluator, samples: int) -> dict:
     start = time.perf_counter()
     bundle = base.clone()
-    for _, p in bundle.named_parameters():
-        p.requires_grad_(False)
     rank = int(recipe["lora"])
-    if rank:
-        trainable = lora_adapters(bundle, tuple(recipe["layers"].split(",")), rank, tuple(recipe["projections"].split(",")))
-    else:
-        parts = recipe["layers"].split(",")
-        trainable = {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") and any(part in n for part in parts)}
-    for q in trainable.values():
-        q.requires_grad_(True)
-    lr = float(recipe["lr"])
-    optimizer = (torch.optim.SGD(trainable.values(), lr=lr, momentum=0.9) if recipe["optimizer"] == "sgd"
-                 else torch.optim.AdamW(trainable.values(), lr=lr))  # fmt: skip
+    trainable = private_trainable(bundle, tuple(recipe["layers"].split(",")), rank, tuple(recipe["projections"].split(",")))
+    optimizer = torch.optim.AdamW(trainable.values(), lr=float(recipe["lr"]))  # the defense's optimizer
     batch, steps = int(recipe["batch"]), int(recipe["steps"])
     settings = TrainSettings(steps=steps, batch_size=batch, caption_dropout=config.pretrain.caption_dropout, seed=config.run.seed,
                              ema_decay=float(recipe["ema"]))  # fmt: skip

@@ -60,11 +60,7 @@ class PrivateFinetune(Defense):
         bundle, summary = context.standard_pretrain(*public.training_set())
         private = context.dataset.select(membership="member")
         images, captions = private.training_set()
-        trainable = {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") and any(part in n for part in s.layers)}
-        if not trainable:
-            raise ConfigError(f"no UNet parameter name contains any of {list(s.layers)}; name attention layers such as 'attn2.'")
-        if s.lora_rank:
-            trainable = lora_adapters(bundle, s.layers, s.lora_rank)
+        trainable = private_trainable(bundle, s.layers, s.lora_rank)
         optimizer = torch.optim.AdamW(trainable.values(), lr=s.learning_rate)
         settings = replace(
             context.train_settings, steps=s.steps, batch_size=s.batch_size, lr_schedule="constant", warmup_steps=0, checkpoint_every=0, ema_decay=0.0
@@ -80,6 +76,17 @@ class PrivateFinetune(Defense):
 
 
 PROJECTIONS = ("to_q", "to_k", "to_v", "to_out.0")
+
+
+def private_trainable(
+    bundle, layers: tuple[str, ...], lora_rank: int = 0, projections: tuple[str, ...] = PROJECTIONS
+) -> dict[str, torch.nn.Parameter]:
+    """What the DP stage trains: the UNet weights inside ``layers``, or (``lora_rank`` > 0) LoRA
+    adapters on their attention ``projections``, injected into ``bundle`` here."""
+    trainable = {n: q for n, q in bundle.named_parameters() if n.startswith("unet.") and any(part in n for part in layers)}
+    if not trainable:
+        raise ConfigError(f"no UNet parameter name contains any of {list(layers)}; name attention layers such as 'attn2.'")
+    return lora_adapters(bundle, layers, lora_rank, projections) if lora_rank else trainable
 
 
 def lora_adapters(bundle, layers: tuple[str, ...], rank: int, projections: tuple[str, ...] = PROJECTIONS) -> dict[str, torch.nn.Parameter]:
