@@ -1,6 +1,7 @@
 """Can a faster sampler replace DDIM-50 for extraction candidates without changing what they extract?
 
     .venv/bin/python docs/calibration/solver_check.py [configs/standard.toml] [--steps 10 15 20 25]
+        [--rows pretrained lora end2end end2end-members]
 
 Sampling is 60% of a standard cell (docs/performance.md), all of it UNet forwards, so only
 fewer forwards make a cell much faster. For the config's pre-trained model and each private
@@ -16,6 +17,13 @@ steps may replace DDIM for candidates only if, in every private domain,
       the same noise, and
   (c) the median distance between the paired candidates is below delta / 2.
 The smallest k that meets all three is the candidate; if none does, DDIM stays.
+
+Second run (2026-12-03): the same rule, now required of every row in ``--rows`` as well as
+every domain - the pre-trained model, models shaken on their SP set (LoRA, End-to-End: the
+table's rows, trained as ``s2l-guard attack`` trains them, same settings and seed) and the
+oracle row (End-to-End on the domain's members), the one model that extracts members, so
+criterion (a) is tested where the counts are not near zero. A row's candidates are drawn with
+the prompt its cell attacks. SP sets stay DDIM's: this checks the candidates only.
 """
 
 from __future__ import annotations
@@ -26,9 +34,12 @@ from pathlib import Path
 import torch
 from diffusers import DPMSolverMultistepScheduler
 
+from attacks.base import SHAKERS
 from s2l_guard.config import load_config
 from s2l_guard.metrics import nearest, tiled_l2
-from s2l_guard.runner.cells import S2LRun
+from s2l_guard.provider import FinetuneRequest
+from s2l_guard.runner.cells import S2LRun, _as_fields
+from s2l_guard.runner.plan import DataKind, Row, derive_seed, row_label
 from s2l_guard.sampling import sample
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -57,24 +68,49 @@ def extraction_view(candidates: torch.Tensor, domain, training: torch.Tensor, de
     }
 
 
+def row_of(label: str) -> Row:
+    """A row label of the table (``pretrained``, ``lora``, ``end2end-members``) as its Row."""
+    if label == "pretrained":
+        return Row("pretrained", None, DataKind.NONE)
+    shaker, _, data = label.partition("-")
+    kind = DataKind.MEMBERS if data == "members" else DataKind.SP
+    return Row(row_label(shaker, kind), shaker, kind)
+
+
+def attacked_model(run: S2LRun, domain, row: Row):
+    """The model and prompt a row's cell attacks: the deployed model, or a fine-tuned copy
+    trained as the cell trains it (same data, settings and seed)."""
+    if row.shaker is None:
+        return run.deployed, domain.prompt
+    sp = run.generated_data(domain, row)
+    spec = run.cell_spec(domain, row, sp.key if sp else None)["shaker"]
+    cls = SHAKERS.get(row.shaker)
+    shaker = cls(cls.Settings(**_as_fields(cls.Settings, spec["settings"])))
+    data = run._finetune_data(domain, row, sp)
+    with torch.enable_grad():  # main() turns gradients off for sampling
+        outcome = run.provider.finetune(FinetuneRequest(shaker, data, derive_seed(run.config.run.seed, domain.name, row.label)))
+    return outcome.provider.weights(), outcome.prompt if row.data in (DataKind.SP, DataKind.MEMBERS) else domain.prompt
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("config", nargs="?", default=str(ROOT / "configs" / "standard.toml"))
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 15, 20, 25])
+    parser.add_argument("--rows", nargs="+", default=["pretrained"], help="table rows: pretrained, lora, end2end, end2end-members, ...")
     args = parser.parse_args()
     run = S2LRun(load_config(args.config))
     e = run.config.extraction
-    bundle = run.deployed
     print(f"{args.config}: {e.candidates} candidates per domain, guidance {e.guidance_scale}, delta {e.delta}; DDIM {e.sampler_steps} "
           "vs DPM-Solver++ (2nd order)")  # fmt: skip
-    print(f"{'domain':8} {'sampler':10} {'members':>8} {'null':>5} {'same nearest':>13} {'median paired dist':>19}")
+    print(f"{'domain':8} {'row':16} {'sampler':10} {'members':>8} {'null':>5} {'same nearest':>13} {'median paired dist':>19}")
     passes = {k: True for k in args.steps}
-    for domain in run.domains:
-        prompts = [domain.prompt] * e.candidates
+    for domain, label in ((d, r) for d in run.domains for r in args.rows):
+        bundle, prompt = attacked_model(run, domain, row_of(label))
+        prompts = [prompt] * e.candidates
         seed = run.measure_seed(domain)
         ddim = sample(bundle, prompts, steps=e.sampler_steps, guidance_scale=e.guidance_scale, seed=seed, batch_size=e.batch_size)
         ref = extraction_view(ddim, domain, run.training.images, e.delta)
-        print(f"{domain.name:8} {'DDIM ' + str(e.sampler_steps):10} {ref['members']:8d} {ref['nonmembers']:5d}")
+        print(f"{domain.name:8} {label:16} {'DDIM ' + str(e.sampler_steps):10} {ref['members']:8d} {ref['nonmembers']:5d}", flush=True)
         for k in args.steps:
             dpm = dpm_sample(bundle, prompts, steps=k, guidance_scale=e.guidance_scale, seed=seed)
             view = extraction_view(dpm, domain, run.training.images, e.delta)
@@ -83,10 +119,13 @@ def main() -> None:
             ok = view["members"] == ref["members"] and view["nonmembers"] == ref["nonmembers"] and same >= 0.9 and paired < e.delta / 2
             passes[k] &= ok
             print(
-                f"{'':8} {'DPM++ ' + str(k):10} {view['members']:8d} {view['nonmembers']:5d} {same:13.2f} {paired:19.4f}  {'meets' if ok else 'fails'}"
+                f"{'':8} {'':16} {'DPM++ ' + str(k):10} {view['members']:8d} {view['nonmembers']:5d} {same:13.2f} {paired:19.4f}  {'meets' if ok else 'fails'}",
+                flush=True,
             )
     chosen = next((k for k in sorted(passes) if passes[k]), None)
-    print(f"decision: {'DPM-Solver++ at ' + str(chosen) + ' steps meets the rule in every domain' if chosen else 'no k meets the rule; DDIM stays'}")
+    print(
+        f"decision: {'DPM-Solver++ at ' + str(chosen) + ' steps meets the rule in every domain and row' if chosen else 'no k meets the rule; DDIM stays'}"
+    )
 
 
 if __name__ == "__main__":
