@@ -36,7 +36,8 @@ import numpy as np
 import torch
 
 from s2l_guard.config import ExtractionConfig
-from s2l_guard.metrics import nearest, pairwise, tiled_l2
+from s2l_guard.errors import InputError
+from s2l_guard.metrics import distance_chunks, pairwise, tiled_l2
 
 
 def auto_grid(size: int) -> int:
@@ -125,12 +126,21 @@ def candidate_distances(
         nonmembers: the domain's held-out images ``[K, C, H, W]``, never trained on: the null.
     """
     grid = settings.grid or auto_grid(candidates.shape[-1])
-    distance, index = nearest(candidates, training_images, grid=grid, chunk=settings.chunk)
-    copies = torch.as_tensor(list(training_copies))
-    members = torch.as_tensor(list(domain_members), dtype=torch.long)
+    if len(training_images) == 0:
+        raise InputError("no training images to match candidates against")
+    copies = torch.as_tensor(np.asarray(training_copies))
+    members = torch.as_tensor(np.asarray(domain_members, dtype=np.int64))
     eligible = members[copies[members] <= settings.max_copies] if len(members) else members
+    # One pass over the training set gives each candidate's nearest image and its distances to
+    # the domain's members (a subset of the columns), chunk by chunk.
+    distance, index, to_members = [torch.empty(0)], [torch.empty(0, dtype=torch.long)], [torch.empty(0, len(eligible))]
+    for d in distance_chunks(candidates, training_images, grid=grid, chunk=settings.chunk):
+        best = d.min(1)
+        distance.append(best.values)
+        index.append(best.indices)
+        to_members.append(d[:, eligible])
+    distance, index, to_members = torch.cat(distance), torch.cat(index), torch.cat(to_members).numpy()
     empty = np.zeros((len(candidates), 0))
-    to_members = pairwise(candidates, training_images[eligible], grid=grid, chunk=settings.chunk).numpy() if len(eligible) else empty
     has_null = nonmembers is not None and len(nonmembers)
     to_nonmembers = pairwise(candidates, nonmembers, grid=grid, chunk=settings.chunk).numpy() if has_null else empty
     return CandidateDistances(eligible.tolist(), to_members, to_nonmembers, index.numpy(), distance.numpy(),

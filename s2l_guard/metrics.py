@@ -31,39 +31,38 @@ def _tiles(x: torch.Tensor, grid: int) -> torch.Tensor:
     if h % grid or w % grid:
         raise SettingsError(f"a {grid}x{grid} tile grid does not divide {h}x{w} images; pick a grid that divides the size")
     x = x.reshape(n, c, grid, h // grid, grid, w // grid).permute(0, 2, 4, 1, 3, 5)
-    return x.reshape(n, grid * grid, -1)
+    return x.reshape(n, grid * grid, c * (h // grid) * (w // grid))
 
 
 def tiled_l2(a: torch.Tensor, b: torch.Tensor, *, grid: int = 1) -> torch.Tensor:
     """Pairwise tiled normalized L2 ``[N, M]`` between image batches in [0, 1]."""
-    ta, tb = _tiles(a.double(), grid), _tiles(b.double(), grid)
-    pixels = ta.shape[-1]
-    # ||x - y||^2 = ||x||^2 + ||y||^2 - 2 x.y, per tile, for all pairs at once.
-    sq = (ta**2).sum(-1)[:, None, :] + (tb**2).sum(-1)[None, :, :] - 2 * torch.einsum("nkp,mkp->nmk", ta, tb)
-    return (sq.clamp_min(0) / pixels).sqrt().amax(-1).float()
+    # [tiles, N, pixels]: one torch.cdist per tile, batched. Float64 keeps the distances of
+    # near-identical images (the ones extraction is about) from cancelling to noise.
+    ta, tb = _tiles(a.double(), grid).transpose(0, 1), _tiles(b.double(), grid).transpose(0, 1)
+    d = torch.cdist(ta, tb)
+    return ((d[0] if grid == 1 else d.amax(0)) / ta.shape[-1] ** 0.5).float()
+
+
+def distance_chunks(queries: torch.Tensor, references: torch.Tensor, *, grid: int = 1, chunk: int = 1024) -> Iterator[torch.Tensor]:
+    """Tiled L2 from ``chunk`` queries at a time to every reference: memory stays bounded by
+    ``chunk x len(references)`` distances."""
+    for i in range(0, len(queries), chunk):
+        yield tiled_l2(queries[i : i + chunk], references, grid=grid)
 
 
 def nearest(queries: torch.Tensor, references: torch.Tensor, *, grid: int = 1, chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
-    """For each query image, the distance to and index of its nearest reference image.
-
-    Memory stays bounded by ``chunk x len(references)`` pair distances.
-    """
+    """For each query image, the distance to and index of its nearest reference image."""
     if len(references) == 0:
         raise InputError("no reference images to compare with")
-    dist, index = [], []
-    for i in range(0, len(queries), chunk):
-        d = tiled_l2(queries[i : i + chunk], references, grid=grid)
-        best = d.min(1)
-        dist.append(best.values)
-        index.append(best.indices)
-    if not dist:
+    best = [d.min(1) for d in distance_chunks(queries, references, grid=grid, chunk=chunk)]
+    if not best:
         return torch.empty(0), torch.empty(0, dtype=torch.long)
-    return torch.cat(dist), torch.cat(index)
+    return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
 
 
 def pairwise(queries: torch.Tensor, references: torch.Tensor, *, grid: int = 1, chunk: int = 1024) -> torch.Tensor:
     """Every query-reference distance ``[N, M]``, computed ``chunk`` queries at a time."""
-    parts = [tiled_l2(queries[i : i + chunk], references, grid=grid) for i in range(0, len(queries), chunk)]
+    parts = list(distance_chunks(queries, references, grid=grid, chunk=chunk))
     return torch.cat(parts) if parts else torch.empty(0, len(references))
 
 

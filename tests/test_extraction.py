@@ -52,6 +52,11 @@ def test_matching_is_chunk_independent():
     assert a.matches == b.matches and np.array_equal(a.flagged, b.flagged) and a.extracted == b.extracted
 
 
+def test_no_candidates_extract_nothing():  # an output filter may serve none
+    result = match_candidates(images(0, 1), images(12, 0), [1] * 12, [0, 1, 2], ExtractionConfig(), images(3, 2))
+    assert result.candidates == 0 and result.extracted == [] and result.nonmembers_matched == 0 and result.precision is None
+
+
 def test_no_flag_means_no_precision():
     training = images(3, 7)
     result = match_candidates(images(2, 8), training, [1] * 3, [0], ExtractionConfig())
