@@ -8,7 +8,10 @@ from test_s2l import inside
 
 from attacks.base import MIA
 from defenses.base import DEFENSES
+from s2l_guard.cache import content_key
 from s2l_guard.cli import main
+from s2l_guard.config import load_config
+from s2l_guard.runner.cells import S2LRun
 from s2l_guard.runner.plan import resolve_threat_model
 
 pytestmark = pytest.mark.slow  # the S2L table against every defense through the CLI (about 80 s)
@@ -112,6 +115,18 @@ def test_an_api_defense_protects_nothing_under_open_weights(defended):
         assert a["mia"] == b["mia"] and a["extraction"] == b["extraction"], a["row"]
     cached = [row["cached"] for domain in filtered["domains"].values() for row in domain["rows"].values()]
     assert all(cached), "open-weights cells must be the undefended run's cached cells"
+
+
+def test_a_finetune_filter_shares_the_undefended_generations(defended):
+    """The filter does not touch generation, so behind its API the SP sets and the utility are
+    the undefended model's own artifacts, not recomputed copies; an output filter's are its own."""
+    folder, results = defended
+    assert results[("finetune_filter", "finetune-api")]["utility"] == results[("none", "open-weights")]["utility"]  # seconds included
+    assert results[("output_filter", "finetune-api")]["utility"] != results[("none", "open-weights")]["utility"]
+    with inside(folder):
+        runs = {name: S2LRun(load_config(Path("mini.toml")).replace(defense={"name": name})) for name in ("none", "finetune_filter", "output_filter")}
+    keys = {name: content_key("sp_set", run._sp_spec("digit7", "a handwritten digit seven")) for name, run in runs.items()}
+    assert keys["finetune_filter"] == keys["none"] != keys["output_filter"]
 
 
 def test_defense_summary_is_printed(defended, capsys):

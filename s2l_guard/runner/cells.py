@@ -94,11 +94,19 @@ class S2LRun:
         acts = {"finetune", "generate"} & set(self.defense.points)
         return {"threat_model": self.threat_model, "defense": self.defense.spec() if acts else None}
 
+    def generate_spec(self) -> dict | None:
+        """What the provider adds to the key of what is only *generated* (SP sets, utility): a
+        defense that does not act on generations serves the undefended model's images, so those
+        artifacts are shared with the undefended run (a fine-tune filter's SP sets and utility)."""
+        if self.api_spec() is None or "generate" not in self.defense.points:
+            return None
+        return self.api_spec()
+
     def _sp_spec(self, name: str, prompt: str) -> dict:
         spec = {"bundle": self.bundle_art.key, "domain": name, "prompt": prompt,
                 "sp_set": self.config.section("sp_set"), "seed": self.config.run.seed}  # fmt: skip
-        if self.api_spec() is not None:
-            spec["provider"] = self.api_spec()
+        if self.generate_spec() is not None:
+            spec["provider"] = self.generate_spec()
         return spec
 
     def sp_set(self, name: str, prompt: str) -> Artifact:
@@ -189,7 +197,7 @@ class S2LRun:
     def _utility_spec(self) -> dict:
         return {"format": 1, "bundle": self.bundle_art.key, "data": self.data_art.key, "utility": self.config.measured_dict()["utility"],
                 "loss": [self.config.report.loss_timesteps, self.config.report.loss_draws], "seed": self.config.run.seed,
-                "provider": self.api_spec()} | self._utility_key_parts  # fmt: skip
+                "provider": self.generate_spec()} | self._utility_key_parts  # fmt: skip
 
     @functools.cached_property
     def _utility_key_parts(self) -> dict:
