@@ -85,6 +85,18 @@ def test_ratios_print_one_line_per_measure_with_its_goal():
 
 
 @pytest.mark.slow
+def test_compile_gain_prints_eager_and_compiled_per_workload():
+    out = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "compile_gain.py"), "--config", "smoke", "--repeats", "1", "--threads", "1"],
+                         capture_output=True, text=True, cwd=ROOT, check=True).stdout  # fmt: skip
+    lines = {line.split(",")[0]: line.split(",")[1].split() for line in out.splitlines() if line.startswith(("training step", "sampler forward"))}
+    assert set(lines) == {"training step", "sampler forward"}
+    for tokens in lines.values():  # batch N, compile s, eager s, compiled s, gain, break-even, max |diff|
+        compile_seconds, eager, compiled = float(tokens[2]), float(tokens[3]), float(tokens[4])
+        assert compile_seconds > 0 and eager > 0 and compiled > 0 and float(tokens[5].rstrip("x")) > 0
+        assert float(tokens[7]) < 1e-3  # compiled kernels round differently, but compute the same function
+
+
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore")
 def test_dp_step_prints_the_plain_step_and_each_modes_ratio():
     from s2l_guard.privacy_settings import GRAD_SAMPLE_MODES
