@@ -37,7 +37,7 @@ import torch
 
 from s2l_guard.config import ExtractionConfig
 from s2l_guard.errors import InputError
-from s2l_guard.metrics import distance_chunks, pairwise, tiled_l2
+from s2l_guard.metrics import distance_chunks, pairwise
 
 
 def auto_grid(size: int) -> int:
@@ -171,8 +171,6 @@ def match_candidates(
 
 def flag_near_duplicates(candidates: torch.Tensor, settings: ExtractionConfig, grid: int) -> np.ndarray:
     """The attacker's flag: candidates with at least ``flag_neighbours`` near-duplicate generations."""
-    counts = torch.zeros(len(candidates), dtype=torch.long)
-    for i in range(0, len(candidates), settings.chunk):
-        d = tiled_l2(candidates[i : i + settings.chunk], candidates, grid=grid)
-        counts[i : i + settings.chunk] = (d <= settings.flag_delta).sum(1) - 1  # minus itself
+    chunks = distance_chunks(candidates, candidates, grid=grid, chunk=settings.chunk)
+    counts = torch.cat([torch.zeros(0, dtype=torch.long)] + [(d <= settings.flag_delta).sum(1) - 1 for d in chunks])  # minus itself
     return (counts >= settings.flag_neighbours).numpy()

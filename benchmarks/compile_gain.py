@@ -19,25 +19,14 @@ model is a freshly initialised one.
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 
 import torch
+from ratios import CAPTION, median_seconds  # the sibling benchmark's timer (warm-up, then the median)
 
 from s2l_guard.cli import config_path
 from s2l_guard.config import load_config
 from s2l_guard.model import build_testbed_bundle
-
-CAPTION = "a handwritten digit five"
-
-
-def median_seconds(run, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def compare(label: str, eager, compiled, repeats: int) -> None:

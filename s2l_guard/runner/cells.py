@@ -98,15 +98,13 @@ class S2LRun:
         """What the provider adds to the key of what is only *generated* (SP sets, utility): a
         defense that does not act on generations serves the undefended model's images, so those
         artifacts are shared with the undefended run (a fine-tune filter's SP sets and utility)."""
-        if self.api_spec() is None or "generate" not in self.defense.points:
-            return None
-        return self.api_spec()
+        return self.api_spec() if "generate" in self.defense.points else None
 
     def _sp_spec(self, name: str, prompt: str) -> dict:
         spec = {"bundle": self.bundle_art.key, "domain": name, "prompt": prompt,
                 "sp_set": self.config.section("sp_set"), "seed": self.config.run.seed}  # fmt: skip
-        if self.generate_spec() is not None:
-            spec["provider"] = self.generate_spec()
+        if (provider := self.generate_spec()) is not None:
+            spec["provider"] = provider
         return spec
 
     def sp_set(self, name: str, prompt: str) -> Artifact:
