@@ -419,11 +419,18 @@ def worker_threads(threads: int) -> None:
     threadpool_limits(threads)
 
 
+def worker_run(config: Config, threads: int) -> S2LRun:
+    """The run a worker process (local or a Ray task's) computes its cells with, on ``threads``
+    threads and with stdout silenced: the parent logs each cell, and a worker's setup lines would
+    repeat per worker."""
+    worker_threads(threads)
+    sys.stdout = open(os.devnull, "w")
+    return S2LRun(config)
+
+
 def _start_worker(config: Config, threads: int) -> None:
     global _WORKER_RUN
-    worker_threads(threads)
-    sys.stdout = open(os.devnull, "w")  # the parent logs each cell; the workers' setup lines would repeat per worker
-    _WORKER_RUN = S2LRun(config)
+    _WORKER_RUN = worker_run(config, threads)
 
 
 def _worker_utility() -> None:

@@ -10,8 +10,6 @@ retried by Ray and resumes from what the store holds; a killed driver resumes li
 
 from __future__ import annotations
 
-import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -75,13 +73,11 @@ _RUNS: dict[str, object] = {}  # a Ray worker process's runs, by config: built o
 def _worker_run(config: Config):
     from s2l_guard.cache import content_key
 
-    from .cells import S2LRun, worker_threads
+    from .cells import worker_run
 
     key = content_key("run", config.to_dict())
     if key not in _RUNS:
-        worker_threads(1)
-        sys.stdout = open(os.devnull, "w")  # the driver logs each cell; a worker's setup lines would repeat per worker
-        _RUNS[key] = S2LRun(config)
+        _RUNS[key] = worker_run(config, threads=1)
     return _RUNS[key]
 
 
