@@ -155,7 +155,14 @@ def _cmd_matrix(args) -> int:
     defenses = args.defense or None
     if defenses:
         config = config.replace(matrix={"defenses": defenses})
-    results = run_matrix(config)
+    if args.seeds is not None:
+        config = config.replace(matrix={"seeds": args.seeds})
+    if args.merge:
+        from .runner.merge import load_part, merge_matrices
+
+        results = merge_matrices(config, {str(path): load_part(path) for path in args.merge})
+    else:
+        results = run_matrix(config)
     folder = Path(args.out) if args.out else matrix_folder(config)
     write_matrix(results, folder)
     files = write_report(folder, ablation_dirs=[run_folder(config)])
@@ -164,7 +171,8 @@ def _cmd_matrix(args) -> int:
     if len(results["seeds"]) > 1:
         rows = flip_table(plan(config), cells_by_key(results), config.gates)
         print(f"verdicts flipping across {len(results['seeds'])} seeds: " + "; ".join(f"{c} {f}/{n} ({r})" for c, n, f, r in rows))
-    log(f"matrix in {folder}/ ({', '.join(f.name for f in files)}, results.json); took {results['wall_seconds']:.1f} s")
+    took = f"took {results['wall_seconds']:.1f} s" + (f" in the {len(args.merge)} runs merged" if args.merge else "")
+    log(f"matrix in {folder}/ ({', '.join(f.name for f in files)}, results.json); {took}")
     log(f"gate a release on it: pytest suites/ --s2l-config {config.source} --s2l-reuse --s2l-run-dir {folder}")
     return 0
 
@@ -278,9 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
     _add_cell_options(matrix)
     matrix.add_argument("--defense", nargs="+", metavar="NAME", help="override [matrix] defenses")
+    matrix.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="override [matrix] seeds")
     matrix.add_argument("--model", help="audit this diffusers model folder instead of pre-training the testbed model")
     matrix.add_argument("--data", help="the model's labelled data set (imagefolder + metadata.jsonl; default: the testbed)")
     matrix.add_argument("--out", help="run folder (default: runs/<profile>-matrix-<hash>)")
+    matrix.add_argument("--merge", nargs="+", metavar="RESULTS", help="run nothing: assemble the matrix from these runs' results.json "
+                        "(files or run folders), each of some of its defenses and seeds (docs/gates.md)")  # fmt: skip
     matrix.set_defaults(func=_cmd_matrix)
 
     report = commands.add_parser("report", help="(re)write report.md, report.html and the figures of a matrix run folder")

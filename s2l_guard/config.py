@@ -619,6 +619,8 @@ def _check_cross_section(config: Config) -> None:
     mx = config.matrix
     if len(set(mx.defenses)) != len(mx.defenses):
         problems.append("[matrix] defenses lists a defense twice")
+    if len(set(mx.seeds)) != len(mx.seeds):
+        problems.append("[matrix] seeds lists a seed twice")
     for entry in mx.defenses:
         threat_model = entry.partition("@")[2]
         if "@" in entry and threat_model not in THREAT_MODEL_CHOICES:

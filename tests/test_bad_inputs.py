@@ -211,6 +211,23 @@ def _report_folder(content):
     return build
 
 
+def _merge(part_toml: str):
+    """`matrix --merge` of one part, seed 0 of defense none, into base.toml's matrix under seeds 0 and 1."""
+
+    def build(w, t):
+        from s2l_guard.config import load_config
+        from s2l_guard.runner.matrix import failed_cells, matrix_results, write_matrix
+        from s2l_guard.runner.plan import plan
+
+        matrix = f'extends = "{w / "base.toml"}"\n[matrix]\ndefenses = ["none"]\n'
+        part = load_config(config_file(t, matrix + "seeds = [0]\n" + part_toml, "part.toml"))
+        cells = [c.to_dict() for c in failed_cells(plan(part), "not run: a test part")]
+        write_matrix(matrix_results(part, ["none"], {"none/0": {"status": "failed"}}, cells, 1.0), t / "part")
+        return ["matrix", "--config", config_file(t, matrix + "seeds = [0, 1]\n", "whole.toml"), "--merge", str(t / "part"), "--out", str(t / "m")]
+
+    return build
+
+
 CASES = [
     ("toml-syntax", _toml("[run\nseed = 0"), ["bad.toml", "line"]),
     ("unknown-key", _toml("[run]\nsed = 1"), ["sed"]),
@@ -255,6 +272,9 @@ CASES = [
     ("pickle-only-weights", _model(_pickle_only), ["pickle", "--trust-pickle"]),
     ("report-without-results", _report_folder(None), ["results.json", "does not exist"]),
     ("report-results-not-json", _report_folder("{"), ["results.json", "not valid JSON"]),
+    ("seed-twice", lambda w, t: ["matrix", "--config", str(w / "base.toml"), "--seeds", "1", "1"], ["seeds lists a seed twice"]),
+    ("merge-missing-seed", _merge(""), ["no part holds none under seed 1", "--defense NAME --seeds SEED"]),
+    ("merge-other-config", _merge("[pretrain]\nsteps = 13\n"), ["another config", "pretrain.steps = 13, not 12"]),
 ]
 
 

@@ -256,3 +256,32 @@ def test_a_domain_that_crashes_fails_the_pooled_gate_instead_of_vanishing_from_i
     assert result.returncode == 1, result.stdout[-3000:]
     assert outcomes(junit)["test_amplification[none-crashes_on_eight-loss-all]"] == "failure"
     assert "digit8 failed (RuntimeError: crashed on the digit eight on purpose)" in result.stdout
+
+
+def test_seeds_run_apart_and_merged_are_the_whole_runs_cells_and_verdicts(workspace):
+    """A matrix under seeds 0 and 1, and the same seeds run one at a time in a store of their
+    own, then merged (`matrix --merge`): the same cells, and the gate suite judges both alike."""
+    from s2l_guard.cli import main
+
+    gates = 'checks = ["auc_amplification", "utility"]\nmax_auc_amplification = 1.0\nmin_utility = 0.0'
+    whole = write_config(workspace, "seeds", matrix=LEAKY + "\nseeds = [0, 1]", gates=gates)
+    apart = workspace / "apart"
+    apart.mkdir()
+    for seed in (0, 1):
+        part = write_config(apart, f"seed{seed}", matrix=LEAKY + f"\nseeds = [{seed}]", gates=gates)
+        assert main(["matrix", "--config", str(part), "--out", str(apart / f"part{seed}")]) == 0
+    assert main(["matrix", "--config", str(whole), "--out", str(workspace / "whole")]) == 0
+    parts = [str(apart / "part0"), str(apart / "part1" / "results.json")]  # a run folder or its results.json
+    assert main(["matrix", "--config", str(whole), "--merge", *parts, "--out", str(workspace / "merged")]) == 0
+    read = lambda name: json.loads((workspace / name / "results.json").read_text())  # noqa: E731
+    untimed = lambda cells: [{k: v for k, v in c.items() if k not in ("seconds", "cached")} for c in cells]  # noqa: E731
+    merged = read("merged")
+    assert untimed(merged["cells"]) == untimed(read("whole")["cells"])
+    assert [p["seeds"] for p in merged["parts"]] == [[0], [1]]
+    verdicts = {}
+    for name in ("whole", "merged"):
+        junit = workspace / f"{name}.xml"
+        result = run_suite(workspace, whole, "--s2l-reuse", f"--s2l-run-dir={workspace / name}", f"--junitxml={junit}")
+        assert result.returncode == 0, result.stdout[-3000:]
+        verdicts[name] = outcomes(junit)
+    assert verdicts["merged"] == verdicts["whole"] and "test_amplification[none-end2end-members-loss-all-seed1]" in verdicts["whole"]

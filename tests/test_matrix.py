@@ -297,3 +297,38 @@ def test_the_matrix_folder_does_not_depend_on_whether_all_was_expanded_first():
     assert matrix_folder(config) == matrix_folder(check_plugins(config))
     assert matrix_folder(config) == matrix_folder(config.replace(gates={"mode": "release"}))  # verdicts, not measurements
     assert matrix_folder(config) != matrix_folder(config.replace(attack={"mia": ["secmi"]}))
+
+
+def measured_part(config, seeds: list[int], defenses: list[str]) -> dict:
+    """A part's results.json as `s2l-guard matrix` writes it, each cell marked with its part
+    (failed cells: nothing runs here)."""
+    from s2l_guard.runner.matrix import matrix_results
+
+    part = config.replace(matrix={"seeds": seeds, "defenses": defenses})
+    mark = f"part {seeds} {defenses}"
+    tables = {f"{d}/{s}": {"status": "failed", "reason": mark} for s in seeds for d in defenses}
+    return matrix_results(part, defenses, tables, [c.to_dict() for c in failed_cells(plan(part), mark)], 10.0)
+
+
+def test_a_matrix_merges_from_parts_of_its_defenses_and_seeds():
+    from s2l_guard.runner.merge import merge_matrices
+
+    base = load_config(SMOKE).replace(matrix={"shakers": ["lora"], "member_shakers": [], "gaussian_sigmas": []})
+    whole = base.replace(matrix={"seeds": [0, 1], "defenses": ["none", "output_filter"]})
+    parts = {"a": measured_part(base, [0], ["none", "output_filter"]), "b": measured_part(base, [1], ["none"]),
+             "c": measured_part(base.replace(run={"store": "elsewhere"}, gates={"max_extracted": 3}), [1], ["output_filter"])}  # fmt: skip
+    merged = merge_matrices(whole, parts)
+    assert [c["id"] for c in merged["cells"]] == [p.id for p in plan(whole)]  # the whole run's ids and order: seed-suffixed
+    source = {"none/0": "a", "output_filter/0": "a", "none/1": "b", "output_filter/1": "c"}
+    for cell in merged["cells"]:
+        assert cell["reason"] == parts[source[f"{cell['defense']}/{cell['seed']}"]]["tables"][f"{cell['defense']}/{cell['seed']}"]["reason"]
+    assert merged["seeds"] == [0, 1] and merged["defenses"] == ["none", "output_filter"] and merged["wall_seconds"] == 30.0
+    assert [p["results"] for p in merged["parts"]] == ["a", "b", "c"]
+    with pytest.raises(ConfigError, match="no part holds output_filter under seed 1"):
+        merge_matrices(whole, {"a": parts["a"], "b": parts["b"]})
+    with pytest.raises(ConfigError, match="b and c both hold defense none under seed 1"):
+        merge_matrices(whole, parts | {"c": measured_part(base, [1], ["none", "output_filter"])})
+    with pytest.raises(ConfigError, match=r"plans no dp_sgd under seed 1 \(d\)"):
+        merge_matrices(whole, parts | {"d": measured_part(base, [1], ["dp_sgd"])})
+    with pytest.raises(ConfigError, match=r"c measured another config .*pretrain\.steps = 13, not 12"):
+        merge_matrices(whole, parts | {"c": measured_part(base.replace(pretrain={"steps": 13}), [1], ["output_filter"])})

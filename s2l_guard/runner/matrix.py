@@ -227,6 +227,11 @@ def run_matrix(config: Config, defenses: list[str] | None = None) -> dict:
                 }  # fmt: skip
     finally:
         progress.close()
+    return matrix_results(config, names, tables, [cell.to_dict() for cell in cells], time.perf_counter() - start)
+
+
+def matrix_results(config: Config, defenses: list[str], tables: dict, cells: list[dict], seconds: float) -> dict:
+    """results.json's content (docs/results.md)."""
     return {
         "schema": SCHEMA,
         "s2l_guard_version": __version__,
@@ -234,11 +239,11 @@ def run_matrix(config: Config, defenses: list[str] | None = None) -> dict:
         "config_source": config.source,
         "config": config.to_dict(),
         "seeds": seeds(config),
-        "defenses": names,
+        "defenses": defenses,
         "domains": domain_names(config),
         "tables": tables,
-        "cells": [cell.to_dict() for cell in cells],
-        "wall_seconds": round(time.perf_counter() - start, 2),
+        "cells": cells,
+        "wall_seconds": round(seconds, 2),
     }
 
 
