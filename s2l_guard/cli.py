@@ -157,13 +157,14 @@ def _cmd_matrix(args) -> int:
         config = config.replace(matrix={"defenses": defenses})
     if args.seeds is not None:
         config = config.replace(matrix={"seeds": args.seeds})
+    folder = Path(args.out) if args.out else matrix_folder(config)
     if args.merge:
-        from .runner.merge import load_part, merge_matrices
+        from .runner.matrix import load_matrix
+        from .runner.merge import merge_matrices, part_paths
 
-        results = merge_matrices(config, {str(path): load_part(path) for path in args.merge})
+        results = merge_matrices(config, {str(path): load_matrix(path) for path in part_paths(args.merge, folder)})
     else:
         results = run_matrix(config)
-    folder = Path(args.out) if args.out else matrix_folder(config)
     write_matrix(results, folder)
     files = write_report(folder, ablation_dirs=[run_folder(config)])
     verdicts = evaluate(results, config.gates, plan(config))
@@ -171,7 +172,7 @@ def _cmd_matrix(args) -> int:
     if len(results["seeds"]) > 1:
         rows = flip_table(plan(config), cells_by_key(results), config.gates)
         print(f"verdicts flipping across {len(results['seeds'])} seeds: " + "; ".join(f"{c} {f}/{n} ({r})" for c, n, f, r in rows))
-    took = f"took {results['wall_seconds']:.1f} s" + (f" in the {len(args.merge)} runs merged" if args.merge else "")
+    took = f"took {results['wall_seconds']:.1f} s" + (f" in the {len(results['parts'])} runs merged" if args.merge else "")
     log(f"matrix in {folder}/ ({', '.join(f.name for f in files)}, results.json); {took}")
     log(f"gate a release on it: pytest suites/ --s2l-config {config.source} --s2l-reuse --s2l-run-dir {folder}")
     return 0

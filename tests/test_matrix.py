@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 from hypothesis import given
@@ -311,7 +312,7 @@ def measured_part(config, seeds: list[int], defenses: list[str]) -> dict:
 
 
 def test_a_matrix_merges_from_parts_of_its_defenses_and_seeds():
-    from s2l_guard.runner.merge import merge_matrices
+    from s2l_guard.runner.merge import merge_matrices, part_paths
 
     base = load_config(SMOKE).replace(matrix={"shakers": ["lora"], "member_shakers": [], "gaussian_sigmas": []})
     whole = base.replace(matrix={"seeds": [0, 1], "defenses": ["none", "output_filter"]})
@@ -324,6 +325,8 @@ def test_a_matrix_merges_from_parts_of_its_defenses_and_seeds():
         assert cell["reason"] == parts[source[f"{cell['defense']}/{cell['seed']}"]]["tables"][f"{cell['defense']}/{cell['seed']}"]["reason"]
     assert merged["seeds"] == [0, 1] and merged["defenses"] == ["none", "output_filter"] and merged["wall_seconds"] == 30.0
     assert [p["results"] for p in merged["parts"]] == ["a", "b", "c"]
+    # a glob over the run folders may match the merge's own output: the whole, not a part
+    assert part_paths(["a/results.json", "b", "out/results.json", "a"], Path("out")) == [Path("a"), Path("b")]
     with pytest.raises(ConfigError, match="no part holds output_filter under seed 1"):
         merge_matrices(whole, {"a": parts["a"], "b": parts["b"]})
     with pytest.raises(ConfigError, match="b and c both hold defense none under seed 1"):

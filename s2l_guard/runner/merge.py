@@ -17,7 +17,7 @@ from s2l_guard.config import Config
 from s2l_guard.errors import ConfigError
 from s2l_guard.report import config_of
 
-from .matrix import load_matrix, matrix_results
+from .matrix import matrix_results
 from .plan import plan
 from .settings import check_plugins
 
@@ -45,10 +45,11 @@ def _first_difference(a: dict, b: dict, where: str = "") -> str:
     return ""
 
 
-def load_part(path: str | Path) -> dict:
-    """A part's results.json, given as the file or its run folder."""
-    path = Path(path)
-    return load_matrix(path.parent if path.name == "results.json" else path)
+def part_paths(paths: list[str], out: Path) -> list[Path]:
+    """The parts' run folders (each given as the folder or its results.json), less ``out``:
+    what an earlier merge wrote there is the whole, not a part (so a glob may match it)."""
+    folders = [Path(p).parent if Path(p).name == "results.json" else Path(p) for p in paths]
+    return list(dict.fromkeys(f for f in folders if f.resolve() != out.resolve()))
 
 
 def merge_matrices(config: Config, parts: dict[str, dict]) -> dict:
