@@ -171,7 +171,8 @@ def _cmd_matrix(args) -> int:
     print(f"gates: {count_text(verdicts)} (error: the positive control does not leak; skip: the cell did not run)")
     if len(results["seeds"]) > 1:
         rows = flip_table(plan(config), cells_by_key(results), config.gates)
-        print(f"verdicts flipping across {len(results['seeds'])} seeds: " + "; ".join(f"{c} {f}/{n} ({r})" for c, n, f, r in rows))
+        flips = "; ".join(f"{c} {f}/{n} {r}, judged {jf}/{j}" for c, n, f, r, j, jf in rows)
+        print(f"verdicts flipping across {len(results['seeds'])} seeds: {flips}")
     took = f"took {results['wall_seconds']:.1f} s" + (f" in the {len(results['parts'])} runs merged" if args.merge else "")
     log(f"matrix in {folder}/ ({', '.join(f.name for f in files)}, results.json); {took}")
     log(f"gate a release on it: pytest suites/ --s2l-config {config.source} --s2l-reuse --s2l-run-dir {folder}")
@@ -179,8 +180,8 @@ def _cmd_matrix(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .report import config_of, write_report
-    from .runner.matrix import load_matrix
+    from .report import write_report
+    from .runner.matrix import config_of, load_matrix
     from .runner.stages import run_folder
     from .runtime import log
 

@@ -21,9 +21,10 @@ happened to draw). The gate suite (``pytest suites/``) and the reports share the
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, replace
 
+from .metrics import rate_with_interval
 from .results import POOLED, GateCell, Status, cells_by_key
 from .runner.plan import PlannedCell
 
@@ -242,21 +243,40 @@ def count_text(verdicts: list[Verdict]) -> str:
     return text + (f", {counts['unstable']} unstable (passes another seed overturns)" if counts["unstable"] else "")
 
 
-def flip_table(planned: list[PlannedCell], cells: dict[tuple, GateCell], gates) -> list[list[str]]:
-    """How often each check's verdict flips across the matrix's seeds: [check, gates, flipping,
-    share] rows and a total; a gate flips when its outcomes (each seed's own, as judge_seed gives
-    them) are not all the same."""
+def seed_outcomes(planned: list[PlannedCell], cells: dict[tuple, GateCell], gates) -> dict[tuple, set[str]]:
+    """Each gate's outcomes under the matrix's seeds (each seed's own, as judge_seed gives them),
+    by (check, defense, attack, measure, domain)."""
     outcomes: dict[tuple, set[str]] = defaultdict(set)
     for check in gates.checks:
         for cell in gate_plan(planned, gates, check):
             outcomes[check, cell.defense, cell.attack, cell.measure, cell.domain].add(judge_seed(check, cell, cells, gates).outcome)
+    return outcomes
+
+
+def flip_table(planned: list[PlannedCell], cells: dict[tuple, GateCell], gates) -> list[list[str]]:
+    """How often each check's verdict flips across the matrix's seeds: [check, gates, flipping,
+    flip rate (Wilson 95% interval), judged, flipping of the judged] rows and a total. A gate
+    flips when its outcomes under the seeds are not all the same; it is judged when some seed
+    passes or fails it (the others error or skip under every seed, which cannot flip a release)."""
+    outcomes = seed_outcomes(planned, cells, gates)
     rows = []
     for check in [*gates.checks, "all"]:
         mine = [o for key, o in outcomes.items() if check in ("all", key[0])]
+        if not mine:
+            continue
         flips = sum(len(o) > 1 for o in mine)
-        if mine:
-            rows.append([check, str(len(mine)), str(flips), f"{flips / len(mine):.1%}"])
+        judged = [o for o in mine if o & {"pass", "fail"}]
+        low, high = rate_with_interval(flips, len(mine))["ci95"]
+        rows.append([check, str(len(mine)), str(flips), f"{flips / len(mine):.1%} ({low:.1%}-{high:.1%})", str(len(judged)),
+                     str(sum(len(o) > 1 for o in judged))])  # fmt: skip
     return rows
+
+
+def flip_kinds(planned: list[PlannedCell], cells: dict[tuple, GateCell], gates) -> dict[str, int]:
+    """How many gates flip between which outcomes ("error/pass": some seeds pass, the others
+    error), most common first."""
+    kinds = Counter("/".join(sorted(o)) for o in seed_outcomes(planned, cells, gates).values() if len(o) > 1)
+    return dict(kinds.most_common())
 
 
 def summary_lines(judged: list[tuple[PlannedCell, Verdict]], mode: str) -> list[str]:

@@ -27,19 +27,14 @@ from matplotlib.patches import Rectangle  # noqa: E402
 
 from .config import Config  # noqa: E402
 from .formatting import format_interval  # noqa: E402
-from .gates import LABEL, RANK, THRESHOLDS, Verdict, count_text, evaluate, flip_table  # noqa: E402
+from .gates import LABEL, RANK, THRESHOLDS, Verdict, count_text, evaluate, flip_kinds, flip_table  # noqa: E402
 from .results import POOLED, GateCell, Status, cells_by_key, gate_cells  # noqa: E402
+from .runner.matrix import config_of  # noqa: E402
 from .runner.plan import plan  # noqa: E402
 
 STATUS_TEXT = {"not-run": "not run", "refused": "refused", "failed": "failed", "absent": "n/a"}
 EDGE = {"fail": "#c00000", "unstable": "#8000c0", "error": "#e08000"}  # a thick tile border makes these stand out
 UTILITY_FILL = {"pass": "#d8f0d8", "fail": "#f6d0d0", "unstable": "#e6d0f6", "error": "#fbe3c0", "skip": "#e6e6e6"}
-
-
-def config_of(results: dict) -> Config:
-    """The Config a matrix ran with: results.json stores it resolved, as a dict, which
-    ``replace`` validates back into a Config (settings added since then take their defaults)."""
-    return Config(source=results["config_source"]).replace(**results["config"])
 
 
 # ---------------------------------------------------------------- the matrix as data
@@ -379,12 +374,16 @@ def stability_blocks(results: dict, config: Config) -> list[tuple]:
     """Under several seeds: how often each check's verdict flips between them."""
     if len(results["seeds"]) < 2:
         return []
-    rows = flip_table(plan(config, results["defenses"]), cells_by_key(results), config.gates)
+    planned, cells = plan(config, results["defenses"]), cells_by_key(results)
+    kinds = flip_kinds(planned, cells, config.gates)
     return [
         ("h", 3, f"Stability across {len(results['seeds'])} seeds"),
-        ("p", "A gate flips when its verdicts under the seeds differ; its passes are then reported as unstable (UNST), not passed."),
-        ("table", ["check", "gates", "flipping", "flip rate"], rows),
-    ]
+        ("p", "A gate flips when its verdicts under the seeds differ; its passes are then reported as unstable (UNST), not passed. "
+              "Judged: some seed passes or fails the gate (the others error or skip under every seed). The interval is Wilson's, "
+              "which takes the gates as independent; they share models, so read it as a lower bound on the uncertainty."),
+        ("table", ["check", "gates", "flipping", "flip rate (95% CI)", "judged", "flipping of the judged"], flip_table(planned, cells, config.gates)),
+        *([("p", "Flips by the outcomes seen: " + "; ".join(f"{kind} {n}" for kind, n in kinds.items()))] if kinds else []),
+    ]  # fmt: skip
 
 
 def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Matrix, rocs: list[Path], ablations) -> list[tuple]:

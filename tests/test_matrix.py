@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from s2l_guard.config import GatesConfig, load_config
 from s2l_guard.errors import ConfigError
-from s2l_guard.gates import control_problem, count_text, flip_table, gate_plan, judge, verdict
+from s2l_guard.gates import control_problem, count_text, flip_kinds, flip_table, gate_plan, judge, verdict
 from s2l_guard.results import Amplification, GateCell, Status, TableCell, cells_by_key
 from s2l_guard.runner.matrix import failed_cells, utility_cell
 from s2l_guard.runner.plan import POOLED, PlannedCell, plan
@@ -129,8 +129,12 @@ def test_a_pass_another_seed_overturns_is_unstable_and_counted_as_a_flip():
     assert [v.outcome for v in outcomes] == ["unstable", "fail", "unstable"]
     assert outcomes[0].message.startswith("UNSTABLE across seeds (fail under seed 1)")
     assert judge("auc_amplification", replace(planned[0], many_seeds=False), flipping, gates).outcome == "pass"  # one seed: nothing to compare
-    assert flip_table(planned, steady, gates) == [["auc_amplification", "1", "0", "0.0%"], ["all", "1", "0", "0.0%"]]
-    assert flip_table(planned, flipping, gates)[-1] == ["all", "1", "1", "100.0%"]
+    assert flip_table(planned, steady, gates) == [
+        ["auc_amplification", "1", "0", "0.0% (0.0%-79.3%)", "1", "0"],
+        ["all", "1", "0", "0.0% (0.0%-79.3%)", "1", "0"],
+    ]
+    assert flip_table(planned, flipping, gates)[-1] == ["all", "1", "1", "100.0% (20.7%-100.0%)", "1", "1"]
+    assert flip_kinds(planned, flipping, gates) == {"fail/pass": 1} and flip_kinds(planned, steady, gates) == {}
     assert "2 unstable" in count_text(outcomes) and "unstable" not in count_text(outcomes[1:2])
 
 

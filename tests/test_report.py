@@ -11,7 +11,8 @@ import matplotlib.pyplot as plt
 import pytest
 
 from s2l_guard.gates import evaluate
-from s2l_guard.report import build_matrix, config_of, plot_matrix, write_report
+from s2l_guard.report import build_matrix, plot_matrix, write_report
+from s2l_guard.runner.matrix import config_of
 from s2l_guard.runner.plan import POOLED, plan
 
 FIXTURE = Path(__file__).parent / "data" / "matrix-smoke-results.json"

@@ -22,9 +22,8 @@ from pathlib import Path
 from s2l_guard.config import load_config
 from s2l_guard.formatting import format_interval
 from s2l_guard.gates import evaluate
-from s2l_guard.report import config_of
 from s2l_guard.results import Status, gate_cells
-from s2l_guard.runner.matrix import load_matrix
+from s2l_guard.runner.matrix import config_of, load_matrix
 from s2l_guard.runner.plan import plan
 
 

@@ -261,6 +261,12 @@ def write_matrix(results: dict, folder: Path) -> Path:
     return folder / "results.json"
 
 
+def config_of(results: dict) -> Config:
+    """The Config a matrix ran with: results.json stores it resolved, as a dict, which
+    ``replace`` validates back into a Config (settings added since then take their defaults)."""
+    return Config(source=results["config_source"]).replace(**results["config"])
+
+
 def load_matrix(folder: Path) -> dict:
     """results.json of a matrix run, checked to be one."""
     path = Path(folder) / "results.json"

@@ -15,9 +15,8 @@ from pathlib import Path
 
 from s2l_guard.config import Config
 from s2l_guard.errors import ConfigError
-from s2l_guard.report import config_of
 
-from .matrix import matrix_results
+from .matrix import config_of, matrix_results
 from .plan import plan
 from .settings import check_plugins
 
