@@ -80,9 +80,10 @@ def _cmd_testbed_build(args) -> int:
     return 0
 
 
-def _run_config(args):
+def _run_config(args, *, computes: bool = True):
     """The config a run command works on (``--device`` applied), printed first as every output is;
-    once it has loaded, the command leases the cores its threads will use (s2l_guard/cores.py)."""
+    once it has loaded, a command that ``computes`` leases the cores its threads will use
+    (s2l_guard/cores.py)."""
     import torch
 
     from .cores import core_lease
@@ -97,7 +98,8 @@ def _run_config(args):
     if getattr(args, "address", None):
         config = config.replace(run={"executor": "ray", "ray_address": args.address})
     print(config.to_toml())
-    _LEASE.enter_context(core_lease(torch.get_num_threads()))
+    if computes:
+        _LEASE.enter_context(core_lease(torch.get_num_threads()))
     return config
 
 
@@ -151,7 +153,7 @@ def _cmd_matrix(args) -> int:
     from .runner.stages import run_folder
     from .runtime import log
 
-    config = apply_model_options(_run_config(args), args.model, args.data)
+    config = apply_model_options(_run_config(args, computes=not args.merge), args.model, args.data)  # a merge only reads and writes
     defenses = args.defense or None
     if defenses:
         config = config.replace(matrix={"defenses": defenses})

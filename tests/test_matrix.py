@@ -330,7 +330,8 @@ def test_a_matrix_merges_from_parts_of_its_defenses_and_seeds():
     assert merged["seeds"] == [0, 1] and merged["defenses"] == ["none", "output_filter"] and merged["wall_seconds"] == 30.0
     assert [p["results"] for p in merged["parts"]] == ["a", "b", "c"]
     # a glob over the run folders may match the merge's own output: the whole, not a part
-    assert part_paths(["a/results.json", "b", "out/results.json", "a"], Path("out")) == [Path("a"), Path("b")]
+    found = part_paths(["a/results.json", "b", "out/results.json", "a", "out", "records/seed3.json"], Path("out"))
+    assert found == [Path("a/results.json"), Path("b/results.json"), Path("records/seed3.json")]
     with pytest.raises(ConfigError, match="no part holds output_filter under seed 1"):
         merge_matrices(whole, {"a": parts["a"], "b": parts["b"]})
     with pytest.raises(ConfigError, match="b and c both hold defense none under seed 1"):
@@ -339,3 +340,26 @@ def test_a_matrix_merges_from_parts_of_its_defenses_and_seeds():
         merge_matrices(whole, parts | {"d": measured_part(base, [1], ["dp_sgd"])})
     with pytest.raises(ConfigError, match=r"c measured another config .*pretrain\.steps = 13, not 12"):
         merge_matrices(whole, parts | {"c": measured_part(base.replace(pretrain={"steps": 13}), [1], ["output_filter"])})
+
+
+def test_a_merge_computes_nothing_so_it_does_not_wait_for_the_cores(tmp_path):
+    """`matrix --merge` while another command holds every core: it runs at once."""
+    import os
+    import subprocess
+    import sys
+
+    from s2l_guard.cores import try_take
+
+    whole = tmp_path / "whole.toml"
+    whole.write_text(f'extends = "{Path(SMOKE).resolve()}"\n[matrix]\ndefenses = ["none"]\nseeds = [0, 1]\nshakers = ["lora"]\nmember_shakers = []\n')
+    for seed in (0, 1):
+        (tmp_path / f"part{seed}.json").write_text(json.dumps(measured_part(load_config(str(whole)), [seed], ["none"])))
+    cores = os.cpu_count() or 1
+    held = try_take(cores, cores, tmp_path / "lease")
+    assert held is not None
+    env = dict(os.environ, S2L_GUARD_CORE_LEASE="1", S2L_GUARD_CORE_LEASE_DIR=str(tmp_path / "lease"), OMP_NUM_THREADS="1")
+    argv = [sys.executable, "-m", "s2l_guard.cli", "matrix", "--config", str(whole), "--merge", "part0.json", "part1.json", "--out", "m"]
+    done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "waiting for" not in done.stderr + done.stdout and "verdicts flipping across 2 seeds" in done.stdout
+    assert [c["id"] for c in json.loads((tmp_path / "m" / "results.json").read_text())["cells"]][-1] == "none-utility-seed1"

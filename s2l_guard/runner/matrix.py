@@ -268,8 +268,8 @@ def config_of(results: dict) -> Config:
 
 
 def load_matrix(folder: Path) -> dict:
-    """results.json of a matrix run, checked to be one."""
-    path = Path(folder) / "results.json"
+    """results.json of a matrix run (its run folder, or the file itself), checked to be one."""
+    path = Path(folder) if Path(folder).is_file() else Path(folder) / "results.json"
     if not path.is_file():
         raise ConfigError(f"{path} does not exist; run `s2l-guard matrix` first, or drop --s2l-reuse to run it")
     try:

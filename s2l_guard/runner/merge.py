@@ -45,10 +45,10 @@ def _first_difference(a: dict, b: dict, where: str = "") -> str:
 
 
 def part_paths(paths: list[str], out: Path) -> list[Path]:
-    """The parts' run folders (each given as the folder or its results.json), less ``out``:
+    """The parts' results files (each given as the file or its run folder), less ``out``'s:
     what an earlier merge wrote there is the whole, not a part (so a glob may match it)."""
-    folders = [Path(p).parent if Path(p).name == "results.json" else Path(p) for p in paths]
-    return list(dict.fromkeys(f for f in folders if f.resolve() != out.resolve()))
+    files = [Path(p) if Path(p).suffix == ".json" else Path(p) / "results.json" for p in paths]
+    return list(dict.fromkeys(f for f in files if f.resolve() != (out / "results.json").resolve()))
 
 
 def merge_matrices(config: Config, parts: dict[str, dict]) -> dict:
