@@ -42,3 +42,29 @@ def test_table_diff_finds_every_entry_that_differs_from_the_published_table(tmp_
     changed.write_text(table.replace("| -0.033 [-0.055, -0.013], p=0.00 |", "| -0.034 [-0.055, -0.013], p=0.00 |", 1))
     out = subprocess.run([sys.executable, str(script), str(changed)], capture_output=True, text=True)
     assert out.returncode == 1 and "431 of 432" in out.stdout and "lora / dAUC vs pre-trained" in out.stdout
+
+
+def test_the_recorded_parts_of_the_5_seed_standard_matrix_merge_into_it():
+    """docs/records/standard-5seeds: each part is a valid results.json of configs/standard-5seeds.toml
+    (its config unchanged since), and the parts of each group of defenses merge into its matrix over
+    the seeds recorded so far (docs/gates.md, "Stable verdicts")."""
+    import json
+
+    import jsonschema
+
+    from s2l_guard.config import load_config
+    from s2l_guard.runner.matrix import load_matrix
+    from s2l_guard.runner.merge import merge_matrices
+
+    schema = json.loads((ROOT / "docs" / "results.schema.json").read_text())
+    parts = {path.name: load_matrix(path) for path in sorted((ROOT / "docs" / "records" / "standard-5seeds").glob("*.json"))}
+    assert parts
+    for part in parts.values():
+        jsonschema.validate(part, schema)
+    config = load_config(str(ROOT / "configs" / "standard-5seeds.toml"))
+    groups = {tuple(p["defenses"]) for p in parts.values()}  # the defenses run together; each group is merged over its seeds
+    for defenses in groups:
+        mine = {name: p for name, p in parts.items() if tuple(p["defenses"]) == defenses}
+        seeds = sorted(s for p in mine.values() for s in p["seeds"])
+        merged = merge_matrices(config.replace(matrix={"seeds": seeds, "defenses": list(defenses)}), mine)
+        assert len(merged["cells"]) == sum(len(p["cells"]) for p in mine.values())
