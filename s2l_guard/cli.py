@@ -148,7 +148,7 @@ def _cmd_matrix(args) -> int:
     from .gates import count_text, evaluate, flip_table
     from .report import write_report
     from .results import cells_by_key
-    from .runner.matrix import matrix_folder, run_matrix, write_matrix
+    from .runner.matrix import load_matrix, matrix_folder, run_matrix, write_matrix
     from .runner.plan import plan
     from .runner.stages import run_folder
     from .runtime import log
@@ -161,7 +161,6 @@ def _cmd_matrix(args) -> int:
         config = config.replace(matrix={"seeds": args.seeds})
     folder = Path(args.out) if args.out else matrix_folder(config)
     if args.merge:
-        from .runner.matrix import load_matrix
         from .runner.merge import merge_matrices, part_paths
 
         results = merge_matrices(config, {str(path): load_matrix(path) for path in part_paths(args.merge, folder)})
@@ -169,10 +168,11 @@ def _cmd_matrix(args) -> int:
         results = run_matrix(config)
     write_matrix(results, folder)
     files = write_report(folder, ablation_dirs=[run_folder(config)])
-    verdicts = evaluate(results, config.gates, plan(config))
+    planned = plan(config)
+    verdicts = evaluate(results, config.gates, planned)
     print(f"gates: {count_text(verdicts)} (error: the positive control does not leak; skip: the cell did not run)")
     if len(results["seeds"]) > 1:
-        rows = flip_table(plan(config), cells_by_key(results), config.gates)
+        rows = flip_table(planned, cells_by_key(results), config.gates)
         flips = "; ".join(f"{c} {f}/{n} {r}, judged {jf}/{j}" for c, n, f, r, j, jf in rows)
         print(f"verdicts flipping across {len(results['seeds'])} seeds: {flips}")
     took = f"took {results['wall_seconds']:.1f} s" + (f" in the {len(results['parts'])} runs merged" if args.merge else "")
