@@ -171,6 +171,11 @@ def _cmd_matrix(args) -> int:
     planned = plan(config)
     verdicts = evaluate(results, config.gates, planned)
     print(f"gates: {count_text(verdicts)} (error: the positive control does not leak; skip: the cell did not run)")
+    if config.gates.mode == "compare" and "none" not in results["defenses"]:
+        # a part of a split study (say `--defense dedup`): its gates need the part that holds the control
+        print("note: the undefended model ('none') is not in this matrix, so every measured gate errors for want of its "
+              "control; merge it with the runs of the other defenses, 'none' among them: "
+              f"s2l-guard matrix --config {config.source} --merge {folder} OTHER-PARTS")  # fmt: skip
     if len(results["seeds"]) > 1:
         rows = flip_table(planned, cells_by_key(results), config.gates)
         flips = "; ".join(f"{c} {f}/{n} {r}, judged {jf}/{j}" for c, n, f, r, j, jf in rows)

@@ -363,3 +363,20 @@ def test_a_merge_computes_nothing_so_it_does_not_wait_for_the_cores(tmp_path):
     assert done.returncode == 0, done.stderr[-2000:]
     assert "waiting for" not in done.stderr + done.stdout and "verdicts flipping across 2 seeds" in done.stdout
     assert [c["id"] for c in json.loads((tmp_path / "m" / "results.json").read_text())["cells"]][-1] == "none-utility-seed1"
+
+
+def test_a_part_without_the_undefended_model_says_to_merge_it_with_the_one_that_holds_it(tmp_path, capsys):
+    """A split study's part (`--defense dedup`) gated alone: its compare gates lack their control,
+    and the summary says which merge judges them; a part that holds 'none' gets no such note."""
+    from s2l_guard.cli import main
+
+    whole = tmp_path / "whole.toml"
+    matrix = '[matrix]\ndefenses = ["none", "dedup"]\nseeds = [0]\nshakers = ["lora"]\nmember_shakers = []\n'
+    whole.write_text(f'extends = "{Path(SMOKE).resolve()}"\n{matrix}')
+    for defense in ("dedup", "none"):
+        part = tmp_path / f"{defense}.json"
+        part.write_text(json.dumps(measured_part(load_config(str(whole)), [0], [defense])))
+        argv = ["matrix", "--config", str(whole), "--defense", defense, "--merge", str(part), "--out", str(tmp_path / defense)]
+        assert main(argv) == 0
+        hinted = "note: the undefended model ('none') is not in this matrix" in capsys.readouterr().out
+        assert hinted == (defense == "dedup")
