@@ -122,11 +122,14 @@ def test_a_finetune_filter_shares_the_undefended_generations(defended):
     the undefended model's own artifacts, not recomputed copies; an output filter's are its own."""
     folder, results = defended
     assert results[("finetune_filter", "finetune-api")]["utility"] == results[("none", "open-weights")]["utility"]  # seconds included
-    assert results[("output_filter", "finetune-api")]["utility"] != results[("none", "open-weights")]["utility"]
     with inside(folder):
         runs = {name: S2LRun(load_config(Path("mini.toml")).replace(defense={"name": name})) for name in ("none", "finetune_filter", "output_filter")}
-    keys = {name: content_key("sp_set", run._sp_spec("digit7", "a handwritten digit seven")) for name, run in runs.items()}
-    assert keys["finetune_filter"] == keys["none"] != keys["output_filter"]
+        # Compared by key, not by value: an output filter that withholds nothing measures the same
+        # numbers, and its own measurement may even take the same hundredths of a second.
+        utility = {name: content_key("utility", run._utility_spec()) for name, run in runs.items()}
+    sp = {name: content_key("sp_set", run._sp_spec("digit7", "a handwritten digit seven")) for name, run in runs.items()}
+    assert sp["finetune_filter"] == sp["none"] != sp["output_filter"]
+    assert utility["finetune_filter"] == utility["none"] != utility["output_filter"]
 
 
 def test_defense_summary_is_printed(defended, capsys):
