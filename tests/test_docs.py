@@ -47,7 +47,7 @@ def test_table_diff_finds_every_entry_that_differs_from_the_published_table(tmp_
 def test_the_recorded_parts_of_the_5_seed_standard_matrix_merge_into_it():
     """docs/records/standard-5seeds: each part is a valid results.json of configs/standard-5seeds.toml
     (its config unchanged since), and the parts of each group of defenses merge into its matrix over
-    the seeds recorded so far (docs/gates.md, "Stable verdicts")."""
+    the seeds recorded, and all of them into the whole (docs/gates.md, "Stable verdicts")."""
     import json
 
     import jsonschema
@@ -68,3 +68,6 @@ def test_the_recorded_parts_of_the_5_seed_standard_matrix_merge_into_it():
         seeds = sorted(s for p in mine.values() for s in p["seeds"])
         merged = merge_matrices(config.replace(matrix={"seeds": seeds, "defenses": list(defenses)}), mine)
         assert len(merged["cells"]) == sum(len(p["cells"]) for p in mine.values())
+    whole = merge_matrices(config, parts)  # all ten parts are in: the config's own matrix, nothing left out
+    assert sorted(whole["seeds"]) == list(config.matrix.seeds) and set(whole["defenses"]) == set(config.matrix.defenses)
+    assert len(whole["cells"]) == sum(len(p["cells"]) for p in parts.values())
