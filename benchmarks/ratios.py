@@ -179,9 +179,9 @@ def main() -> None:
     rows.append((*matching_ratio(config, training, args.repeats, torch.float64), "<= 1.15", lambda r: r <= 1.15))
     print(f"{'measure':72s} {'seconds':>8s} {'ratio':>6s}  goal")
     for label, ratio, seconds, goal, meets in rows:
-        print(f"{label:72s} {seconds:8.3f} {ratio:6.2f}  {goal} {'met' if meets(ratio) else 'NOT met'}")
+        print(f"{label:72s} {seconds:8.2g} {ratio:6.2f}  {goal} {'met' if meets(ratio) else 'NOT met'}")
     label, ratio, seconds = matching_ratio(config, training, args.repeats, torch.float32)
-    print(f"{label:72s} {seconds:8.3f} {ratio:6.2f}  (no goal: the price of float64)")
+    print(f"{label:72s} {seconds:8.2g} {ratio:6.2f}  (no goal: the price of float64)")
 
 
 if __name__ == "__main__":
