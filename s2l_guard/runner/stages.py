@@ -170,7 +170,7 @@ def pretrain_stage(store: Store, config: Config, data: Artifact, device: torch.d
         bundle.save(folder)
         # The CPU kernels' instruction set (AVX2, AVX512, ...) changes float rounding: the weights,
         # and the last printed digit of some numbers, differ between them (docs/standard-table.md).
-        isa = torch.backends.cpu.get_cpu_capability() if torch.device(device).type == "cpu" else None
+        isa = torch.backends.cpu.get_cpu_capability() if device.type == "cpu" else None
         summary.update(
             wall_seconds_this_process=round(time.perf_counter() - start, 2), device=str(device), torch=torch.__version__, cpu_capability=isa
         )
