@@ -219,6 +219,8 @@ def test_anneal_continues_the_undefended_model_with_the_rate_decayed_to_zero(tmp
     the rate falling to zero, and releases something else than the undefended weights."""
     from pathlib import Path
 
+    from torch.optim.optimizer import register_optimizer_step_pre_hook
+
     from defenses.anneal import AnnealSettings
     from s2l_guard.cache import Store
     from s2l_guard.model import load_bundle
@@ -230,13 +232,26 @@ def test_anneal_continues_the_undefended_model_with_the_rate_decayed_to_zero(tmp
     data = testbed_stage(store, config)
     plain = pretrain_stage(store, config, data, torch.device("cpu"))
     defense = DEFENSES.get("anneal")(AnnealSettings(steps=6, warmup_steps=1, ema_decay=0.5))
-    annealed = pretrain_stage(store, config, data, torch.device("cpu"), defense)
+    steps = []  # every optimizer step the anneal takes: its optimizer and the rate of each parameter group
+    hook = register_optimizer_step_pre_hook(lambda opt, args, kwargs: steps.append((opt, [g["lr"] for g in opt.param_groups])))
+    try:
+        annealed = pretrain_stage(store, config, data, torch.device("cpu"), defense)
+    finally:
+        hook.remove()
     assert annealed.key != plain.key and not annealed.reused
     assert len(list((tmp_path / "store" / "bundle").iterdir())) == 2  # the undefended model was reused, not retrained
     import json
 
     summary = json.loads((annealed.path / "training.json").read_text())
     assert summary["anneal"]["steps"] == 6 and summary["anneal"]["released"] == "ema" and summary["steps"] == config.pretrain.steps
+    # The rates the optimizer applied: one optimizer (nothing else trained), one step per anneal step, warming up
+    # for one step to the pre-training rate, then falling every step, and zero once the last step is taken.
+    [optimizer] = {id(opt): opt for opt, _ in steps}.values()
+    rates = [rate for _, (rate,) in steps]
+    lr = summary["anneal"]["learning_rate"]
+    assert lr == config.pretrain.learning_rate > 0 and len(rates) == 6, (lr, rates)
+    assert rates[0] < rates[1] == pytest.approx(lr) and all(a > b > 0 for a, b in zip(rates[1:], rates[2:])), rates
+    assert [g["lr"] for g in optimizer.param_groups] == [pytest.approx(0.0, abs=lr * 1e-9)], (rates, optimizer.param_groups[0]["lr"])
     a, b = load_bundle(plain.path), load_bundle(annealed.path)
     moved = [n for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()) if not torch.equal(p, q)]
     assert moved and all(n.startswith("unet.") for n in moved)
