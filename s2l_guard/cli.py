@@ -43,6 +43,21 @@ def _cmd_config_show(args) -> int:
     return 0
 
 
+def _cmd_config_check(args) -> int:
+    """The profile's gates: what each can resolve at its sample sizes and draws; exit 1 when a
+    threshold cannot be passed by a model that leaks nothing."""
+    from .resolution import refusals, table_lines
+
+    config = _load(args.config)
+    print(f"resolution of {config.source}'s gates: the smallest leakage each tells from zero with {config.gates.power:.0%} power")
+    for line in table_lines(config):
+        print(line)
+    problems = refusals(config)
+    for problem in problems:
+        print(f"refused: {problem}")
+    return 1 if problems else 0
+
+
 def _cmd_plugins(args) -> int:
     """Every registered shaker, membership inference attack and defense: what a profile may name."""
     from .runner.settings import REGISTRIES
@@ -145,9 +160,8 @@ def apply_model_options(config, model: str | None, data: str | None):
 
 
 def _cmd_matrix(args) -> int:
-    from .gates import count_text, evaluate, flip_table
+    from .gates import count_text, evaluate
     from .report import write_report
-    from .results import cells_by_key
     from .runner.matrix import load_matrix, matrix_folder, run_matrix, write_matrix
     from .runner.plan import plan
     from .runner.stages import run_folder
@@ -157,8 +171,10 @@ def _cmd_matrix(args) -> int:
     defenses = args.defense or None
     if defenses:
         config = config.replace(matrix={"defenses": defenses})
-    if args.seeds is not None:
-        config = config.replace(matrix={"seeds": args.seeds})
+    if args.replicates is not None:
+        config = config.replace(matrix={"replicates": args.replicates})
+    if args.draws is not None:
+        config = config.replace(matrix={"draws": args.draws})
     folder = Path(args.out) if args.out else matrix_folder(config)
     if args.merge:
         from .runner.merge import merge_matrices, part_paths
@@ -170,16 +186,14 @@ def _cmd_matrix(args) -> int:
     files = write_report(folder, ablation_dirs=[run_folder(config)])
     planned = plan(config)
     verdicts = evaluate(results, config.gates, planned)
-    print(f"gates: {count_text(verdicts)} (error: the positive control does not leak; skip: the cell did not run)")
+    units = f"{len(results['seeds'])} replicate(s) x {len(results.get('draws', [0]))} draw(s) pooled per gate"
+    print(f"gates: {count_text(verdicts)} ({units}; undecided: the interval straddles the threshold or the measure cannot "
+          f"be trusted here; skip: the cell did not run)")  # fmt: skip
     if config.gates.mode == "compare" and "none" not in results["defenses"]:
         # a part of a split study (say `--defense dedup`): its gates need the part that holds the control
-        print("note: the undefended model ('none') is not in this matrix, so every measured gate errors for want of its "
+        print("note: the undefended model ('none') is not in this matrix, so every measured gate is undecided for want of its "
               "control; merge it with the runs of the other defenses, 'none' among them: "
               f"s2l-guard matrix --config {config.source} --merge {folder} OTHER-PARTS")  # fmt: skip
-    if len(results["seeds"]) > 1:
-        rows = flip_table(planned, cells_by_key(results), config.gates)
-        flips = "; ".join(f"{c} {f}/{n} {r}, judged {jf}/{j}" for c, n, f, r, j, jf in rows)
-        print(f"verdicts flipping across {len(results['seeds'])} seeds: {flips}")
     took = f"took {results['wall_seconds']:.1f} s" + (f" in the {len(results['parts'])} runs merged" if args.merge else "")
     log(f"matrix in {folder}/ ({', '.join(f.name for f in files)}, results.json); {took}")
     log(f"gate a release on it: pytest suites/ --s2l-config {config.source} --s2l-reuse --s2l-run-dir {folder}")
@@ -265,6 +279,9 @@ def build_parser() -> argparse.ArgumentParser:
     show = config_cmds.add_parser("show", help="print the resolved config (profile + its bases)")
     _add_config(show)
     show.set_defaults(func=_cmd_config_show)
+    check = config_cmds.add_parser("check", help="each gate's resolution at the profile's sample sizes; refuse thresholds no safe model passes")
+    _add_config(check)
+    check.set_defaults(func=_cmd_config_check)
 
     plugins = commands.add_parser("plugins", help="list the registered shakers, attacks and defenses a profile may name")
     plugins.set_defaults(func=_cmd_plugins)
@@ -295,12 +312,13 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--device", choices=("auto", "cpu", "cuda", "mps"), help="override [run] device")
     _add_cell_options(matrix)
     matrix.add_argument("--defense", nargs="+", metavar="NAME", help="override [matrix] defenses")
-    matrix.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="override [matrix] seeds")
+    matrix.add_argument("--replicates", nargs="+", type=int, metavar="SEED", help="override [matrix] replicates (testbed seeds)")
+    matrix.add_argument("--draws", nargs="+", type=int, metavar="DRAW", help="override [matrix] draws (the attack's randomness)")
     matrix.add_argument("--model", help="audit this diffusers model folder instead of pre-training the testbed model")
     matrix.add_argument("--data", help="the model's labelled data set (imagefolder + metadata.jsonl; default: the testbed)")
     matrix.add_argument("--out", help="run folder (default: runs/<profile>-matrix-<hash>)")
     matrix.add_argument("--merge", nargs="+", metavar="RESULTS", help="run nothing: assemble the matrix from these runs' results.json "
-                        "(files or run folders), each of some of its defenses and seeds (docs/gates.md)")  # fmt: skip
+                        "(files or run folders), each of some of its defenses, replicates and draws (docs/gates.md)")  # fmt: skip
     matrix.set_defaults(func=_cmd_matrix)
 
     report = commands.add_parser("report", help="(re)write report.md, report.html and the figures of a matrix run folder")

@@ -1,59 +1,85 @@
-"""Release gates: verdicts on matrix cells against the thresholds of [gates].
+"""Release gates: one decision per gate from every draw of the matrix, against the thresholds of [gates].
 
-A gate compares one cell's measurement with its threshold: under ``compare =
-"interval"`` the unfavourable end of the 95% interval (the upper end of a leak, the
-lower end of utility), under ``"point"`` the estimate. Leakage gates rest on a
-positive control, pooled over domains, chosen by ``[gates] mode``:
+A gate is (check, defense, attack, measure, domain). Its cells - one per testbed replicate and
+attack draw - pool into one :class:`~s2l_guard.decision.Measurement` whose 95% interval holds
+the sampling and the between-draw variance (:mod:`s2l_guard.decision`), and the gate is
 
-- ``compare`` (does a defense lower leakage the undefended model shows?): the same
-  attack must raise the undefended model's (defense ``none``) leakage;
-- ``release`` (is the audited model safe, and could the instrument have seen it if not?):
-  the oracle row - the same method fine-tuned on the real members - must raise the
-  audited model's leakage. Oracle rows are then the control, not gated themselves.
+- ``PASS`` when the unfavourable end of that interval is within the threshold,
+- ``FAIL`` when the favourable end is beyond it,
+- ``UNDECIDED`` when it straddles the threshold (the message says what sample would decide),
+  or when the measure cannot be trusted on this model and data:
+  - it does not demonstrably see membership (below), or
+  - a model-free blind baseline tells the members from the non-members (the split is shifted);
+- ``SKIP`` when the cell did not run (the threat model withholds what the measure needs).
 
-Baseline gates judge the model as released (the pre-trained row); their control is the
-oracle row (of the undefended model under ``compare``). When the control does not leak,
-the gate cannot tell a safe model from an insensitive test: the verdict is an error,
-never a pass. Under several seeds ([matrix] seeds) a gate that passes under one seed but not
-under another is ``unstable``: its passes do not stand (a release cannot rest on the seed it
-happened to draw). The gate suite (``pytest suites/``) and the reports share these functions.
+A measure may pass a model only where it demonstrably sees membership there. ``[gates] mode``
+says how that is shown:
+
+- ``release`` (is the audited model safe?): the released model's own AUC interval excludes 0.5
+  (the attack separates members from non-members), or its oracle row - the same method
+  fine-tuned on the real members - raises the measure by more than the gate's threshold
+  (a calibrated positive control). Oracle rows are the control, not gated themselves.
+- ``compare`` (does a defense lower leakage the undefended model shows?): the same attack on the
+  undefended model (defense ``none``) must raise leakage by more than control_min_amplification.
+
+Baseline gates judge the model as released (the pre-trained row). The gate suite
+(``pytest suites/``) and the reports share these functions.
 """
 
 from __future__ import annotations
 
-from collections import Counter, defaultdict
+import math
+from collections import defaultdict
 from dataclasses import dataclass, replace
+from typing import Callable, Mapping
 
-from .metrics import rate_with_interval
+from .config import GATE_THRESHOLDS
+from .decision import Measurement, Outcome, decide, pool, share_above_null, to_decide
 from .results import POOLED, GateCell, Status, cells_by_key
 from .runner.plan import PlannedCell
 
 MIA_CHECKS = ("auc_amplification", "tpr_at_1pct_fpr", "baseline_tpr_at_1pct_fpr")
 BASELINE = "baseline_"  # checks of the model as released: the pre-trained row
-# the metric each gate reads, and the [gates] key holding its threshold
-THRESHOLDS = {"auc_amplification": "max_auc_amplification", "tpr_at_1pct_fpr": "max_tpr_at_1pct_fpr",
-              "extracted": "max_extracted", "utility": "min_utility",
-              "baseline_tpr_at_1pct_fpr": "max_baseline_tpr_at_1pct_fpr", "baseline_extracted": "max_baseline_extracted"}  # fmt: skip
+THRESHOLDS = GATE_THRESHOLDS  # the [gates] key holding each check's threshold
+RANGE = {"auc_amplification": (-1.0, 1.0), "tpr_at_1pct_fpr": (0.0, 1.0), "extracted": (-1.0, 1.0), "utility": (0.0, 1.0)}  # what each can take
+NAMES = {"auc_amplification": "AUC amplification (after shaking minus before, paired)",
+         "tpr_at_1pct_fpr": "TPR at 1% FPR (threshold fitted on a calibration split)",
+         "extracted": "share of members extracted above the held-out null", "utility": "conditional accuracy"}  # fmt: skip
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """A gate's outcome: pass, fail, skip (the cell did not run), error (the control does not leak)
-    or unstable (it passes under this seed but not under another of the matrix's seeds)."""
+    """A gate's outcome, its message, and the pooled measurement that decided it."""
 
     check: str
-    cell_id: str
-    outcome: str
+    cell_id: str  # the gate's id: defense-attack-measure-domain (every replicate and draw pooled)
+    outcome: Outcome
     message: str
-    value: float | None = None
-    bound: float | None = None  # what was compared with the threshold
+    measurement: Measurement | None = None
+    bound: float | None = None  # the end of the interval that was compared with the threshold
     threshold: float | None = None
+
+    @property
+    def value(self) -> float | None:
+        return None if self.measurement is None else self.measurement.value
+
+
+@dataclass(frozen=True)
+class Unmeasured:
+    """Why a gate has no measurement to judge, and what it says then: FAIL (something broke), SKIP
+    (not applicable here) or UNDECIDED (it cannot be judged from this results.json)."""
+
+    reason: str
+    outcome: Outcome = Outcome.FAIL
+
+    def __str__(self) -> str:
+        return self.reason
 
 
 def applies(check: str, cell: PlannedCell, gates) -> bool:
     """Whether ``check`` gates ``cell``: baseline gates judge the pre-trained row, the other
     leakage gates the shaken rows (but the oracle rows under ``mode = "release"``, where they
-    are the control), on single domains, the pool, or both."""
+    are the control), on single domains, the pool, or both, for the measures [gates] gates."""
     if check == "utility":
         return cell.measure == "utility"
     if cell.measure == "utility" or (cell.attack == "pretrained") != check.startswith(BASELINE):
@@ -62,229 +88,256 @@ def applies(check: str, cell: PlannedCell, gates) -> bool:
         return False
     if (check in MIA_CHECKS) == (cell.measure == "extraction"):
         return False
+    if gates.measures and cell.measure not in gates.measures:
+        return False
     return gates.domains == "both" or (cell.domain == POOLED) == (gates.domains == "pooled")
 
 
 def gate_plan(planned: list[PlannedCell], gates, check: str) -> list[PlannedCell]:
-    """The planned cells ``check`` gates (none when [gates] checks leaves it out)."""
+    """One planned cell per gate ``check`` judges (the first replicate's and draw's; the gate
+    pools the others); none when [gates] checks leaves it out."""
     if check not in gates.checks:
         return []
-    return [c for c in planned if applies(check, c, gates)]
-
-
-def _fmt(value: float, ci: list[float] | None, signed: bool) -> str:
-    f = "{:+.3f}" if signed else "{:.3f}"
-    return f.format(value) + (f" [95% CI {f.format(ci[0])}, {f.format(ci[1])}]" if ci else "")
+    gated = {}
+    for c in planned:
+        if applies(check, c, gates):
+            gated.setdefault(c.gate_key, c)
+    return list(gated.values())
 
 
 def _samples(cell: GateCell) -> str:
     s = cell.samples or {}
-    if "members" in s:
+    if "members" in s and "bootstrap" in s:
         return f"{s['members']} members vs {s['nonmembers']} non-members, {s['bootstrap']} bootstrap resamples"
     if "candidates" in s:
-        return f"{s['candidates']} generated candidates"
+        return f"{s['candidates']} generated candidates matched against {s.get('members', '?')} members and {s.get('nonmembers', '?')} non-members"
     return f"{s.get('generations', '?')} generations"
 
 
-def verdict(check: str, cell: GateCell | None, gates) -> Verdict:
-    """One gate on one measured cell (``None``: the cell is missing from results.json)."""
-    threshold = getattr(gates, THRESHOLDS[check])
-    if cell is None:
-        return Verdict(check, "?", "fail", "the cell is missing from results.json; rerun the matrix without --s2l-reuse")
-    cid = cell.id
-    where = f"[gates] {THRESHOLDS[check]} = {threshold:g}, compare = {gates.compare}"
-    if cell.status == Status.NOT_RUN:
-        return Verdict(check, cid, "skip", f"{cid} did not run: {cell.reason}")
-    if cell.status == Status.FAILED:
-        return Verdict(check, cid, "fail", f"{cid} failed: {cell.reason}")
-    if cell.status == Status.REFUSED:
-        return Verdict(check, cid, "pass", f"{cid}: the provider refused the fine-tune request ({cell.reason}); nothing to attack")
+def measurement(check: str, cell: GateCell) -> Measurement | Unmeasured:
+    """What ``check`` reads from one measured cell, or why it cannot."""
     m = cell.metrics or {}
-    interval = gates.compare == "interval"
+    counts = dict(cell.samples or {})
     metric = check.removeprefix(BASELINE)  # a baseline gate reads the pre-trained row's own metric
     if metric == "auc_amplification":
         amp = cell.amplification
-        if amp is None:
-            return Verdict(check, cid, "fail", f"{cid} has no AUC amplification (no pre-trained baseline to pair with)")
-        value, ci = amp.delta, amp.ci95
-        bound, text = (ci[1] if interval else value), _fmt(value, ci, True)
-        name = "AUC amplification (after shaking minus before, paired)"
-    elif metric == "tpr_at_1pct_fpr":
+        if amp is None or amp.ci95 is None:
+            return Unmeasured("it has no AUC amplification (no pre-trained baseline to pair with)")
+        return Measurement(amp.delta, amp.ci95, counts, 1, amp.method or "paired bootstrap")
+    if metric == "tpr_at_1pct_fpr":
         entry = m["tpr_at_1pct_fpr"]
-        n = entry.get("test_nonmembers", (cell.samples or {}).get("nonmembers"))
         if not entry.get("resolvable", True):
-            return Verdict(check, cid, "skip", f"{cid}: TPR at 1% FPR needs at least 100 test non-members (after the calibration split), "
-                                                f"this cell has {n}; add non-members or gate it on the pooled cell ([gates] domains = 'pooled' or 'both')")  # fmt: skip
-        value, ci = entry["value"], entry["ci95"]
-        bound, text, name = (ci[1] if interval else value), _fmt(value, ci, False), "TPR at 1% FPR (threshold fitted on a calibration split)"
-    elif metric == "extracted" and "extracted_above_null" not in m:  # a matrix from before the null was counted
-        value = bound = m["extracted"]
-        text, name = f"{value} (a count: no interval)", "members extracted"
-    elif metric == "extracted":
-        excess = m["extracted_above_null"]
-        value = bound = excess["value"]
-        text = (
-            f"{value:+.1f} [{excess['ci95'][0]:+.1f}, {excess['ci95'][1]:+.1f}] ({m['extracted']} members and "
-            f"{m['nonmembers_matched']} held-out non-members matched; the point is gated)"
-        )
-        name = "members extracted above chance (members minus held-out non-members matched)"
-    else:
-        entry = m.get("conditional_accuracy")
-        if entry is None:
-            loss, fd = m.get("heldout_denoising_loss"), m.get("frechet_distance")
-            return Verdict(check, cid, "skip", f"{cid}: no classifier reads this data's generations, so conditional accuracy is not "
-                                                f"measured (reported: held-out denoising loss {loss if loss is None else f'{loss:.4f}'}, "
-                                                f"Frechet distance {fd if fd is None else f'{fd:.2f}'}); [gates] min_utility judges the testbed's digits")  # fmt: skip
-        value, ci = entry["value"], entry["ci95"]
-        if value is None:
-            return Verdict(check, cid, "fail", f"{cid}: the provider served no generation, so utility is 0", threshold=threshold)
-        bound, text, name = (ci[0] if interval else value), _fmt(value, ci, False), "conditional accuracy"
-        passed = bound >= threshold
-        message = f"{cid}: {name} {text}; compared {bound:.3f} {'>=' if passed else '<'} minimum {threshold:g} ({where}); {_samples(cell)}"
-        return Verdict(check, cid, "pass" if passed else "fail", message, value, bound, threshold)
-    passed = bound <= threshold
-    message = f"{cid}: {name} {text}; compared {bound:.3f} {'<=' if passed else '>'} maximum {threshold:g} ({where}); {_samples(cell)}"
-    return Verdict(check, cid, "pass" if passed else "fail", message, value, bound, threshold)
+            n = entry.get("test_nonmembers", counts.get("nonmembers"))
+            return Unmeasured(f"TPR at 1% FPR needs at least 100 test non-members (after the calibration split), this cell has {n}; "
+                              f"add non-members or gate it on the pooled cell ([gates] domains = 'pooled' or 'both')", Outcome.SKIP)  # fmt: skip
+        return Measurement(entry["value"], tuple(entry["ci95"]), counts, 1, "threshold fitted on a calibration split, bootstrap on the test split")
+    if metric == "extracted":
+        if "members" not in counts or "extracted" not in m:
+            return Unmeasured("results.json is from before extraction was judged as a share of members; rerun the matrix", Outcome.UNDECIDED)
+        return share_above_null(min(m["extracted"], counts["members"]), counts["members"], min(m["nonmembers_matched"], counts["nonmembers"]),
+                                counts["nonmembers"])  # fmt: skip
+    entry = m.get("conditional_accuracy")
+    if entry is None:
+        loss, fd = m.get("heldout_denoising_loss"), m.get("frechet_distance")
+        return Unmeasured(f"no classifier reads this data's generations, so conditional accuracy is not measured (reported: held-out "
+                          f"denoising loss {loss if loss is None else f'{loss:.4f}'}, Frechet distance {fd if fd is None else f'{fd:.2f}'}); "
+                          f"[gates] min_utility judges the testbed's digits", Outcome.SKIP)  # fmt: skip
+    if entry["value"] is None:
+        return Unmeasured("the provider served no generation, so utility is 0")
+    return Measurement(entry["value"], tuple(entry["ci95"]), counts, 1, "Wilson interval over the served generations")
 
 
-def control_of(check: str, cell: PlannedCell, mode: str) -> tuple[str, str, str, str, int]:
-    """The pooled cell that must leak for ``cell``'s gate to mean something, by (defense, attack,
-    measure, domain, seed): under "release" the oracle row on the audited weights, which the
-    provider fine-tunes itself (so an API defense's own refusals do not hide it: its weights are
-    the undefended model's); under "compare" the undefended model's same attack (an adaptive
-    variant's plain SP attack), or its oracle row for a baseline gate."""
-    if mode == "release":
-        return (cell.weights_of, cell.oracle, cell.measure, POOLED, cell.seed)
-    attack = cell.oracle if check.startswith(BASELINE) else cell.base_attack or cell.attack
-    return ("none", attack, cell.measure, POOLED, cell.seed)
+def units_of(key: tuple, cells: Mapping[tuple, GateCell]) -> list[GateCell]:
+    """Every replicate's and draw's cell of (defense, attack, measure, domain) ``key``."""
+    return [c for k, c in sorted(cells.items(), key=lambda kv: kv[0][4:]) if k[:4] == tuple(key)]
 
 
-def control_problem(check: str, cell: PlannedCell, cells: dict[tuple, GateCell], gates) -> str | None:
-    """Why the positive control of ``cell``'s gate fails, or None when it leaks (utility has none)."""
+def _pooled(key: tuple, cells: Mapping[tuple, GateCell], read: Callable[[GateCell], Measurement | Unmeasured],
+            bounds: tuple[float, float] = (-math.inf, math.inf)) -> Measurement | Unmeasured:  # fmt: skip
+    """What ``read`` takes from each of ``key``'s cells, pooled over replicates and draws, or why there is none."""
+    by_replicate: dict[int, list[Measurement]] = defaultdict(list)
+    for cell in units_of(key, cells):
+        m = read(cell) if cell.status == Status.OK else Unmeasured(f"{cell.status}: {cell.reason}")
+        if isinstance(m, Unmeasured):
+            return Unmeasured(f"{cell.id}: {m}" if cell.status == Status.OK else f"{cell.id} {m}", m.outcome)
+        by_replicate[cell.seed].append(m)
+    if not by_replicate:
+        return Unmeasured(f"{'-'.join(map(str, key))} is not in the matrix")
+    return pool(by_replicate, bounds)
+
+
+def pooled_measure(check: str, key: tuple, cells: Mapping[tuple, GateCell]) -> Measurement | Unmeasured:
+    """``check``'s measurement of ``key``'s cells, pooled over replicates and draws, or why there is none."""
+    return _pooled(key, cells, lambda cell: measurement(check, cell), RANGE[check.removeprefix(BASELINE)])
+
+
+def _released_auc(cell: GateCell) -> Measurement | Unmeasured:
+    auc = cell.metric("auc")
+    return Unmeasured("no AUC") if auc is None else Measurement(auc["value"], tuple(auc["ci95"]), dict(cell.samples or {}), 1, "bootstrap")
+
+
+def _amplification(cell: GateCell) -> Measurement | Unmeasured:
+    amp = cell.amplification
+    if amp is None or amp.ci95 is None:
+        return Unmeasured("it has no amplification")
+    return Measurement(amp.delta, amp.ci95, dict(cell.samples or {}), 1, amp.method or "paired bootstrap")
+
+
+def pooled_amplification(key: tuple, cells: Mapping[tuple, GateCell]) -> Measurement | Unmeasured:
+    """``key``'s headline amplification pooled over replicates and draws - AUC for an MIA, members
+    above the null for extraction - or why there is none."""
+    return _pooled(key, cells, _amplification)
+
+
+def sensitivity_problem(check: str, planned: PlannedCell, cells: Mapping[tuple, GateCell], gates) -> str | None:
+    """Why ``planned``'s measure cannot be trusted to see membership for ``check``, or None when it can."""
     if check == "utility":
         return None
-    key = control_of(check, cell, gates.mode)
-    release = gates.mode == "release"
-    what = "-".join(map(str, key[:4]))
-    if not key[1]:
-        return ("no oracle row is planned, so nothing shows the instrument can see leakage on this model; "
-                "add a method to [matrix] member_shakers (e.g. ['end2end'])")  # fmt: skip
-    control = cells.get(key)
-    if control is None:
-        fix = "rerun the matrix" if release else "add 'none' to [matrix] defenses (the gates need the undefended model)"
-        return f"positive control {what} is not in the matrix; {fix}"
-    if control.status != Status.OK:
-        return f"positive control {what} did not run ({control.status}: {control.reason}); the gate cannot be judged"
-    amp = control.amplification
-    if amp is None:
-        return f"positive control {what} has no amplification to show"
-    level = amp.ci95[0] if gates.compare == "interval" else amp.delta
-    if level > gates.control_min_amplification:
+    measure = planned.measure
+    threshold = gates.max_auc_amplification if measure != "extraction" else 0.0
+    need = max(gates.control_min_amplification, threshold)
+    if gates.mode == "compare":
+        attack = planned.oracle if check.startswith(BASELINE) else planned.base_attack or planned.attack
+        key = ("none", attack, measure, POOLED)
+        control = pooled_amplification(key, cells)
+        if isinstance(control, Unmeasured):
+            return (
+                f"positive control {'-'.join(key)} cannot be read ({control}); add 'none' to [matrix] defenses (the gates need the undefended model)"
+            )
+        level = control.ci95[0] if gates.compare == "interval" else control.value
+        if level > gates.control_min_amplification:
+            return None
+        return (f"positive control failed: on the undefended model {attack} raises {measure} leakage by {control.text()} "
+                f"({control.method}), not more than [gates] control_min_amplification = {gates.control_min_amplification:g}; "
+                f"this gate cannot tell a safe model from an insensitive test")  # fmt: skip
+    released = (planned.weights_of, "pretrained", measure, POOLED)
+    if measure != "extraction":
+        auc = _pooled(released, cells, _released_auc, (0.0, 1.0))
+        if isinstance(auc, Unmeasured):
+            seen = f"the released model's AUC was not measured ({auc})"
+        elif auc.ci95[0] > 0.5 or auc.ci95[1] < 0.5:  # two-sided: an AUC below 0.5 leaks too
+            return None
+        else:
+            seen = f"the released model's AUC is {auc.text(signed=False)}, which does not exclude 0.5"
+    else:
+        share = pooled_measure("extracted", released, cells)
+        if not isinstance(share, Unmeasured) and share.ci95[0] > 0:
+            return None
+        seen = f"the released model reproduces {share.text()} of its members above the null" if not isinstance(share, Unmeasured) else share
+    if not planned.oracle:
+        return (f"the instrument cannot be shown to see membership: {seen}, and no oracle row is planned; add a method to "
+                f"[matrix] member_shakers (e.g. ['end2end'])")  # fmt: skip
+    oracle = (released[0], planned.oracle, measure, POOLED)
+    control = pooled_measure("extracted" if measure == "extraction" else "auc_amplification", oracle, cells)
+    if not isinstance(control, Unmeasured) and control.ci95[0] > need:
         return None
-    by = "the lower end of its 95% interval" if gates.compare == "interval" else "its estimate"
-    shown = (f"by {_fmt(amp.delta, amp.ci95, True)} ({_samples(control)}), not more than [gates] control_min_amplification = "
-             f"{gates.control_min_amplification:g} by {by}")  # fmt: skip
-    if release:
-        return (f"the instrument cannot see leakage on this model: its oracle row {key[1]} (the method fine-tuned on the real "
-                f"members) raises {key[2]} leakage {shown}; more members and non-members per domain, more generated "
-                f"candidates ([extraction] candidates) or a longer oracle fine-tune would help; the gate is not judged")  # fmt: skip
-    return (
-        f"positive control failed: on the undefended model {key[1]} raises {key[2]} leakage {shown}; "
-        f"this gate cannot tell a safe model from an insensitive test, so it is not judged"
-    )
+    shown = control if isinstance(control, Unmeasured) else f"by {control.text()}"
+    return (f"the instrument cannot see membership on this model: {seen}, and its oracle row {planned.oracle} (the method "
+            f"fine-tuned on the real members) moves {measure} {shown}, not more than {need:g} at the lower end; "
+            f"the measure is better reported than gated here ([gates] measures), or lengthen the oracle fine-tune")  # fmt: skip
 
 
-def judge(check: str, planned: PlannedCell, cells: dict[tuple, GateCell], gates) -> Verdict:
-    """The gate on one cell, as :func:`judge_seed`; a pass is ``unstable`` when the same gate
-    under another seed of the matrix does not pass."""
-    v = judge_seed(check, planned, cells, gates)
-    if v.outcome != "pass" or not planned.many_seeds:
+def verdict(check: str, units: GateCell | list[GateCell] | None, gates, gate_id: str | None = None) -> Verdict:
+    """The threshold part of a gate: its cells (one per replicate and draw, or one cell) pooled and
+    compared with [gates]' threshold, before any question of whether the measure can be trusted."""
+    units = [] if units is None else [units] if isinstance(units, GateCell) else list(units)
+    threshold = getattr(gates, THRESHOLDS[check])
+    gid = gate_id or (units[0].gate_id if units else "?")
+    if not units:
+        return Verdict(check, gid, Outcome.FAIL, f"{gid}: the cell is missing from results.json; rerun the matrix without --s2l-reuse")
+    for status, outcome in ((Status.FAILED, Outcome.FAIL), (Status.NOT_RUN, Outcome.SKIP)):
+        broken = [c for c in units if c.status == status]
+        if broken:
+            what = "failed" if status == Status.FAILED else "did not run"
+            return Verdict(check, gid, outcome, f"{broken[0].id} {what}: {broken[0].reason}")
+    measured = [c for c in units if c.status == Status.OK]
+    if not measured:  # every draw's request was refused
+        return Verdict(check, gid, Outcome.PASS, f"{gid}: the provider refused the fine-tune request ({units[0].reason}); nothing to attack")
+    m = pooled_measure(check, measured[0].key[:4], {c.key: c for c in measured})
+    if isinstance(m, Unmeasured):
+        return Verdict(check, gid, m.outcome, f"{gid}: {m}")
+    maximum = check != "utility"
+    where = f"[gates] {THRESHOLDS[check]} = {threshold:g}"
+    how = f"{_samples(measured[0])}; {m.method}"
+    if gates.compare == "point":
+        passed = m.value <= threshold if maximum else m.value >= threshold
+        outcome, bound = (Outcome.PASS if passed else Outcome.FAIL), m.value
+    else:
+        outcome, bound = decide(m, threshold, maximum=maximum)
+    limit = f"{'maximum' if maximum else 'minimum'} {threshold:g}"
+    text = f"{gid}: {NAMES[check.removeprefix(BASELINE)]} {m.text(signed=check.removeprefix(BASELINE) in ('auc_amplification', 'extracted'))}"
+    if outcome == Outcome.UNDECIDED:
+        message = f"{text} straddles the {limit} ({where}); {how}; would be decided by {to_decide(m, threshold)}"
+    else:
+        sign = {Outcome.PASS: "<=" if maximum else ">=", Outcome.FAIL: ">" if maximum else "<"}[outcome]
+        message = f"{text}; compared {bound:.3f} {sign} {limit} ({where}, compare = {gates.compare}); {how}"
+    return Verdict(check, gid, outcome, message, m, bound, threshold)
+
+
+def judge(check: str, planned: PlannedCell, cells: Mapping[tuple, GateCell], gates, blind: Mapping[str, Mapping[str, dict]] | None = None) -> Verdict:
+    """The gate ``check`` on ``planned``'s cells, every replicate and draw pooled. A pass stands only
+    where the measure can be trusted: it sees membership on this model (:func:`sensitivity_problem`)
+    and, for an MIA, no blind baseline tells the members from the non-members (``blind``:
+    results.json's, by replicate, then domain); else the gate is UNDECIDED with the reason."""
+    v = verdict(check, units_of(planned.gate_key, cells), gates, planned.gate_id)
+    if v.measurement is None or v.outcome == Outcome.FAIL or check == "utility":
         return v
-    others = {seed: judge_seed(check, replace(planned, seed=seed), cells, gates).outcome for seed in seeds_of(planned, cells)}
-    overturned = {seed: outcome for seed, outcome in others.items() if outcome != "pass"}
-    if not overturned:
+    problem = sensitivity_problem(check, planned, cells, gates)
+    if problem is None and check in MIA_CHECKS:
+        problem = blind_problem(planned.domain, blind)
+    if problem is None:
         return v
-    under = "; ".join(f"{outcome} under seed {seed}" for seed, outcome in sorted(overturned.items()))
-    return replace(v, outcome="unstable", message=f"UNSTABLE across seeds ({under}), so this pass does not stand: {v.message}")
+    return replace(v, outcome=Outcome.UNDECIDED, message=f"{v.cell_id}: {problem}; measured: {v.message.removeprefix(v.cell_id + ': ')}")
 
 
-def seeds_of(planned: PlannedCell, cells: dict[tuple, GateCell]) -> list[int]:
-    """The seeds the matrix measured ``planned``'s cell under."""
-    where = (planned.defense, planned.attack, planned.measure, planned.domain)
-    return sorted(key[4] for key in cells if key[:4] == where)
-
-
-def judge_seed(check: str, planned: PlannedCell, cells: dict[tuple, GateCell], gates) -> Verdict:
-    """The gate on one cell under its own seed, its positive control included: a measured cell
-    (ok or refused) whose control does not leak is an error; a cell that failed or did not run is
-    judged as such."""
-    cell = cells.get((planned.defense, planned.attack, planned.measure, planned.domain, planned.seed))
-    v = verdict(check, cell, gates)
-    if cell is None or not cell.measured:
-        return v
-    problem = control_problem(check, planned, cells, gates)
-    return Verdict(check, planned.id, "error", f"{planned.id}: {problem}") if problem else v
+def blind_problem(domain: str, blind: Mapping[str, Mapping[str, dict]] | None) -> str | None:
+    """The blind baseline's message where it fires on ``domain``'s data under some replicate."""
+    for seed, entries in sorted((blind or {}).items()):
+        entry = entries.get(domain)
+        if entry and entry.get("fires"):
+            return entry["message"] + (f" (replicate {seed})" if len(blind) > 1 else "")
+    return None
 
 
 def evaluate(results: dict, gates, planned: list[PlannedCell]) -> list[Verdict]:
     """Every gate of [gates] on the measured matrix (for reports and summaries)."""
     cells = cells_by_key(results)
-    return [judge(check, p, cells, gates) for check in gates.checks for p in gate_plan(planned, gates, check)]
+    blind = results.get("blind")
+    return [judge(check, p, cells, gates, blind) for check in gates.checks for p in gate_plan(planned, gates, check)]
 
 
-RANK = {"fail": 4, "unstable": 3, "error": 2, "pass": 1, "skip": 0}  # the worst verdict stands for a tile of several gates
-LABEL = {"pass": "PASS", "fail": "FAIL", "unstable": "UNST", "error": "ERR", "skip": "skip"}
+RANK = {Outcome.FAIL: 3, Outcome.UNDECIDED: 2, Outcome.PASS: 1, Outcome.SKIP: 0}  # the worst verdict stands for a tile of several gates
+LABEL = {Outcome.PASS: "PASS", Outcome.FAIL: "FAIL", Outcome.UNDECIDED: "UNDEC", Outcome.SKIP: "skip"}
 
 
 def count_text(verdicts: list[Verdict]) -> str:
-    """``"3 pass, 1 fail, 2 error, 0 skip"``, and the unstable passes when there are any."""
-    counts = {o: sum(v.outcome == o for v in verdicts) for o in RANK}
-    text = f"{counts['pass']} pass, {counts['fail']} fail, {counts['error']} error, {counts['skip']} skip"
-    return text + (f", {counts['unstable']} unstable (passes another seed overturns)" if counts["unstable"] else "")
+    """``"3 pass, 1 fail, 2 undecided, 0 skip"``."""
+    counts = {o: sum(v.outcome == o for v in verdicts) for o in Outcome}
+    return ", ".join(f"{counts[o]} {o.value}" for o in (Outcome.PASS, Outcome.FAIL, Outcome.UNDECIDED, Outcome.SKIP))
 
 
-def seed_outcomes(planned: list[PlannedCell], cells: dict[tuple, GateCell], gates) -> dict[tuple, set[str]]:
-    """Each gate's outcomes under the matrix's seeds (each seed's own, as judge_seed gives them),
-    by (check, defense, attack, measure, domain)."""
-    outcomes: dict[tuple, set[str]] = defaultdict(set)
-    for check in gates.checks:
-        for cell in gate_plan(planned, gates, check):
-            outcomes[check, cell.defense, cell.attack, cell.measure, cell.domain].add(judge_seed(check, cell, cells, gates).outcome)
-    return outcomes
-
-
-def flip_table(planned: list[PlannedCell], cells: dict[tuple, GateCell], gates) -> list[list[str]]:
-    """How often each check's verdict flips across the matrix's seeds: [check, gates, flipping,
-    flip rate (Wilson 95% interval), judged, flipping of the judged] rows and a total. A gate
-    flips when its outcomes under the seeds are not all the same; it is judged when some seed
-    passes or fails it (the others error or skip under every seed, which cannot flip a release)."""
-    outcomes = seed_outcomes(planned, cells, gates)
-    rows = []
-    for check in [*gates.checks, "all"]:
-        mine = [o for key, o in outcomes.items() if check in ("all", key[0])]
-        if not mine:
-            continue
-        flips = sum(len(o) > 1 for o in mine)
-        judged = [o for o in mine if o & {"pass", "fail"}]
-        low, high = rate_with_interval(flips, len(mine))["ci95"]
-        rows.append([check, str(len(mine)), str(flips), f"{flips / len(mine):.1%} ({low:.1%}-{high:.1%})", str(len(judged)),
-                     str(sum(len(o) > 1 for o in judged))])  # fmt: skip
-    return rows
-
-
-def flip_kinds(planned: list[PlannedCell], cells: dict[tuple, GateCell], gates) -> dict[str, int]:
-    """How many gates flip between which outcomes ("error/pass": some seeds pass, the others
-    error), most common first."""
-    kinds = Counter("/".join(sorted(o)) for o in seed_outcomes(planned, cells, gates).values() if len(o) > 1)
-    return dict(kinds.most_common())
+def agreement(first: list[Verdict], second: list[Verdict]) -> dict[str, int]:
+    """How two runs' verdicts on the same gates compare: ``contradict`` (PASS in one, FAIL in the
+    other: never acceptable), ``decided_once`` (decided in one, UNDECIDED in the other),
+    ``same`` and ``gates`` (gates both judged, skips excluded)."""
+    a = {(v.check, v.cell_id): v.outcome for v in first if v.outcome != Outcome.SKIP}
+    b = {(v.check, v.cell_id): v.outcome for v in second if v.outcome != Outcome.SKIP}
+    both = a.keys() & b.keys()
+    decided = {Outcome.PASS, Outcome.FAIL}
+    return {
+        "gates": len(both),
+        "same": sum(a[k] == b[k] for k in both),
+        "contradict": sum({a[k], b[k]} == decided for k in both),
+        "decided_once": sum((a[k] in decided) != (b[k] in decided) for k in both),
+    }
 
 
 def summary_lines(judged: list[tuple[PlannedCell, Verdict]], mode: str) -> list[str]:
     """A compact defense x attack table of the worst verdict per tile (over measures, domains and
     checks; utility in its own column), then the counts: what the gate suite prints at its end."""
-    tiles: dict[tuple[str, str], str] = {}
+    tiles: dict[tuple[str, str], Outcome] = {}
     for cell, v in judged:
-        key = (cell.defense + (f" seed{cell.seed}" if cell.many_seeds else ""), "utility" if cell.measure == "utility" else cell.attack)
+        key = (cell.defense, "utility" if cell.measure == "utility" else cell.attack)
         if key not in tiles or RANK[v.outcome] > RANK[tiles[key]]:
             tiles[key] = v.outcome
     rows = list(dict.fromkeys(d for d, _ in tiles))
@@ -293,5 +346,5 @@ def summary_lines(judged: list[tuple[PlannedCell, Verdict]], mode: str) -> list[
     widths = [max(len(r[i]) for r in table) for i in range(len(columns) + 1)]
     lines = ["  ".join(text.ljust(w) for text, w in zip(r, widths)).rstrip() for r in table]
     lines.append(f"mode {mode}: {count_text([v for _, v in judged])} ({len(judged)} gates; "
-                 f"a tile shows its worst verdict: FAIL > UNST > ERR > PASS > skip)")  # fmt: skip
+                 f"a tile shows its worst verdict: FAIL > UNDEC > PASS > skip)")  # fmt: skip
     return lines

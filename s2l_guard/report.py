@@ -26,15 +26,16 @@ from matplotlib.colors import Normalize  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 
 from .config import Config  # noqa: E402
+from .decision import Outcome  # noqa: E402
 from .formatting import format_interval  # noqa: E402
-from .gates import LABEL, RANK, THRESHOLDS, Verdict, count_text, evaluate, flip_kinds, flip_table  # noqa: E402
-from .results import POOLED, GateCell, Status, cells_by_key, gate_cells  # noqa: E402
+from .gates import LABEL, RANK, THRESHOLDS, Unmeasured, Verdict, count_text, evaluate, pooled_amplification, pooled_measure  # noqa: E402
+from .results import POOLED, GateCell, Status, gate_cells  # noqa: E402
 from .runner.matrix import config_of  # noqa: E402
 from .runner.plan import plan  # noqa: E402
 
 STATUS_TEXT = {"not-run": "not run", "refused": "refused", "failed": "failed", "absent": "n/a"}
-EDGE = {"fail": "#c00000", "unstable": "#8000c0", "error": "#e08000"}  # a thick tile border makes these stand out
-UTILITY_FILL = {"pass": "#d8f0d8", "fail": "#f6d0d0", "unstable": "#e6d0f6", "error": "#fbe3c0", "skip": "#e6e6e6"}
+EDGE = {"fail": "#c00000", "undecided": "#e08000"}  # a thick tile border makes these stand out
+UTILITY_FILL = {"pass": "#d8f0d8", "fail": "#f6d0d0", "undecided": "#fbe3c0", "skip": "#e6e6e6"}
 
 
 # ---------------------------------------------------------------- the matrix as data
@@ -60,7 +61,7 @@ class Tile:
 
 @dataclass(frozen=True)
 class Matrix:
-    rows: list[tuple[str, int]]  # (defense, seed)
+    rows: list[tuple[str, int]]  # (defense, its first replicate: whose table the ROC curves and the defense column show)
     row_labels: list[str]
     columns: list[tuple[str, str]]  # (attack, measure)
     omitted: list[tuple[str, str]]  # columns where no cell ran for any defense
@@ -84,58 +85,61 @@ def verdicts_by_cell(verdicts: list[Verdict]) -> dict[str, list[Verdict]]:
 
 
 def build_matrix(results: dict, verdicts: list[Verdict]) -> Matrix:
-    """Rows: defenses (x seeds); columns: every shaken attack x measure, pooled over domains."""
+    """Rows: defenses; columns: every shaken attack x measure, pooled over domains, replicates and draws."""
     by_cell = verdicts_by_cell(verdicts)
-    many_seeds = len(results["seeds"]) > 1
-    rows = [(d, s) for s in results["seeds"] for d in results["defenses"]]
     cells = gate_cells(results)
-    threat = {(c.defense, c.seed): c.threat_model for c in cells}
-    labels = [f"{d}" + (f" seed{s}" if many_seeds else "") + (f"\n({threat[d, s]})" if threat.get((d, s)) else "") for d, s in rows]
+    by_key = {c.key: c for c in cells}
+    first = results["seeds"][0]
+    rows = [(d, first) for d in results["defenses"]]
+    threat = {c.defense: c.threat_model for c in cells}
+    labels = [d + (f"\n({threat[d]})" if threat.get(d) else "") for d, _ in rows]
 
-    pooled, domain_verdicts, columns = {}, defaultdict(list), {}
+    columns, domain_verdicts = {}, defaultdict(list)
     for c in cells:
         if c.measure == "utility" or c.attack == "pretrained":
             continue
-        key = (c.defense, c.seed, c.attack, c.measure)
         columns.setdefault((c.attack, c.measure), None)  # first appearance keeps the table's row order
-        if c.pooled:
-            pooled[key] = c
-        else:
-            domain_verdicts[key] += by_cell.get(c.id, [])
+        if not c.pooled:
+            domain_verdicts[c.defense, c.attack, c.measure] += by_cell.get(c.gate_id, [])
 
-    def tile(defense: str, seed: int, column: tuple[str, str]) -> Tile:
-        key = (defense, seed) + column
-        cell = pooled.get(key)
-        if cell is None:
+    def tile(defense: str, column: tuple[str, str]) -> Tile:
+        key = (defense, *column, POOLED)
+        units = [c for k, c in by_key.items() if k[:4] == key]
+        if not units:
             return Tile("absent")
-        verdict = worst(by_cell.get(cell.id, [])) or worst(domain_verdicts[key])
-        amp = cell.amplification if cell.status == Status.OK else None
-        if amp is None:
-            return Tile(cell.status.value, verdict=verdict)
-        return Tile("ok", amp.delta, amp.ci95, verdict)
+        verdict = worst(by_cell.get(units[0].gate_id, [])) or worst(domain_verdicts[key[:3]])
+        broken = next((c for c in units if c.status != Status.OK), None)
+        if broken is not None:
+            return Tile(broken.status.value, verdict=verdict)
+        amp = pooled_amplification(key, by_key)
+        return Tile("ok", verdict=verdict) if isinstance(amp, Unmeasured) else Tile("ok", amp.value, amp.ci95, verdict)
 
-    every = {(i, col): tile(d, s, col) for i, (d, s) in enumerate(rows) for col in columns}
+    every = {(i, col): tile(d, col) for i, (d, _) in enumerate(rows) for col in columns}
     ran = [col for col in columns if any(every[i, col].status not in ("absent", "not-run") for i in range(len(rows)))]
     omitted = [col for col in columns if col not in ran]
     tiles = {(i, j): every[i, col] for i in range(len(rows)) for j, col in enumerate(ran)}
-    utility = [utility_tile(cells, d, s, by_cell) for d, s in rows]
+    utility = [utility_tile(by_key, d, by_cell) for d, _ in rows]
     return Matrix(rows, labels, ran, omitted, tiles, utility)
 
 
 def utility_cell(cells: list[GateCell], defense: str, seed: int) -> GateCell | None:
-    return next((c for c in cells if c.measure == "utility" and c.defense == defense and c.seed == seed), None)
+    return next((c for c in cells if c.measure == "utility" and c.defense == defense and c.seed == seed and c.draw == 0), None)
 
 
-def utility_tile(cells: list[GateCell], defense: str, seed: int, by_cell: dict[str, list[Verdict]]) -> Tile:
-    cell = utility_cell(cells, defense, seed)
-    if cell is None:
+def utility_tile(cells: dict, defense: str, by_cell: dict[str, list[Verdict]]) -> Tile:
+    """Conditional accuracy pooled over replicates and draws, and the utility gate's verdict."""
+    key = (defense, "-", "utility", POOLED)
+    units = [c for k, c in cells.items() if k[:4] == key]
+    if not units:
         return Tile("absent")
-    verdict = worst(by_cell.get(cell.id, []))
-    accuracy = cell.metric("conditional_accuracy")
-    if cell.status != Status.OK or accuracy is None or accuracy["value"] is None:
-        why = cell.status.value if cell.status != Status.OK else "not read" if accuracy is None else "no generations"
-        return Tile(why, verdict=verdict)
-    return Tile("ok", accuracy["value"], tuple(accuracy["ci95"]), verdict)
+    verdict = worst(by_cell.get(units[0].gate_id, []))
+    broken = next((c for c in units if c.status != Status.OK), None)
+    if broken is not None:
+        return Tile(broken.status.value, verdict=verdict)
+    accuracy = pooled_measure("utility", key, cells)
+    if isinstance(accuracy, Unmeasured):
+        return Tile("no generations" if "served no generation" in accuracy.reason else "not read", verdict=verdict)
+    return Tile("ok", accuracy.value, accuracy.ci95, verdict)
 
 
 # ---------------------------------------------------------------- figures
@@ -216,7 +220,7 @@ def matrix_title(results: dict, config: Config, m: Matrix) -> str:
 def roc_curves(results: dict, defense: str, seed: int) -> dict[tuple[str, str, str], dict]:
     """(attack, domain, mia) -> the ok per-domain ROC curve of one defense's table."""
     return {(c.attack, c.domain, c.measure): c.metric("roc_curve") for c in gate_cells(results)
-            if c.defense == defense and c.seed == seed and c.status == Status.OK and c.metric("roc_curve")}  # fmt: skip
+            if c.defense == defense and c.seed == seed and c.draw == 0 and c.status == Status.OK and c.metric("roc_curve")}  # fmt: skip
 
 
 def plot_roc(results: dict, defense: str, seed: int, mias: list[str], path: Path) -> Path | None:
@@ -303,7 +307,7 @@ def defense_rows(results: dict, m: Matrix) -> list[list[str]]:
     cells = gate_cells(results)
     out = []
     for (defense, seed), label, u in zip(m.rows, m.row_labels, m.utility):
-        table = results["tables"].get(f"{defense}/{seed}", {})
+        table = results["tables"].get(f"{defense}/{seed}", {})  # the first replicate's first draw
         privacy = table.get("report", {}).get("pretraining", {}).get("privacy")
         epsilon = f"{privacy['epsilon']:.2f} (delta {privacy['delta']:.1e})" if privacy else "-"
         cell = utility_cell(cells, defense, seed)
@@ -339,15 +343,22 @@ def baseline_rows(results: dict, verdicts: list[Verdict]) -> tuple[list[str], li
     by_cell = verdicts_by_cell(baseline)
     measures = list(dict.fromkeys(c.measure for c in cells))
     rows = []
-    for defense, seed in [(d, s) for s in results["seeds"] for d in results["defenses"]]:
-        mine = [c for c in cells if c.defense == defense and c.seed == seed]
-        row = [defense + (f" seed{seed}" if len(results["seeds"]) > 1 else "")]
+    by_key = {c.key: c for c in cells}
+    for defense in results["defenses"]:
+        mine = [c for c in cells if c.defense == defense]
+        row = [defense]
         for measure in measures:
-            pooled = next((c for c in mine if c.measure == measure and c.pooled), None)
-            verdict = worst([v for c in mine if c.measure == measure for v in by_cell.get(c.id, [])])
-            row.append(f"{_released_figure(pooled)} {LABEL.get(verdict, '')}".strip())
+            key = (defense, "pretrained", measure, POOLED)
+            figure = pooled_measure("baseline_extracted" if measure == "extraction" else "baseline_tpr_at_1pct_fpr", key, by_key)
+            verdict = worst([v for c in mine if c.measure == measure for v in by_cell.get(c.gate_id, [])])
+            text = (
+                figure.text(signed=measure == "extraction")
+                if not isinstance(figure, Unmeasured)
+                else _released_figure(by_key.get((*key, results["seeds"][0], 0)))
+            )
+            row.append(f"{text} {LABEL.get(verdict, '')}".strip())
         rows.append(row)
-    return ["defense"] + [f"{m} ({'above null' if m == 'extraction' else 'TPR at 1% FPR'})" for m in measures], rows
+    return ["defense"] + [f"{m} ({'share of members above null' if m == 'extraction' else 'TPR at 1% FPR'})" for m in measures], rows
 
 
 def failure_lines(verdicts: list[Verdict]) -> list[str]:
@@ -370,22 +381,6 @@ def not_run_lines(cells: list[GateCell]) -> list[str]:
     return [f"{status} ({len(cs)} cells; defenses {distinct(c.defense for c in cs)}): {reason}" for (status, reason), cs in reasons.items()]
 
 
-def stability_blocks(results: dict, config: Config) -> list[tuple]:
-    """Under several seeds: how often each check's verdict flips between them."""
-    if len(results["seeds"]) < 2:
-        return []
-    planned, cells = plan(config, results["defenses"]), cells_by_key(results)
-    kinds = flip_kinds(planned, cells, config.gates)
-    return [
-        ("h", 3, f"Stability across {len(results['seeds'])} seeds"),
-        ("p", "A gate flips when its verdicts under the seeds differ; its passes are then reported as unstable (UNST), not passed. "
-              "Judged: some seed passes or fails the gate (the others error or skip under every seed). The interval is Wilson's, "
-              "which takes the gates as independent; they share models, so read it as a lower bound on the uncertainty."),
-        ("table", ["check", "gates", "flipping", "flip rate (95% CI)", "judged", "flipping of the judged"], flip_table(planned, cells, config.gates)),
-        *([("p", "Flips by the outcomes seen: " + "; ".join(f"{kind} {n}" for kind, n in kinds.items()))] if kinds else []),
-    ]  # fmt: skip
-
-
 def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Matrix, rocs: list[Path], ablations) -> list[tuple]:
     """The report as blocks, rendered to Markdown and to HTML alike:
     ("h", level, text), ("p", text), ("ul", items), ("table", header, rows), ("img", alt, file name)."""
@@ -400,7 +395,8 @@ def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Mat
             [
                 f"config: `{results['config_source']}` (resolved config in results.json)",
                 f"code version: `{results['code_version']}` (s2l-guard {results['s2l_guard_version']})",
-                f"defenses: {', '.join(results['defenses'])}; seeds: {', '.join(map(str, results['seeds']))}",
+                f"defenses: {', '.join(results['defenses'])}; testbed replicates: {', '.join(map(str, results['seeds']))}; "
+                f"attack draws: {', '.join(map(str, results.get('draws', [0])))} (every gate pools them; docs/gates.md)",
                 f"private domains attacked: {', '.join(results['domains'])} (matrix tiles pool them: domain `{POOLED}`)",
                 *sample_lines(cells),
                 f"wall time: {results['wall_seconds']:.1f} s for the whole matrix (cached cells cost nothing)",
@@ -409,20 +405,19 @@ def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Mat
         ("h", 2, "Gates"),
         (
             "p",
-            f"compare = {g.compare} ({'the unfavourable end of the 95% interval' if g.compare == 'interval' else 'the estimate'} "
-            f"is compared with the threshold); domains = {g.domains}; a leakage gate is judged only when its positive control "
-            f"(the undefended model, same attack, pooled) raises leakage by more than control_min_amplification = "
-            f"{g.control_min_amplification:g}, else it is an error.",
+            f"mode = {g.mode}; compare = {g.compare}; domains = {g.domains}. Each gate pools its cells over replicates and draws "
+            f"into one 95% interval: PASS when its unfavourable end is within the threshold, FAIL when its favourable end is "
+            f"beyond it, UNDECIDED when it straddles the threshold or the measure cannot be trusted here (it does not "
+            f"demonstrably see membership on the model, or a blind baseline separates the members from the non-members).",
         ),  # fmt: skip
         ("table", ["check", "threshold", "value", "enabled"], thresholds),
         ("p", f"Verdicts: {count_text(verdicts)} ({len(verdicts)} gates)."),
-        *stability_blocks(results, config),
         ("h", 2, "Matrix"),
         (
             "p",
             "Each entry: amplification delta (after shaking minus before; AUC for MIAs, distinct members extracted for extraction) "
-            "of the cell pooled over domains, its 95% interval, and the gate verdict (the pooled cell's, else the worst "
-            "over its domains: FAIL > UNST > ERR > PASS > skip; UNST: passes under one seed, not under another).",
+            "of the cell pooled over domains, replicates and draws, its 95% interval, and the gate verdict (the pooled cell's, "
+            "else the worst over its domains: FAIL > UNDEC > PASS > skip).",
         ),  # fmt: skip
         ("img", "matrix", "matrix.png"),
         (
@@ -448,14 +443,9 @@ def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Mat
             defense_rows(results, m),
         ),  # fmt: skip
         ("h", 2, "Failed gates"),
-        ("ul", failure_lines([v for v in verdicts if v.outcome == "fail"]) or ["none"]),
-        *(
-            [("h", 2, "Unstable gates"), ("ul", failure_lines([v for v in verdicts if v.outcome == "unstable"]))]
-            if any(v.outcome == "unstable" for v in verdicts)
-            else []
-        ),
-        ("h", 2, "Errored gates"),
-        ("ul", error_lines([v for v in verdicts if v.outcome == "error"]) or ["none"]),
+        ("ul", failure_lines([v for v in verdicts if v.outcome == Outcome.FAIL]) or ["none"]),
+        ("h", 2, "Undecided gates"),
+        ("ul", error_lines([v for v in verdicts if v.outcome == Outcome.UNDECIDED]) or ["none"]),
         ("h", 2, "Cells that did not run"),
         ("ul", not_run_lines(cells) or ["none"]),
     ]
@@ -509,12 +499,12 @@ body { font-family: system-ui, sans-serif; font-size: 14px; margin: 2em; max-wid
 table { border-collapse: collapse; margin: 1em 0; font-size: 12px; }
 th, td { border: 1px solid #ccc; padding: 3px 6px; text-align: left; vertical-align: top; }
 th { background: #f0f0f0; }
-td.pass { background: #d8f0d8; } td.fail { background: #f6c6c6; } td.unstable { background: #e6d0f6; } td.error { background: #fbe3c0; } td.skip { background: #eee; }
+td.pass { background: #d8f0d8; } td.fail { background: #f6c6c6; } td.undecided { background: #fbe3c0; } td.skip { background: #eee; }
 .wide { overflow-x: auto; }
 img { border: 1px solid #eee; margin: 0.5em 0; }  /* natural size: a wide matrix scrolls rather than shrinks */
 code { background: #f4f4f4; padding: 0 3px; }
 """
-VERDICT_CLASS = {"PASS": "pass", "FAIL": "fail", "UNST": "unstable", "ERR": "error", "skip": "skip", "not run": "skip"}
+VERDICT_CLASS = {"PASS": "pass", "FAIL": "fail", "UNDEC": "undecided", "skip": "skip", "not run": "skip"}
 
 
 def inline(text: str) -> str:
@@ -523,7 +513,7 @@ def inline(text: str) -> str:
 
 
 def td(text: str) -> str:
-    found = re.search(r"\b(PASS|FAIL|UNST|ERR|skip)\b|not run", str(text))
+    found = re.search(r"\b(PASS|FAIL|UNDEC|skip)\b|not run", str(text))
     css = f' class="{VERDICT_CLASS[found.group(0)]}"' if found else ""
     return f"<td{css}>{inline(text)}</td>"
 
@@ -566,10 +556,9 @@ def write_report(run_dir: Path, ablation_dirs=()) -> list[Path]:
     verdicts = evaluate(results, config.gates, plan(config, results["defenses"]))
     m = build_matrix(results, verdicts)
     written = [plot_matrix(m, run_dir / "matrix.png", matrix_title(results, config, m), config.gates.max_auc_amplification)]
-    many_seeds = len(results["seeds"]) > 1
     rocs = []
-    for defense, seed in m.rows:
-        name = f"roc-{defense}" + (f"-seed{seed}" if many_seeds else "") + ".png"
+    for defense, seed in m.rows:  # the first replicate's first draw
+        name = f"roc-{defense}.png"
         roc = plot_roc(results, defense, seed, list(config.attack.mia), run_dir / name)
         rocs += [roc] if roc else []
     ablations = copy_ablations(run_dir, ablation_dirs)

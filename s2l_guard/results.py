@@ -72,7 +72,7 @@ class Timing:
 
 @dataclass(frozen=True)
 class GateCell:
-    """One (defense, attack, measure, domain, seed) of the matrix, as measured.
+    """One (defense, attack, measure, domain, seed, draw) of the matrix, as measured.
 
     ``metrics`` and ``samples`` keep results.json's nested shape (docs/results.md), which
     differs by measure; the properties read the parts every consumer needs.
@@ -92,10 +92,16 @@ class GateCell:
     samples: Mapping[str, Any] | None = None
     refused_domains: tuple[str, ...] | None = None  # pooled cells only
     timing: Timing | None = None  # per-domain cells only
+    draw: int = 0  # the attack's draw on the model of `seed` (results.json before draws: 0)
 
     @property
-    def key(self) -> tuple[str, str, str, str, int]:
-        return (self.defense, self.attack, self.measure, self.domain, self.seed)
+    def key(self) -> tuple[str, str, str, str, int, int]:
+        return (self.defense, self.attack, self.measure, self.domain, self.seed, self.draw)
+
+    @property
+    def gate_id(self) -> str:
+        """The id of the gate that judges this cell with every other replicate and draw of it."""
+        return f"{self.defense}-utility" if self.measure == "utility" else "-".join((self.defense, self.attack, self.measure, self.domain))
 
     @property
     def pooled(self) -> bool:
@@ -121,11 +127,14 @@ class GateCell:
         refused = c.get("refused_domains")
         timing = Timing(c.get("seconds"), c.get("cached")) if "seconds" in c or "cached" in c else None
         return cls(c["id"], c["defense"], c["threat_model"], c["attack"], c["measure"], c["domain"], c["seed"], Status(c["status"]),
-                   c.get("reason"), row, c.get("metrics"), c.get("samples"), None if refused is None else tuple(refused), timing)  # fmt: skip
+                   c.get("reason"), row, c.get("metrics"), c.get("samples"), None if refused is None else tuple(refused), timing,
+                   c.get("draw", 0))  # fmt: skip
 
     def to_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"id": self.id, "defense": self.defense, "threat_model": self.threat_model, "attack": self.attack,
                                "measure": self.measure, "domain": self.domain, "seed": self.seed}  # fmt: skip
+        if self.draw:  # written only when drawn, so a single-draw matrix reads as it always did
+            out["draw"] = self.draw
         if self.row is not None:
             out.update(shaker=self.row.shaker, data=self.row.data, variant=self.row.variant)
         out["status"] = self.status.value
@@ -148,7 +157,7 @@ def gate_cells(results: Mapping[str, Any]) -> list[GateCell]:
 
 
 def cells_by_key(results: Mapping[str, Any]) -> dict[tuple, GateCell]:
-    """The cells by (defense, attack, measure, domain, seed)."""
+    """The cells by (defense, attack, measure, domain, seed, draw)."""
     return {c.key: c for c in gate_cells(results)}
 
 

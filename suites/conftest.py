@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from s2l_guard.config import Config
+from s2l_guard.decision import Outcome
 from s2l_guard.gates import gate_plan, judge
 from s2l_guard.runner.plan import PlannedCell, plan
 
@@ -54,6 +55,12 @@ def s2l_config(pytestconfig: pytest.Config) -> Config:
         pytestconfig._s2l_plan = plan(config)  # a matrix that cannot run is a usage error, before collection
     except S2LError as exc:
         raise pytest.UsageError(f"s2l-guard: {exc}") from None
+    from s2l_guard.resolution import refusals
+
+    refused = refusals(config)  # a threshold no safe model can pass measures nothing: refuse it before anything runs
+    if refused:
+        more = f" (and {len(refused) - 1} more)" if len(refused) > 1 else ""
+        raise pytest.UsageError(f"s2l-guard: {refused[0]}{more}; `s2l-guard config check --config {path}` lists each gate's resolution")
     pytestconfig._s2l_config = config
     return config
 
@@ -88,7 +95,7 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
         why = f"[gates] checks leaves out {check}" if check not in config.gates.checks else f"no cell of the matrix has a {check} gate"
         metafunc.parametrize("gate", [pytest.param(None, marks=pytest.mark.skip(reason=why))], ids=["not-gated"])
         return
-    metafunc.parametrize("gate", cells, ids=[c.id for c in cells])
+    metafunc.parametrize("gate", cells, ids=[c.gate_id for c in cells])
 
 
 @pytest.fixture(scope="session")
@@ -121,11 +128,13 @@ def s2l_matrix(request: pytest.FixtureRequest) -> dict:
 
 @pytest.fixture
 def judged(gate: PlannedCell, s2l_matrix: dict, pytestconfig: pytest.Config, request: pytest.FixtureRequest):
-    """The gate's verdict; a gate whose positive control does not leak errors here, at setup."""
-    v = judge(CHECK_OF_TEST[request.node.originalname], gate, s2l_matrix["cells"], s2l_config(pytestconfig).gates)
+    """The gate's verdict, every replicate and draw pooled: PASS passes, FAIL fails, UNDECIDED
+    errors here, at setup (pytest's ERROR: not judged either way), SKIP skips."""
+    gates = s2l_config(pytestconfig).gates
+    v = judge(CHECK_OF_TEST[request.node.originalname], gate, s2l_matrix["cells"], gates, s2l_matrix["results"].get("blind"))
     pytestconfig._s2l_verdicts.append((gate, v))
-    if v.outcome == "skip":  # a cell that did not run is never passed
+    if v.outcome == Outcome.SKIP:  # a cell that did not run is never passed
         pytest.skip(v.message)
-    if v.outcome == "error":  # failing in a fixture makes pytest report an error, not a failure
-        pytest.fail(v.message, pytrace=False)
+    if v.outcome == Outcome.UNDECIDED:  # failing in a fixture makes pytest report an error, not a failure
+        pytest.fail(f"UNDECIDED: {v.message}", pytrace=False)
     return v

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,10 @@ from safetensors.torch import load_file, save_file
 
 from s2l_guard.cli import main
 from s2l_guard.data import Record, write_imagefolder
+from s2l_guard.gates import evaluate
+from s2l_guard.results import POOLED, Status, cells_by_key
+from s2l_guard.runner.matrix import config_of
+from s2l_guard.runner.plan import plan
 from s2l_guard.testing import save_sd_v1_folder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -212,7 +218,7 @@ def _report_folder(content):
 
 
 def _merge(part_toml: str):
-    """`matrix --merge` of one part, seed 0 of defense none, into base.toml's matrix under seeds 0 and 1."""
+    """`matrix --merge` of one part, replicate 0 of defense none, into base.toml's matrix under replicates 0 and 1."""
 
     def build(w, t):
         from s2l_guard.config import load_config
@@ -220,10 +226,18 @@ def _merge(part_toml: str):
         from s2l_guard.runner.plan import plan
 
         matrix = f'extends = "{w / "base.toml"}"\n[matrix]\ndefenses = ["none"]\n'
-        part = load_config(config_file(t, matrix + "seeds = [0]\n" + part_toml, "part.toml"))
+        part = load_config(config_file(t, matrix + "replicates = [0]\n" + part_toml, "part.toml"))
         cells = [c.to_dict() for c in failed_cells(plan(part), "not run: a test part")]
         write_matrix(matrix_results(part, ["none"], {"none/0": {"status": "failed"}}, cells, 1.0), t / "part")
-        return ["matrix", "--config", config_file(t, matrix + "seeds = [0, 1]\n", "whole.toml"), "--merge", str(t / "part"), "--out", str(t / "m")]
+        return [
+            "matrix",
+            "--config",
+            config_file(t, matrix + "replicates = [0, 1]\n", "whole.toml"),
+            "--merge",
+            str(t / "part"),
+            "--out",
+            str(t / "m"),
+        ]
 
     return build
 
@@ -272,8 +286,11 @@ CASES = [
     ("pickle-only-weights", _model(_pickle_only), ["pickle", "--trust-pickle"]),
     ("report-without-results", _report_folder(None), ["results.json", "does not exist"]),
     ("report-results-not-json", _report_folder("{"), ["results.json", "not valid JSON"]),
-    ("seed-twice", lambda w, t: ["matrix", "--config", str(w / "base.toml"), "--seeds", "1", "1"], ["seeds lists a seed twice"]),
-    ("merge-missing-seed", _merge(""), ["no part holds none under seed 1", "--defense NAME --seeds SEED"]),
+    ("seed-twice", lambda w, t: ["matrix", "--config", str(w / "base.toml"), "--replicates", "1", "1"], ["replicates lists a value twice"]),
+    ("draw-twice", lambda w, t: ["matrix", "--config", str(w / "base.toml"), "--draws", "2", "2"], ["draws lists a value twice"]),
+    ("seeds-renamed", _toml("[matrix]\nseeds = [0, 1]"), ["seeds is now replicates", "or draws"]),
+    ("count-threshold-renamed", _toml("[gates]\nmax_extracted = 0"), ["max_extracted_share", "upper confidence bound"]),
+    ("merge-missing-seed", _merge(""), ["no part holds none under replicate 1", "--defense NAME --replicates SEED --draws DRAW"]),
     ("merge-other-config", _merge("[pretrain]\nsteps = 13\n"), ["another config", "pretrain.steps = 13, not 12"]),
 ]
 
@@ -328,8 +345,25 @@ def test_a_model_and_data_that_fit_run_and_are_gated(world, tmp_path, monkeypatc
     [utility] = [c for c in results["cells"] if c["measure"] == "utility"]
     assert utility["status"] == "ok" and "conditional_accuracy" not in utility["metrics"]
     assert utility["metrics"]["frechet_distance"] > 0 and utility["metrics"]["heldout_denoising_loss"] > 0
-    out = capsys.readouterr().out
-    assert "pass" in out.lower() or "fail" in out.lower() or "err" in out.lower()
+    # The gates, judged as `pytest suites/` and the report judge them, on the config the matrix ran with.
+    config = config_of(results)
+    planned = plan(config, results["defenses"])
+    verdicts = evaluate(results, config.gates, planned)
+    cells = cells_by_key(results).values()
+    ran = {c.id for c in cells if c.status == Status.OK}
+    assert len(ran) == len(planned) == len(results["cells"]), (len(ran), len(planned), len(results["cells"]))
+    # Every gate read a cell that ran (not one missing from results.json, failed or not run), and every pooled
+    # cell, utility's among them, is judged: the verdicts rest on the measurements, whatever they are.
+    judged = {v.cell_id for v in verdicts}
+    pooled = {c.id for c in cells if c.domain == POOLED and c.status == Status.OK}
+    assert pooled <= judged <= ran, (sorted(pooled - judged), sorted(judged - ran))
+    [gate] = [v for v in verdicts if v.check == "utility"]
+    assert gate.cell_id == utility["id"] and "classifier" in gate.message, gate  # says why accuracy is not gated
+    # The line the CLI prints counts those verdicts, each outcome as often as the gates gave it.
+    [line] = [x for x in capsys.readouterr().out.splitlines() if x.startswith("gates: ")]
+    printed = {word: int(n) for n, word in re.findall(r"(\d+) (\w+)", line.split(" (")[0]) if int(n)}
+    tally = dict(Counter(str(v.outcome) for v in verdicts))
+    assert printed == tally, (line, tally)
 
 
 # ---------------------------------------------------------------- fuzzing the config loader

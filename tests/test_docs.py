@@ -66,8 +66,8 @@ def test_the_recorded_parts_of_the_5_seed_standard_matrix_merge_into_it():
     for defenses in groups:
         mine = {name: p for name, p in parts.items() if tuple(p["defenses"]) == defenses}
         seeds = sorted(s for p in mine.values() for s in p["seeds"])
-        merged = merge_matrices(config.replace(matrix={"seeds": seeds, "defenses": list(defenses)}), mine)
+        merged = merge_matrices(config.replace(matrix={"replicates": seeds, "defenses": list(defenses)}), mine)
         assert len(merged["cells"]) == sum(len(p["cells"]) for p in mine.values())
     whole = merge_matrices(config, parts)  # all ten parts are in: the config's own matrix, nothing left out
-    assert sorted(whole["seeds"]) == list(config.matrix.seeds) and set(whole["defenses"]) == set(config.matrix.defenses)
+    assert sorted(whole["seeds"]) == list(config.matrix.replicates) and set(whole["defenses"]) == set(config.matrix.defenses)
     assert len(whole["cells"]) == sum(len(p["cells"]) for p in parts.values())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -11,8 +10,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from s2l_guard.config import GatesConfig, load_config
+from s2l_guard.decision import Outcome
 from s2l_guard.errors import ConfigError
-from s2l_guard.gates import control_problem, count_text, flip_kinds, flip_table, gate_plan, judge, verdict
+from s2l_guard.gates import agreement, count_text, gate_plan, judge, sensitivity_problem, verdict
 from s2l_guard.results import Amplification, GateCell, Status, TableCell, cells_by_key
 from s2l_guard.runner.matrix import failed_cells, utility_cell
 from s2l_guard.runner.plan import POOLED, PlannedCell, plan
@@ -31,8 +31,11 @@ def test_plan_spans_defenses_attacks_measures_domains_with_readable_ids():
     measures = set(config.attack.mia) | {"extraction"}
     assert len(cells) == 2 * (len(rows) * len(measures) * (2 + 1) + 1)  # 2 domains + pooled, and one utility cell each
     assert len(ids) == len(cells)
-    two_seeds = plan(config.replace(matrix={"seeds": [0, 1]}))
+    two_seeds = plan(config.replace(matrix={"replicates": [0, 1]}))
     assert len(two_seeds) == 2 * len(cells) and "none-lora-pia-all-seed1" in {c.id for c in two_seeds}
+    drawn = plan(config.replace(matrix={"replicates": [0, 1], "draws": [0, 3]}))
+    assert len(drawn) == 4 * len(cells) and "none-lora-pia-all-seed1-draw3" in {c.id for c in drawn}
+    assert len({c.gate_id for c in drawn}) == len({c.gate_id for c in cells})  # one gate pools every replicate and draw
 
 
 def test_threat_model_suffix_runs_an_api_defense_against_the_weights():
@@ -70,14 +73,18 @@ def mia_cell(delta: float, ci: tuple[float, float], status: str = "ok", resolvab
     return GateCell.from_dict(cell | extra)
 
 
-def test_verdict_compares_the_interval_end_or_the_estimate():
-    cell = mia_cell(0.01, (-0.02, 0.07))
-    strict = verdict("auc_amplification", cell, GatesConfig(max_auc_amplification=0.05))
-    assert strict.outcome == "fail" and strict.bound == pytest.approx(0.07)
-    assert "+0.010 [95% CI -0.020, +0.070]" in strict.message and "maximum 0.05" in strict.message and "120 members" in strict.message
-    assert verdict("auc_amplification", cell, GatesConfig(max_auc_amplification=0.05, compare="point")).outcome == "pass"
+def test_verdict_passes_fails_or_leaves_undecided_by_the_interval():
+    gates = GatesConfig(max_auc_amplification=0.05)
+    passed = verdict("auc_amplification", mia_cell(0.01, (-0.02, 0.04)), gates)
+    assert passed.outcome == Outcome.PASS and passed.bound == pytest.approx(0.04)
+    assert "+0.010 [95% CI -0.020, +0.040]" in passed.message and "maximum 0.05" in passed.message and "120 members" in passed.message
+    failed = verdict("auc_amplification", mia_cell(0.08, (0.06, 0.10)), gates)
+    assert failed.outcome == Outcome.FAIL and failed.bound == pytest.approx(0.06)  # the favourable end is beyond the threshold
+    straddling = verdict("auc_amplification", mia_cell(0.01, (-0.02, 0.07)), gates)
+    assert straddling.outcome == Outcome.UNDECIDED and "would be decided by" in straddling.message and "at least 2 draws" in straddling.message
+    assert verdict("auc_amplification", mia_cell(0.01, (-0.02, 0.07)), GatesConfig(max_auc_amplification=0.05, compare="point")).outcome == "pass"
     assert verdict("tpr_at_1pct_fpr", mia_cell(0, (0, 0), resolvable=False), GatesConfig()).outcome == "skip"
-    assert verdict("tpr_at_1pct_fpr", cell, GatesConfig(max_tpr_at_1pct_fpr=0.25)).outcome == "fail"  # upper end 0.3
+    assert verdict("tpr_at_1pct_fpr", mia_cell(0, (0, 0)), GatesConfig(max_tpr_at_1pct_fpr=0.25)).outcome == "undecided"  # 0.0-0.3
 
 
 def test_cells_that_did_not_run_skip_crashed_cells_fail_refused_requests_pass():
@@ -96,46 +103,51 @@ def test_positive_control_must_leak_on_the_undefended_model():
     leaking = mia_cell(0.08, (0.03, 0.13), id="none-lora-secmi-all", defense="none")
     flat = mia_cell(0.008, (-0.020, 0.031), id="none-lora-secmi-all", defense="none")
     key = lambda c: c.key  # noqa: E731
-    assert control_problem("auc_amplification", gated, {key(leaking): leaking}, gates) is None
-    problem = control_problem("auc_amplification", gated, {key(flat): flat}, gates)
+    assert sensitivity_problem("auc_amplification", gated, {key(leaking): leaking}, gates) is None
+    problem = sensitivity_problem("auc_amplification", gated, {key(flat): flat}, gates)
     assert "cannot tell a safe model from an insensitive test" in problem and "+0.008 [95% CI -0.020, +0.031]" in problem
-    assert control_problem("auc_amplification", gated, {key(flat): flat}, GatesConfig(compare="point")) is None  # 0.008 > 0
-    assert "add 'none'" in control_problem("auc_amplification", gated, {}, gates)
-    assert control_problem("utility", gated, {}, gates) is None  # utility needs no control
+    assert sensitivity_problem("auc_amplification", gated, {key(flat): flat}, GatesConfig(compare="point")) is None  # 0.008 > 0
+    assert "add 'none'" in sensitivity_problem("auc_amplification", gated, {}, gates)
+    assert sensitivity_problem("utility", gated, {}, gates) is None  # utility needs no control
     cells = {key(defended): defended, key(flat): flat}
-    assert judge("auc_amplification", gated, cells, gates).outcome == "error"
+    assert judge("auc_amplification", gated, cells, gates).outcome == "undecided"
     cells[key(flat)] = leaking
     assert judge("auc_amplification", gated, cells, gates).outcome == "pass"
 
 
-def two_seed_cells(deltas: dict[int, float]) -> dict:
-    """The dp_sgd lora/secmi pooled cell under each seed (amplification ``delta`` +-0.02) and a
+def drawn_cells(deltas: dict[int, float], width: float = 0.02) -> dict:
+    """The dp_sgd lora/secmi pooled cell under each draw (amplification ``delta`` +-``width``) and a
     leaking undefended control under each."""
     cells = {}
-    for seed, delta in deltas.items():
-        gated = mia_cell(delta, (delta - 0.02, delta + 0.02), id=f"dp_sgd-lora-secmi-all-seed{seed}", defense="dp_sgd", seed=seed)
-        control = mia_cell(0.08, (0.03, 0.13), id=f"none-lora-secmi-all-seed{seed}", defense="none", seed=seed)
+    for draw, delta in deltas.items():
+        gated = mia_cell(delta, (delta - width, delta + width), id=f"dp_sgd-lora-secmi-all-draw{draw}", defense="dp_sgd", draw=draw)
+        control = mia_cell(0.08, (0.03, 0.13), id=f"none-lora-secmi-all-draw{draw}", defense="none", draw=draw)
         cells |= {gated.key: gated, control.key: control}
     return cells
 
 
-def test_a_pass_another_seed_overturns_is_unstable_and_counted_as_a_flip():
+def test_one_gate_pools_every_draw_into_one_interval():
     gates = GatesConfig(max_auc_amplification=0.05, checks=("auc_amplification",))
-    planned = [PlannedCell("dp_sgd", "lora", "secmi", POOLED, seed, many_seeds=True) for seed in (0, 1, 2)]
-    steady = two_seed_cells({0: 0.0, 1: 0.01, 2: -0.01})
-    assert [judge("auc_amplification", p, steady, gates).outcome for p in planned] == ["pass"] * 3
-    flipping = two_seed_cells({0: 0.0, 1: 0.06, 2: -0.01})  # seed 1's upper end 0.08 > 0.05
-    outcomes = [judge("auc_amplification", p, flipping, gates) for p in planned]
-    assert [v.outcome for v in outcomes] == ["unstable", "fail", "unstable"]
-    assert outcomes[0].message.startswith("UNSTABLE across seeds (fail under seed 1)")
-    assert judge("auc_amplification", replace(planned[0], many_seeds=False), flipping, gates).outcome == "pass"  # one seed: nothing to compare
-    assert flip_table(planned, steady, gates) == [
-        ["auc_amplification", "1", "0", "0.0% (0.0%-79.3%)", "1", "0"],
-        ["all", "1", "0", "0.0% (0.0%-79.3%)", "1", "0"],
-    ]
-    assert flip_table(planned, flipping, gates)[-1] == ["all", "1", "1", "100.0% (20.7%-100.0%)", "1", "1"]
-    assert flip_kinds(planned, flipping, gates) == {"fail/pass": 1} and flip_kinds(planned, steady, gates) == {}
-    assert "2 unstable" in count_text(outcomes) and "unstable" not in count_text(outcomes[1:2])
+    planned = PlannedCell("dp_sgd", "lora", "secmi", POOLED, 0, draw=0, many_draws=True)
+    steady = judge("auc_amplification", planned, drawn_cells({0: 0.0, 1: 0.01, 2: -0.01}), gates)
+    assert steady.outcome == Outcome.PASS and steady.cell_id == "dp_sgd-lora-secmi-all" and steady.measurement.draws == 3
+    assert steady.measurement.value == pytest.approx(0.0) and "mean of 3 draws" in steady.message
+    # one draw far off: the between-draw spread widens the interval until it straddles the threshold
+    scattered = judge("auc_amplification", planned, drawn_cells({0: 0.0, 1: 0.06, 2: -0.01}), gates)
+    assert scattered.outcome == Outcome.UNDECIDED and "draws (now 3)" in scattered.message
+    assert scattered.measurement.ci95[1] - scattered.measurement.ci95[0] > steady.measurement.ci95[1] - steady.measurement.ci95[0]
+    assert judge("auc_amplification", planned, drawn_cells({0: 0.09, 1: 0.1, 2: 0.11}), gates).outcome == Outcome.FAIL
+
+
+def test_two_runs_agree_when_neither_passes_what_the_other_fails():
+    from s2l_guard.gates import Verdict
+
+    a = [Verdict("c", "g1", Outcome.PASS, ""), Verdict("c", "g2", Outcome.UNDECIDED, ""), Verdict("c", "g3", Outcome.FAIL, ""),
+         Verdict("c", "g4", Outcome.SKIP, "")]  # fmt: skip
+    b = [Verdict("c", "g1", Outcome.PASS, ""), Verdict("c", "g2", Outcome.PASS, ""), Verdict("c", "g3", Outcome.PASS, ""),
+         Verdict("c", "g4", Outcome.SKIP, "")]  # fmt: skip
+    assert agreement(a, b) == {"gates": 3, "same": 1, "contradict": 1, "decided_once": 1}
+    assert count_text(a) == "1 pass, 1 fail, 1 undecided, 1 skip"
 
 
 @given(st.floats(-0.5, 0.5), st.floats(0, 0.3), st.floats(0, 0.3), st.floats(-0.2, 0.3))
@@ -144,6 +156,7 @@ def test_an_interval_pass_is_always_a_point_pass(delta, below, above, threshold)
     interval = verdict("auc_amplification", cell, GatesConfig(max_auc_amplification=threshold)).outcome
     point = verdict("auc_amplification", cell, GatesConfig(max_auc_amplification=threshold, compare="point")).outcome
     assert interval != "pass" or point == "pass"
+    assert interval != "fail" or point == "fail"
 
 
 def test_release_profile_plans_a_given_model_and_refuses_pretraining_defenses(tmp_path):
@@ -157,21 +170,26 @@ def test_release_profile_plans_a_given_model_and_refuses_pretraining_defenses(tm
         plan(standard)
 
 
-def extraction_cell(members: int, nonmembers: int, excess_ci=(-1.0, 2.0), legacy: bool = False) -> GateCell:
-    metrics = {"extracted": members, "withheld": 0}
-    if not legacy:
-        metrics |= {"nonmembers_matched": nonmembers, "extracted_above_null": {"value": members - nonmembers, "ci95": list(excess_ci)}}
+def extraction_cell(members: int, nonmembers: int, excess_ci=(-1.0, 2.0), legacy: bool = False, size: int = 200) -> GateCell:
+    metrics = {"extracted": members, "withheld": 0, "nonmembers_matched": nonmembers,
+               "extracted_above_null": {"value": members - nonmembers, "ci95": list(excess_ci)}}  # fmt: skip
+    samples = {"candidates": 500, "domains": 5} | ({} if legacy else {"members": size, "nonmembers": size})
     return GateCell.from_dict({"id": "x-lora-extraction-all", "defense": "x", "threat_model": "open-weights", "attack": "lora",
                                "measure": "extraction", "domain": POOLED, "seed": 0, "status": "ok", "metrics": metrics,
-                               "samples": {"candidates": 500, "domains": 5}})  # fmt: skip
+                               "samples": samples})  # fmt: skip
 
 
-def test_the_extraction_gate_judges_members_above_the_held_out_null():
-    gates = GatesConfig(max_extracted=0)
+def test_the_extraction_gate_judges_the_share_of_members_above_the_held_out_null():
+    gates = GatesConfig(max_extracted_share=0.1)
     chance = verdict("extracted", extraction_cell(2, 2), gates)  # as many held-out digits matched: nothing above chance
-    assert chance.outcome == "pass" and "2 members and 2 held-out non-members matched" in chance.message
-    assert verdict("extracted", extraction_cell(3, 1, (0.5, 4.0)), gates).outcome == "fail"
-    assert verdict("extracted", extraction_cell(2, 2, legacy=True), gates).outcome == "fail"  # an old matrix: the raw count
+    assert chance.outcome == "pass" and chance.measurement.value == 0 and "Clopper-Pearson" in chance.message
+    assert chance.measurement.counts["members_matched"] == 2 and "matched against 200 members" in chance.message
+    assert verdict("extracted", extraction_cell(60, 2), gates).outcome == "fail"  # 0.29 of the members above chance
+    assert verdict("extracted", extraction_cell(22, 2), gates).outcome == "undecided"  # 0.10 [0.05, 0.15]
+    nothing = verdict("extracted", extraction_cell(0, 0, size=20), gates)  # 0 of 20 members: upper end 0.168 > 0.1
+    assert nothing.outcome == "undecided" and nothing.measurement.ci95[1] == pytest.approx(1 - 0.025 ** (1 / 20))
+    legacy = verdict("extracted", extraction_cell(2, 2, legacy=True), gates)
+    assert legacy.outcome == "undecided" and "rerun the matrix" in legacy.message  # an old matrix: no member counts to form a share
 
 
 def test_a_given_data_set_names_the_attacked_domains_from_its_metadata(tmp_path):
@@ -234,16 +252,28 @@ def test_release_mode_gates_on_the_audited_models_oracle_and_leaves_oracle_rows_
     assert gated == {"lora"} and {c.attack for c in gate_plan(planned, compare, "auc_amplification")} == {"lora", "lora-members"}
     cell = PlannedCell("none", "lora", "secmi", POOLED, 0, oracle="lora-members")
     quiet = mia_cell(0.0, (-0.02, 0.02), id="none-lora-secmi-all", defense="none")
-    oracle_leaks = mia_cell(0.09, (0.04, 0.14), id="none-lora-members-secmi-all", defense="none", attack="lora-members")
+    oracle_leaks = mia_cell(0.12, (0.07, 0.17), id="none-lora-members-secmi-all", defense="none", attack="lora-members")
     oracle_quiet = mia_cell(0.01, (-0.01, 0.03), id="none-lora-members-secmi-all", defense="none", attack="lora-members")
     cells = cells_by_key({"cells": [quiet.to_dict(), oracle_leaks.to_dict()]})
     assert judge("auc_amplification", cell, cells, release).outcome == "pass"  # S2L shows nothing, the oracle shows it could
-    assert judge("auc_amplification", cell, cells, compare).outcome == "error"  # compare asks S2L itself to leak
+    assert judge("auc_amplification", cell, cells, compare).outcome == "undecided"  # compare asks S2L itself to leak
     cells[oracle_quiet.key] = oracle_quiet
     blind = judge("auc_amplification", cell, cells, release)
-    assert blind.outcome == "error" and "cannot see leakage on this model" in blind.message and "lora-members" in blind.message
+    assert blind.outcome == "undecided" and "cannot see membership on this model" in blind.message and "lora-members" in blind.message
     orphan = judge("auc_amplification", PlannedCell("none", "lora", "secmi", POOLED, 0), cells, release)
-    assert orphan.outcome == "error" and "member_shakers" in orphan.message
+    assert orphan.outcome == "undecided" and "member_shakers" in orphan.message
+    # the oracle leaks, but by less than the gate's own threshold: a calibrated control must exceed it
+    cells[oracle_quiet.key] = mia_cell(0.04, (0.02, 0.06), id="none-lora-members-secmi-all", defense="none", attack="lora-members")
+    assert judge("auc_amplification", cell, cells, release).outcome == "undecided"
+    # the released model's own AUC excludes 0.5: the measure sees membership without any control
+    released = mia_cell(0.0, (0.0, 0.0), id="none-pretrained-secmi-all", defense="none", attack="pretrained")
+    released = GateCell.from_dict(released.to_dict() | {"metrics": dict(released.metrics, auc={"value": 0.67, "ci95": [0.62, 0.72]})})
+    cells[released.key] = released
+    assert judge("auc_amplification", cell, cells, release).outcome == "pass"
+    # ... unless a blind baseline tells the members from the non-members without the model
+    fired = {"0": {POOLED: {"fires": True, "message": "members and non-members differ without the model (blind AUC 0.9)"}}}
+    shifted = judge("auc_amplification", cell, cells, release, fired)
+    assert shifted.outcome == "undecided" and "differ without the model" in shifted.message
 
 
 def test_baseline_gates_judge_the_model_as_released():
@@ -254,18 +284,20 @@ def test_baseline_gates_judge_the_model_as_released():
     assert "pretrained" not in {c.attack for c in gate_plan(planned, GatesConfig(), "tpr_at_1pct_fpr")}
     released = GateCell.from_dict(mia_cell(0, (0, 0)).to_dict() | {"id": "none-pretrained-secmi-all", "attack": "pretrained"})
     assert verdict("baseline_tpr_at_1pct_fpr", released, GatesConfig(max_baseline_tpr_at_1pct_fpr=0.3)).outcome == "pass"  # upper end 0.3
-    failing = verdict("baseline_tpr_at_1pct_fpr", released, GatesConfig(max_baseline_tpr_at_1pct_fpr=0.29))
-    assert failing.outcome == "fail" and "max_baseline_tpr_at_1pct_fpr = 0.29" in failing.message
-    extracted = extraction_cell(3, 1, (0.5, 4.0))
-    assert verdict("baseline_extracted", extracted, GatesConfig(max_baseline_extracted=2)).outcome == "pass"  # the point, 2, is gated
-    assert verdict("baseline_extracted", extracted, GatesConfig(max_baseline_extracted=1)).outcome == "fail"
+    straddled = verdict("baseline_tpr_at_1pct_fpr", released, GatesConfig(max_baseline_tpr_at_1pct_fpr=0.29))
+    assert straddled.outcome == "undecided" and "max_baseline_tpr_at_1pct_fpr = 0.29" in straddled.message  # 0.1 [0.0, 0.3]
+    failing = verdict("baseline_tpr_at_1pct_fpr", released, GatesConfig(max_baseline_tpr_at_1pct_fpr=0.0))
+    assert failing.outcome == "undecided"  # the lower end 0.0 is not beyond 0.0: a fail needs the favourable end beyond
+    extracted = extraction_cell(3, 1)  # 0.01 [-0.015, 0.036] of 200 members above the null
+    assert verdict("baseline_extracted", extracted, GatesConfig(max_baseline_extracted_share=0.05)).outcome == "pass"
+    assert verdict("baseline_extracted", extracted, GatesConfig(max_baseline_extracted_share=0.0)).outcome == "undecided"
 
 
 def test_a_value_on_the_threshold_passes_under_both_compare_modes():
     cell = mia_cell(0.05, (0.01, 0.05))
     assert verdict("auc_amplification", cell, GatesConfig(max_auc_amplification=0.05)).outcome == "pass"
     assert verdict("auc_amplification", mia_cell(0.05, (0.05, 0.09)), GatesConfig(max_auc_amplification=0.05, compare="point")).outcome == "pass"
-    assert verdict("extracted", extraction_cell(1, 1), GatesConfig(max_extracted=0)).outcome == "pass"  # 0 above the null
+    assert verdict("extracted", extraction_cell(1, 1), GatesConfig(max_extracted_share=0.03)).outcome == "pass"  # 0 above the null
 
 
 def test_a_crashed_domain_fails_the_pooled_row_and_its_gate():
@@ -288,10 +320,11 @@ def test_the_summary_table_shows_the_worst_verdict_per_defense_and_attack():
 
     cells = [PlannedCell("none", "lora", "secmi", "digit7", 0), PlannedCell("none", "lora", "pia", POOLED, 0),
              PlannedCell("none", "-", "utility", POOLED, 0), PlannedCell("dp_sgd", "lora", "secmi", POOLED, 0)]  # fmt: skip
-    judged = [(c, Verdict("check", c.id, outcome, "")) for c, outcome in zip(cells, ("pass", "fail", "pass", "error"))]
+    outcomes = (Outcome.PASS, Outcome.FAIL, Outcome.PASS, Outcome.UNDECIDED)
+    judged = [(c, Verdict("check", c.gate_id, outcome, "")) for c, outcome in zip(cells, outcomes)]
     lines = summary_lines(judged, "release")
-    assert [line.split() for line in lines[:3]] == [["defense", "lora", "utility"], ["none", "FAIL", "PASS"], ["dp_sgd", "ERR", "-"]]
-    assert lines[-1].startswith("mode release: 2 pass, 1 fail, 1 error, 0 skip (4 gates")
+    assert [line.split() for line in lines[:3]] == [["defense", "lora", "utility"], ["none", "FAIL", "PASS"], ["dp_sgd", "UNDEC", "-"]]
+    assert lines[-1].startswith("mode release: 2 pass, 1 fail, 1 undecided, 0 skip (4 gates")
 
 
 def test_the_matrix_folder_does_not_depend_on_whether_all_was_expanded_first():
@@ -304,14 +337,14 @@ def test_the_matrix_folder_does_not_depend_on_whether_all_was_expanded_first():
     assert matrix_folder(config) != matrix_folder(config.replace(attack={"mia": ["secmi"]}))
 
 
-def measured_part(config, seeds: list[int], defenses: list[str]) -> dict:
+def measured_part(config, seeds: list[int], defenses: list[str], draws: list[int] = ()) -> dict:
     """A part's results.json as `s2l-guard matrix` writes it, each cell marked with its part
     (failed cells: nothing runs here)."""
-    from s2l_guard.runner.matrix import matrix_results
+    from s2l_guard.runner.matrix import matrix_results, table_key
 
-    part = config.replace(matrix={"seeds": seeds, "defenses": defenses})
-    mark = f"part {seeds} {defenses}"
-    tables = {f"{d}/{s}": {"status": "failed", "reason": mark} for s in seeds for d in defenses}
+    part = config.replace(matrix={"replicates": seeds, "defenses": defenses, "draws": list(draws)})
+    mark = f"part {seeds} {list(draws)} {defenses}"
+    tables = {table_key(d, s, k): {"status": "failed", "reason": mark} for s in seeds for k in draws or [0] for d in defenses}
     return matrix_results(part, defenses, tables, [c.to_dict() for c in failed_cells(plan(part), mark)], 10.0)
 
 
@@ -319,9 +352,9 @@ def test_a_matrix_merges_from_parts_of_its_defenses_and_seeds():
     from s2l_guard.runner.merge import merge_matrices, part_paths
 
     base = load_config(SMOKE).replace(matrix={"shakers": ["lora"], "member_shakers": [], "gaussian_sigmas": []})
-    whole = base.replace(matrix={"seeds": [0, 1], "defenses": ["none", "output_filter"]})
+    whole = base.replace(matrix={"replicates": [0, 1], "defenses": ["none", "output_filter"]})
     parts = {"a": measured_part(base, [0], ["none", "output_filter"]), "b": measured_part(base, [1], ["none"]),
-             "c": measured_part(base.replace(run={"store": "elsewhere"}, gates={"max_extracted": 3}), [1], ["output_filter"])}  # fmt: skip
+             "c": measured_part(base.replace(run={"store": "elsewhere"}, gates={"max_extracted_share": 0.3}), [1], ["output_filter"])}  # fmt: skip
     merged = merge_matrices(whole, parts)
     assert [c["id"] for c in merged["cells"]] == [p.id for p in plan(whole)]  # the whole run's ids and order: seed-suffixed
     source = {"none/0": "a", "output_filter/0": "a", "none/1": "b", "output_filter/1": "c"}
@@ -332,14 +365,32 @@ def test_a_matrix_merges_from_parts_of_its_defenses_and_seeds():
     # a glob over the run folders may match the merge's own output: the whole, not a part
     found = part_paths(["a/results.json", "b", "out/results.json", "a", "out", "records/seed3.json"], Path("out"))
     assert found == [Path("a/results.json"), Path("b/results.json"), Path("records/seed3.json")]
-    with pytest.raises(ConfigError, match="no part holds output_filter under seed 1"):
+    with pytest.raises(ConfigError, match="no part holds output_filter under replicate 1"):
         merge_matrices(whole, {"a": parts["a"], "b": parts["b"]})
-    with pytest.raises(ConfigError, match="b and c both hold defense none under seed 1"):
+    with pytest.raises(ConfigError, match="b and c both hold defense none under replicate 1"):
         merge_matrices(whole, parts | {"c": measured_part(base, [1], ["none", "output_filter"])})
-    with pytest.raises(ConfigError, match=r"plans no dp_sgd under seed 1 \(d\)"):
+    with pytest.raises(ConfigError, match=r"plans no dp_sgd under replicate 1 \(d\)"):
         merge_matrices(whole, parts | {"d": measured_part(base, [1], ["dp_sgd"])})
     with pytest.raises(ConfigError, match=r"c measured another config .*pretrain\.steps = 13, not 12"):
         merge_matrices(whole, parts | {"c": measured_part(base.replace(pretrain={"steps": 13}), [1], ["output_filter"])})
+
+
+def test_draws_merge_like_replicates_and_a_part_from_before_draws_still_reads():
+    from s2l_guard.runner.merge import merge_matrices
+
+    base = load_config(SMOKE).replace(matrix={"shakers": ["lora"], "member_shakers": [], "gaussian_sigmas": [], "defenses": ["none"]})
+    whole = base.replace(matrix={"draws": [0, 1, 2]})
+    merged = merge_matrices(whole, {"a": measured_part(base, [0], ["none"], [0, 1]), "b": measured_part(base, [0], ["none"], [2])})
+    assert merged["draws"] == [0, 1, 2] and {c.get("draw", 0) for c in merged["cells"]} == {0, 1, 2}
+    assert set(merged["tables"]) == {"none/0", "none/0/draw1", "none/0/draw2"}
+    with pytest.raises(ConfigError, match="no part holds none under replicate 0 draw 2"):
+        merge_matrices(whole, {"a": measured_part(base, [0], ["none"], [0, 1])})
+    # results.json written before draws: [matrix] seeds, count thresholds, no "draw" on its cells
+    old = measured_part(base, [0], ["none"])
+    old["config"]["matrix"]["seeds"] = old["config"]["matrix"].pop("replicates")
+    old["config"]["matrix"].pop("draws")
+    old["config"]["gates"]["max_extracted"] = 0
+    assert merge_matrices(base, {"old": old})["cells"][0]["id"] == old["cells"][0]["id"]
 
 
 def test_a_merge_computes_nothing_so_it_does_not_wait_for_the_cores(tmp_path):
@@ -351,7 +402,9 @@ def test_a_merge_computes_nothing_so_it_does_not_wait_for_the_cores(tmp_path):
     from s2l_guard.cores import try_take
 
     whole = tmp_path / "whole.toml"
-    whole.write_text(f'extends = "{Path(SMOKE).resolve()}"\n[matrix]\ndefenses = ["none"]\nseeds = [0, 1]\nshakers = ["lora"]\nmember_shakers = []\n')
+    whole.write_text(
+        f'extends = "{Path(SMOKE).resolve()}"\n[matrix]\ndefenses = ["none"]\nreplicates = [0, 1]\nshakers = ["lora"]\nmember_shakers = []\n'
+    )
     for seed in (0, 1):
         (tmp_path / f"part{seed}.json").write_text(json.dumps(measured_part(load_config(str(whole)), [seed], ["none"])))
     cores = os.cpu_count() or 1
@@ -361,7 +414,7 @@ def test_a_merge_computes_nothing_so_it_does_not_wait_for_the_cores(tmp_path):
     argv = [sys.executable, "-m", "s2l_guard.cli", "matrix", "--config", str(whole), "--merge", "part0.json", "part1.json", "--out", "m"]
     done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
-    assert "waiting for" not in done.stderr + done.stdout and "verdicts flipping across 2 seeds" in done.stdout
+    assert "waiting for" not in done.stderr + done.stdout and "2 replicate(s) x 1 draw(s) pooled per gate" in done.stdout
     assert [c["id"] for c in json.loads((tmp_path / "m" / "results.json").read_text())["cells"]][-1] == "none-utility-seed1"
 
 
@@ -371,7 +424,7 @@ def test_a_part_without_the_undefended_model_says_to_merge_it_with_the_one_that_
     from s2l_guard.cli import main
 
     whole = tmp_path / "whole.toml"
-    matrix = '[matrix]\ndefenses = ["none", "dedup"]\nseeds = [0]\nshakers = ["lora"]\nmember_shakers = []\n'
+    matrix = '[matrix]\ndefenses = ["none", "dedup"]\nreplicates = [0]\nshakers = ["lora"]\nmember_shakers = []\n'
     whole.write_text(f'extends = "{Path(SMOKE).resolve()}"\n{matrix}')
     for defense in ("dedup", "none"):
         part = tmp_path / f"{defense}.json"

@@ -127,10 +127,10 @@ def test_markdown_matrix_has_a_row_per_defense_and_a_column_per_attack_and_measu
 
     cell = next(c for c in results["cells"] if c["id"] == "dp_sgd-lora-pia-all")
     amp = cell["metrics"]["auc_amplification"]
-    outcomes = {v.outcome for v in verdicts if v.cell_id.startswith("dp_sgd-lora-pia-digit")}
-    assert outcomes == {"error"}  # the undefended model's lora/pia does not leak in the smoke profile
+    outcomes = {v.outcome for v in verdicts if v.cell_id.startswith("dp_sgd-lora-pia-digit") and v.check == "auc_amplification"}
+    assert outcomes == {"undecided"}  # the undefended model's lora/pia does not leak in the smoke profile
     entry = rows[1][header.index("lora / pia")]
-    assert entry == f"{amp['delta']:+.3f} [{amp['ci95'][0]:+.3f}, {amp['ci95'][1]:+.3f}] ERR"
+    assert entry == f"{amp['delta']:+.3f} [{amp['ci95'][0]:+.3f}, {amp['ci95'][1]:+.3f}] UNDEC"  # one draw: its own interval
     assert rows[3][header.index("lora / pia")] == "not run"  # output_filter: the API gives no weights
     assert rows[3][header.index("lora-mix / extraction")] == "n/a"  # adaptive rows only exist against the fine-tune filter
 
@@ -138,9 +138,11 @@ def test_markdown_matrix_has_a_row_per_defense_and_a_column_per_attack_and_measu
 def test_summary_counts_are_the_gates_verdicts(report, verdicts):
     _, _, markdown = report
     counts = Counter(v.outcome for v in verdicts)
-    found = re.search(r"Verdicts: (\d+) pass, (\d+) fail, (\d+) error, (\d+) skip \((\d+) gates\)", markdown)
-    assert found and [int(x) for x in found.groups()] == [counts[o] for o in ("pass", "fail", "error", "skip")] + [len(verdicts)]
-    assert counts["fail"] == 4 and counts["error"] > 0  # utility fails everywhere in the smoke profile
+    found = re.search(r"Verdicts: (\d+) pass, (\d+) fail, (\d+) undecided, (\d+) skip \((\d+) gates\)", markdown)
+    assert found and [int(x) for x in found.groups()] == [counts[o] for o in ("pass", "fail", "undecided", "skip")] + [len(verdicts)]
+    assert counts["fail"] == 4 and counts["undecided"] > 0  # utility fails everywhere in the smoke profile
+    # the fixture predates extraction shares: its extraction gates cannot be judged, and say so
+    assert {v.outcome for v in verdicts if v.check == "extracted" and v.outcome != "skip"} == {"undecided"}
 
 
 def test_defense_table_and_problem_lists(report, results, verdicts):
@@ -156,9 +158,9 @@ def test_defense_table_and_problem_lists(report, results, verdicts):
     for v in verdicts:
         if v.outcome == "fail":
             assert v.message in failed
-    errored = section(markdown, "Errored gates")
-    assert all(f"{v.cell_id} ({v.check})" in errored for v in verdicts if v.outcome == "error")
-    assert len(items(errored)) < sum(v.outcome == "error" for v in verdicts)  # one line per failed control, not per gate
+    undecided = section(markdown, "Undecided gates")
+    assert all(f"{v.cell_id} ({v.check})" in undecided for v in verdicts if v.outcome == "undecided")
+    assert len(items(undecided)) < sum(v.outcome == "undecided" for v in verdicts)  # one line per failed control, not per gate
 
     not_run = section(markdown, "Cells that did not run")
     reasons = {c["reason"] for c in results["cells"] if c["status"] != "ok"}
@@ -179,7 +181,7 @@ def test_a_failed_cell_fails_its_tile_and_is_listed(tmp_path, results):
     assert failure.message in section(markdown, "Failed gates")
     header, *rows = table(section(markdown, "Matrix"))
     assert rows[1][header.index("lora / secmi")].endswith("FAIL")  # the worst verdict over the tile's domains
-    assert rows[0][header.index("lora / secmi")].endswith("ERR")
+    assert rows[0][header.index("lora / secmi")].endswith("UNDEC")
     assert "failed (1 cells; defenses dp_sgd): CUDA out of memory" in section(markdown, "Cells that did not run")
     assert re.search(r'<td class="fail">[^<]*FAIL</td>', (run / "report.html").read_text())
 
@@ -190,14 +192,14 @@ def test_the_model_as_released_has_its_own_table_when_baseline_gates_run(tmp_pat
     changed["config"]["gates"]["checks"] += ["baseline_tpr_at_1pct_fpr", "baseline_extracted"]
     run, _ = write(tmp_path, changed)
     header, *rows = table(section((run / "report.md").read_text(), "The model as released"))
-    assert header[0] == "defense" and "extraction (above null)" in header and [r[0] for r in rows] == changed["defenses"]
+    assert header[0] == "defense" and "extraction (share of members above null)" in header and [r[0] for r in rows] == changed["defenses"]
     baseline = [v for v in verdicts_of(changed) if v.check.startswith("baseline_")]
     assert baseline and all("-pretrained-" in v.cell_id for v in baseline)
     pooled = next(c for c in changed["cells"] if c["id"] == "none-pretrained-loss-all")
     tpr = pooled["metrics"]["tpr_at_1pct_fpr"]
     assert rows[0][header.index("loss (TPR at 1% FPR)")].startswith(f"{tpr['value']:.3f} [{tpr['ci95'][0]:.3f}")
     extracted = next(c for c in changed["cells"] if c["id"] == "none-pretrained-extraction-all")["metrics"]["extracted"]
-    assert rows[0][header.index("extraction (above null)")].startswith(f"{extracted} extracted")  # the fixture predates the null
+    assert rows[0][header.index("extraction (share of members above null)")].startswith(f"{extracted} extracted")  # the fixture predates the null
 
 
 EVIL = "<script>alert(1)</script>](javascript:alert(2))"

@@ -39,7 +39,7 @@ from s2l_guard.runtime import log, resolve_device
 from s2l_guard.utility import model_utility
 
 from .checks import compatibility_problems, sample_warnings
-from .plan import DataKind, Row, derive_seed, ood_data, ood_domain, ood_spec, resolve_threat_model
+from .plan import DataKind, Row, attack_seed, derive_seed, ood_data, ood_domain, ood_spec, resolve_threat_model
 from .settings import check_plugins, defense_settings, mia_settings, shaker_settings
 from .stages import pretrain_stage, testbed_stage
 
@@ -62,6 +62,7 @@ class S2LRun:
         if self.unavailable_mia:
             config = config.replace(attack={"mia": [m for m in config.attack.mia if m not in self.unavailable_mia]})
         self.config = config
+        self.seed = attack_seed(config)  # every attack-side seed derives from it; pre-training keeps [run] seed
         # The configured attacks the threat model allows, built once for every cell and trajectory step.
         self.mias = {name: MIA.get(name)(mia_settings(config, name)) for name in config.attack.mia}
         self.device = resolve_device(config.run.device)
@@ -102,14 +103,14 @@ class S2LRun:
 
     def _sp_spec(self, name: str, prompt: str) -> dict:
         spec = {"bundle": self.bundle_art.key, "domain": name, "prompt": prompt,
-                "sp_set": self.config.section("sp_set"), "seed": self.config.run.seed}  # fmt: skip
+                "sp_set": self.config.section("sp_set"), "seed": self.seed}  # fmt: skip
         if (provider := self.generate_spec()) is not None:
             spec["provider"] = provider
         return spec
 
     def sp_set(self, name: str, prompt: str) -> Artifact:
         """The model's own generations of a domain's prompt (the domain's SP set), cached."""
-        seed = derive_seed(self.config.run.seed, "sp", name)
+        seed = derive_seed(self.seed, "sp", name)
         return self.store.get_or_build(
             "sp_set",
             self._sp_spec(name, prompt),
@@ -152,7 +153,7 @@ class S2LRun:
             extra["variant"] = {"name": row.variant, "adaptive": c.section("adaptive"), "ood_data": ood_spec(self.dataset, c)}
         return extra | {
             "format": CELL_FORMAT, "bundle": self.bundle_art.key, "data": self.data_art.key, "domain": domain.name, "row": row.label,
-            "shaker": shaker, "sp_set": sp_key, "seed": c.run.seed,
+            "shaker": shaker, "sp_set": sp_key, "seed": self.seed,
             # the real out-of-domain images a row trains on (their number follows [sp_set] images)
             "ood_data": ood_spec(self.dataset, c) if row.data == DataKind.OOD else None,
             "mia": {name: json.loads(json.dumps(mia_settings(c, name).__dict__, default=list)) for name in c.attack.mia},
@@ -167,7 +168,7 @@ class S2LRun:
             return TableCell(row.label, row.shaker, row.data, Status.NOT_RUN, f"{row.shaker} needs what {self.threat_model} does not give")
         sp = self.generated_data(domain, row)
         spec = self.cell_spec(domain, row, sp.key if sp else None)
-        seed = derive_seed(self.config.run.seed, domain.name, row.label)  # the row's own training noise
+        seed = derive_seed(self.seed, domain.name, row.label)  # the row's own training noise
 
         def build(folder: Path, key: str) -> None:
             start = time.perf_counter()
@@ -194,7 +195,7 @@ class S2LRun:
 
     def _utility_spec(self) -> dict:
         return {"format": 1, "bundle": self.bundle_art.key, "data": self.data_art.key, "utility": self.config.measured_dict()["utility"],
-                "loss": [self.config.report.loss_timesteps, self.config.report.loss_draws], "seed": self.config.run.seed,
+                "loss": [self.config.report.loss_timesteps, self.config.report.loss_draws], "seed": self.seed,
                 "provider": self.generate_spec()} | self._utility_key_parts  # fmt: skip
 
     @functools.cached_property
@@ -213,7 +214,7 @@ class S2LRun:
         def build(folder: Path, key: str) -> None:
             start = time.perf_counter()
             log("measuring utility (generations of every domain, held-out denoising loss)")
-            result = model_utility(self.provider, self.deployed, self.dataset, self.config, seed=derive_seed(self.config.run.seed, "utility"))
+            result = model_utility(self.provider, self.deployed, self.dataset, self.config, seed=derive_seed(self.seed, "utility"))
             result["seconds"] = round(time.perf_counter() - start, 2)
             (folder / "utility.json").write_text(json.dumps(result, indent=1))
 
@@ -241,7 +242,7 @@ class S2LRun:
         for domain in self.domains:
             sp = self._finetune_data(domain, Row(domain.name, None, DataKind.SP), self.sp_set(domain.name, domain.prompt))
             for variant in ("",) + a.variants:
-                seed = derive_seed(self.config.run.seed, "adaptive", domain.name, f"report-{variant}")
+                seed = derive_seed(self.seed, "adaptive", domain.name, f"report-{variant}")
                 data = adapt_request(sp, variant, self.config, ood_data(self.dataset, self.config), seed) if variant else sp
                 found = f.detection(f.image_losses(self.deployed, data.images, list(data.captions)), len(data.images))
                 hits, n = counts.setdefault(variant or "sp", [0, 0])
@@ -259,7 +260,7 @@ class S2LRun:
         """One seed per domain for every model's attacks: the loss attack's noise and the
         extraction candidates' starting noise are then the same for the pre-trained and the
         shaken model (common random numbers), so the paired tests compare models, not draws."""
-        return derive_seed(self.config.run.seed, "measure", domain.name)
+        return derive_seed(self.seed, "measure", domain.name)
 
     def _finetune_data(self, domain: Domain, row: Row, sp: Artifact | None) -> FinetuneData | None:
         if row.data in (DataKind.SP, DataKind.OOD_GEN):
@@ -274,7 +275,7 @@ class S2LRun:
                     row.variant,
                     self.config,
                     ood_data(self.dataset, self.config),
-                    derive_seed(self.config.run.seed, "adaptive", domain.name, row.label),
+                    derive_seed(self.seed, "adaptive", domain.name, row.label),
                 )
                 if row.variant
                 else data

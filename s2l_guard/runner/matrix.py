@@ -15,6 +15,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from s2l_guard import __version__
 from s2l_guard.cache import content_key
 from s2l_guard.config import Config
@@ -24,7 +26,7 @@ from s2l_guard.results import POOLED, Amplification, GateCell, RowInfo, Status, 
 from s2l_guard.runtime import log, resolve_device
 
 from .cells import cell_workers
-from .plan import PlannedCell, defended_config, domain_names, plan, seeds
+from .plan import PlannedCell, defended_config, domain_names, draws, plan, seeds, units
 from .settings import check_plugins
 from .table import run_attack
 
@@ -75,26 +77,28 @@ def _excess(entry: dict) -> dict:
     return {"value": entry["excess"], "ci95": entry["ci95"], "method": entry["method"]}
 
 
-def _extraction_metrics(entry: dict, pooled: bool) -> tuple[dict, dict]:
+def _extraction_metrics(entry: dict, pooled: bool, sizes: tuple[int, int]) -> tuple[dict, dict]:
+    """The extraction cell's counts; ``sizes``: the members and non-members its candidates were matched against."""
     if pooled:
         n_domains = len(entry["extracted_per_domain"])
         metrics = {"extracted": int(sum(entry["extracted_per_domain"])), "withheld": entry["withheld"],
                    "nonmembers_matched": int(sum(entry["nonmembers_matched_per_domain"])), "extracted_above_null": _excess(entry["above_null"])}  # fmt: skip
         amp = _amplification(entry.get("above_null_delta_vs_pretrained"))
-        samples = {"candidates": entry["candidates_per_domain"] * n_domains, "domains": n_domains}
+        samples = {"candidates": entry["candidates_per_domain"] * n_domains, "domains": n_domains, "members": sizes[0], "nonmembers": sizes[1]}
     else:
         metrics = {"extracted": entry["extracted_images"], "withheld": entry.get("withheld", 0),
                    "nonmembers_matched": entry["nonmembers_matched"], "extracted_above_null": _excess(entry["above_null"]),
                    "nearest_distance_median": entry.get("nearest_distance_median")}  # fmt: skip
         amp = _amplification(entry.get("above_null_vs_pretrained"))
-        samples = {"candidates": entry["candidates"]}
+        samples = {"candidates": entry["candidates"], "members": sizes[0], "nonmembers": sizes[1]}
     if amp:
         metrics["extraction_amplification"] = amp
     return metrics, samples
 
 
-def _cell(planned: PlannedCell, entry: dict | None, unavailable: list[str], threat_model: str) -> GateCell:
-    """The gate cell of ``planned``, read from its table's row (``entry``: per-domain or pooled)."""
+def _cell(planned: PlannedCell, entry: dict | None, unavailable: list[str], threat_model: str, sizes: tuple[int, int] = (0, 0)) -> GateCell:
+    """The gate cell of ``planned``, read from its table's row (``entry``: per-domain or pooled);
+    ``sizes``: the members and non-members of its domain (or of every domain, pooled)."""
     pooled = planned.domain == POOLED
     blank = _blank(planned, threat_model)
     if entry is None:
@@ -109,7 +113,7 @@ def _cell(planned: PlannedCell, entry: dict | None, unavailable: list[str], thre
     if "mia" not in entry:  # the domain's pre-trained baseline did not run, so nothing could be compared
         return replace(blank, status=Status.FAILED, reason="the pre-trained model's cell of this domain failed; see the pretrained row")
     if planned.measure == "extraction":
-        metrics, samples = _extraction_metrics(entry["extraction"], pooled)
+        metrics, samples = _extraction_metrics(entry["extraction"], pooled, sizes)
     else:
         metrics, samples = _mia_metrics(entry["mia"][planned.measure], pooled)
     measured = replace(blank, status=Status.OK, metrics=metrics, samples=samples)
@@ -120,7 +124,8 @@ def _cell(planned: PlannedCell, entry: dict | None, unavailable: list[str], thre
 
 def _blank(planned: PlannedCell, threat_model: str | None) -> GateCell:
     """A cell's identity; its status is set by whoever fills it in."""
-    return GateCell(planned.id, planned.defense, threat_model, planned.attack, planned.measure, planned.domain, planned.seed, Status.FAILED)
+    return GateCell(planned.id, planned.defense, threat_model, planned.attack, planned.measure, planned.domain, planned.seed, Status.FAILED,
+                    draw=planned.draw)  # fmt: skip
 
 
 def utility_cell(planned: PlannedCell, utility: dict, threat_model: str) -> GateCell:
@@ -143,13 +148,17 @@ def table_cells(planned: list[PlannedCell], results: dict) -> list[GateCell]:
     """The planned cells of one defense and seed, read from its S2L table's results."""
     d = results["defense"]
     rows = {r["row"]: r for r in results["table"] if "draws" not in r}
+    domains = results["domains"]
+    pooled_sizes = (sum(v.get("members", 0) for v in domains.values()), sum(v.get("nonmembers", 0) for v in domains.values()))
     out = []
     for p in planned:
         if p.measure == "utility":
             out.append(utility_cell(p, results["utility"], d["threat_model"]))
             continue
-        entry = rows.get(p.attack) if p.domain == POOLED else results["domains"].get(p.domain, {}).get("rows", {}).get(p.attack)
-        out.append(_cell(p, entry, d["unavailable_mia"], d["threat_model"]))
+        entry = rows.get(p.attack) if p.domain == POOLED else domains.get(p.domain, {}).get("rows", {}).get(p.attack)
+        mine = domains.get(p.domain, {})
+        sizes = pooled_sizes if p.domain == POOLED else (mine.get("members", 0), mine.get("nonmembers", 0))
+        out.append(_cell(p, entry, d["unavailable_mia"], d["threat_model"], sizes))
     return out
 
 
@@ -204,30 +213,70 @@ def run_matrix(config: Config, defenses: list[str] | None = None) -> dict:
     progress = Progress(table_units, cell_workers(config, resolve_device(config.run.device)))
     cells, tables = [], {}
     try:
-        for seed in seeds(config):
+        for seed, draw in units(config):
             for defense in names:
-                mine = [p for p in planned if p.defense == defense and p.seed == seed]
-                label = f"{defense}" + (f" seed {seed}" if len(seeds(config)) > 1 else "")
+                mine = [p for p in planned if p.defense == defense and p.seed == seed and p.draw == draw]
+                label = f"{defense}" + (f" seed {seed}" if len(seeds(config)) > 1 else "") + (f" draw {draw}" if len(draws(config)) > 1 else "")
+                key = table_key(defense, seed, draw)
                 log(f"matrix: {label} ({names.index(defense) + 1}/{len(names)})")
                 try:
-                    results = run_attack(defended_config(config, defense, seed), progress=lambda c, lb=label: progress(c, f"{lb} {c.row}"))
+                    results = run_attack(defended_config(config, defense, seed, draw), progress=lambda c, lb=label: progress(c, f"{lb} {c.row}"))
                 except S2LError:  # bad input (config, model folder, data set): every defense would stop on it
                     raise
                 except Exception as exc:  # noqa: BLE001 - one defense's crash must not lose the others
                     error = f"{type(exc).__name__}: {exc}"
                     log(f"matrix: {label} failed: {error}")
                     cells += failed_cells(mine, error)
-                    tables[f"{defense}/{seed}"] = {"status": "failed", "reason": error}
+                    tables[key] = {"status": "failed", "reason": error}
                     continue
                 cells += table_cells(mine, results)
-                tables[f"{defense}/{seed}"] = {
-                    "status": "ok", "defense": defense, "seed": seed, "threat_model": results["defense"]["threat_model"],
+                tables[key] = {
+                    "status": "ok", "defense": defense, "seed": seed, "draw": draw, "threat_model": results["defense"]["threat_model"],
                     "report": results["defense"], "utility": results["utility"], "wall_seconds": results["wall_seconds"],
                     "artifacts": results["artifacts"], "method": results["method"],
                 }  # fmt: skip
     finally:
         progress.close()
-    return matrix_results(config, names, tables, [cell.to_dict() for cell in cells], time.perf_counter() - start)
+    results = matrix_results(config, names, tables, [cell.to_dict() for cell in cells], time.perf_counter() - start)
+    results["blind"] = blind_baselines(config)
+    return results
+
+
+def blind_baselines(config: Config) -> dict[str, dict[str, dict]]:
+    """The blind baseline (:mod:`s2l_guard.blind`) on every replicate's audited data: per domain and
+    pooled, can a classifier on the images alone tell its members from its non-members? By
+    replicate (as a string, JSON's keys), then domain; each entry says whether it fires and the
+    message a gate gives when it does."""
+    from attacks.s2l import split_domains
+    from s2l_guard.blind import blind_baseline
+    from s2l_guard.cache import Store
+    from s2l_guard.data import load_imagefolder
+
+    from .stages import testbed_stage
+
+    out = {}
+    for seed in seeds(config):
+        replicate = config.replace(run={"seed": seed})
+        dataset = load_imagefolder(testbed_stage(Store(replicate.run.store), replicate).path)
+        domains, _ = split_domains(dataset, replicate.attack.domains)
+        parts = {d.name: (d.members.images, d.nonmembers.images) for d in domains}
+        if len(domains) > 1:
+            parts[POOLED] = tuple(torch.cat([p[i] for p in parts.values()]) for i in (0, 1))
+        entries = {}
+        for name, (members, nonmembers) in parts.items():
+            folds = min(5, len(members), len(nonmembers))  # k-fold needs k images of each kind
+            if folds < 2:
+                entries[name] = {"fires": False, "reason": f"{len(members)} members vs {len(nonmembers)} non-members: too few to cross-validate"}
+                continue
+            result = blind_baseline(members, nonmembers, folds=folds, resamples=config.attack.bootstrap, seed=seed, margin=config.gates.blind_margin)
+            entries[name] = dict(result.to_dict(), message=result.message())
+        out[str(seed)] = entries
+    return out
+
+
+def table_key(defense: str, seed: int, draw: int = 0) -> str:
+    """A table's key in results.json's ``tables``: ``none/0``, ``none/0/draw2``."""
+    return f"{defense}/{seed}" + (f"/draw{draw}" if draw else "")
 
 
 def matrix_results(config: Config, defenses: list[str], tables: dict, cells: list[dict], seconds: float) -> dict:
@@ -238,7 +287,8 @@ def matrix_results(config: Config, defenses: list[str], tables: dict, cells: lis
         "code_version": code_version(),
         "config_source": config.source,
         "config": config.to_dict(),
-        "seeds": seeds(config),
+        "seeds": seeds(config),  # the testbed replicates
+        "draws": draws(config),
         "defenses": defenses,
         "domains": domain_names(config),
         "tables": tables,
@@ -263,8 +313,20 @@ def write_matrix(results: dict, folder: Path) -> Path:
 
 def config_of(results: dict) -> Config:
     """The Config a matrix ran with: results.json stores it resolved, as a dict, which
-    ``replace`` validates back into a Config (settings added since then take their defaults)."""
-    return Config(source=results["config_source"]).replace(**results["config"])
+    ``replace`` validates back into a Config (settings added since then take their defaults, and
+    renamed ones are read under their new names)."""
+    return Config(source=results["config_source"]).replace(**upgrade_config(results["config"]))
+
+
+def upgrade_config(config: dict) -> dict:
+    """A resolved config from before draws: [matrix] seeds read as replicates, the count thresholds of
+    extraction dropped (thresholds change verdicts, not measurements; the current ones apply)."""
+    config = {section: dict(values) if isinstance(values, dict) else values for section, values in config.items()}
+    if "seeds" in config.get("matrix", {}):
+        config["matrix"]["replicates"] = config["matrix"].pop("seeds")
+    for old in ("max_extracted", "max_baseline_extracted"):
+        config.get("gates", {}).pop(old, None)
+    return config
 
 
 def load_matrix(folder: Path) -> dict:

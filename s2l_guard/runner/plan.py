@@ -30,6 +30,13 @@ def derive_seed(seed: int, *labels: object) -> int:
     return int.from_bytes(digest[:4], "little")
 
 
+def attack_seed(config: Config) -> int:
+    """The seed of the attack's randomness (SP sets, fine-tunes, candidates, bootstrap) on the model
+    [run] seed made: draw 0 is the seed itself (so a single-draw run keeps its cache keys), draw k
+    a seed derived from both."""
+    return config.run.seed if config.run.draw == 0 else derive_seed(config.run.seed, "draw", config.run.draw)
+
+
 class DataKind(str, Enum):
     """What a row's shaker trains on; written to results.json as its value."""
 
@@ -125,30 +132,52 @@ class PlannedCell:
     attack: str  # the S2L table's row label: pretrained, lora, gaussian-0.0008-draw1, end2end-perturb, ...
     measure: str
     domain: str
-    seed: int
+    seed: int  # the testbed replicate ([matrix] replicates; [run] seed)
     many_seeds: bool = False
+    draw: int = 0  # the attack's draw ([matrix] draws; [run] draw)
+    many_draws: bool = False
     base_attack: str = ""  # an adaptive request's plain SP attack (its positive control), else the attack itself
     oracle: str = ""  # the oracle row that shows the instrument sees leakage on this model ("": none planned)
     weights_of: str = "none"  # the defense whose weights the model has: itself if it changes the training recipe
 
     @property
-    def id(self) -> str:
+    def gate_id(self) -> str:
+        """The gate's id: one gate pools every replicate and draw of the cell."""
         parts = [self.defense, self.attack, self.measure, self.domain] if self.measure != "utility" else [self.defense, "utility"]
-        return "-".join(parts + ([f"seed{self.seed}"] if self.many_seeds else []))
+        return "-".join(parts)
+
+    @property
+    def id(self) -> str:
+        return self.gate_id + (f"-seed{self.seed}" if self.many_seeds else "") + (f"-draw{self.draw}" if self.many_draws else "")
+
+    @property
+    def gate_key(self) -> tuple[str, str, str, str]:
+        return (self.defense, self.attack, self.measure, self.domain)
 
 
 def seeds(config: Config) -> list[int]:
-    return list(config.matrix.seeds) or [config.run.seed]
+    """The testbed replicates the matrix runs ([matrix] replicates, else [run] seed)."""
+    return list(config.matrix.replicates) or [config.run.seed]
 
 
-def defended_config(config: Config, defense: str, seed: int) -> Config:
+def draws(config: Config) -> list[int]:
+    """The attack draws on each model ([matrix] draws, else [run] draw)."""
+    return list(config.matrix.draws) or [config.run.draw]
+
+
+def units(config: Config) -> list[tuple[int, int]]:
+    """Every (replicate, draw) the matrix measures."""
+    return [(seed, draw) for seed in seeds(config) for draw in draws(config)]
+
+
+def defended_config(config: Config, defense: str, seed: int, draw: int = 0) -> Config:
     """The config of one defense's table in the matrix ("name" or "name@threat-model"):
     [matrix] rows replace [attack]'s."""
     m = config.matrix
     name, _, threat_model = defense.partition("@")
     attack = {"shakers": list(m.shakers), "member_shakers": list(m.member_shakers), "ood_shakers": [],
               "ood_generated_shakers": [], "gaussian_sigmas": list(m.gaussian_sigmas)}  # fmt: skip
-    return config.replace(run={"seed": seed}, defense={"name": name, "threat_model": threat_model or config.defense.threat_model},
+    return config.replace(run={"seed": seed, "draw": draw}, defense={"name": name, "threat_model": threat_model or config.defense.threat_model},
                           attack=attack)  # fmt: skip
 
 
@@ -191,16 +220,17 @@ def plan(config: Config, defenses: list[str] | None = None) -> list[PlannedCell]
     """Every cell the matrix of ``config`` will report, without running anything."""
     config = check_plugins(config)
     out = []
-    many = len(seeds(config)) > 1
-    for seed in seeds(config):
+    many, many_draws = len(seeds(config)) > 1, len(draws(config)) > 1
+    for seed, draw in units(config):
         for defense in defenses or config.matrix.defenses:
-            defended = defended_config(config, defense, seed)
+            defended = defended_config(config, defense, seed, draw)
             rows, mias, trains = _table_plan(defended)
             weights = defense if trains else "none"
             for row in rows:
                 oracle = oracle_row(row, defended.attack.member_shakers)
                 for measure in mias + ["extraction"]:
                     base = row.shaker if row.variant else row.label
-                    out += [PlannedCell(defense, row.label, measure, d, seed, many, base, oracle, weights) for d in domain_names(config) + [POOLED]]
-            out.append(PlannedCell(defense, "-", "utility", POOLED, seed, many))
+                    out += [PlannedCell(defense, row.label, measure, d, seed, many, draw, many_draws, base, oracle, weights)
+                            for d in domain_names(config) + [POOLED]]  # fmt: skip
+            out.append(PlannedCell(defense, "-", "utility", POOLED, seed, many, draw, many_draws))
     return out

@@ -32,7 +32,7 @@ def run_attack(config: Config, progress: Callable[[TableCell], None] | None = No
     config = run.config  # without the attacks the threat model rules out
     rows = plan_rows(config, adaptive=run.filters_finetune)
     cells_by_domain = run_cells(run, rows, progress, utility=True)
-    seed = config.run.seed
+    seed = run.seed  # the attack draw's: bootstrap resamples and calibration splits vary with the draw
     domains_out = {}
     for domain in run.domains:
         cells = cells_by_domain[domain.name]
@@ -49,7 +49,8 @@ def run_attack(config: Config, progress: Callable[[TableCell], None] | None = No
         "config_source": config.source,
         "config": config.to_dict(),
         "method_settings": method_settings(config),
-        "seed": seed,
+        "seed": config.run.seed,
+        "draw": config.run.draw,
         "artifacts": {"testbed": str(run.data_art.path), "bundle": str(run.bundle_art.path)},
         "method": _method(config),
         "defense": run.defense_report(),
