@@ -60,10 +60,7 @@ def _mia_metrics(entry: dict, pooled: bool) -> tuple[dict, dict]:
     tpr = dict(entry["tpr_calibrated"], protocol="threshold fitted on a calibration split, measured on the disjoint test split")
     in_sample = dict(roc["tpr_at_fpr"][FPR_KEY], resolvable=roc["resolvable"][FPR_KEY])
     metrics: dict[str, Any] = {"auc": roc["auc"], "tpr_at_1pct_fpr": tpr, "tpr_at_1pct_fpr_in_sample": in_sample}
-    # The table keeps a domain's deltas under vs_pretrained, a pooled row's at the top.
-    deltas = entry if pooled else entry.get("vs_pretrained", {})
-    amp = _amplification(deltas.get("auc_delta" if pooled else "auc_paired_bootstrap"))
-    tamp = _amplification(deltas.get("tpr_delta" if pooled else "tpr@0.01_calibrated"))
+    amp, tamp = _amplification(entry.get("auc_delta")), _amplification(entry.get("tpr_delta"))  # a domain's row and a pooled one alike
     if amp:
         metrics["auc_amplification"] = amp
     if tamp:
@@ -83,14 +80,13 @@ def _extraction_metrics(entry: dict, pooled: bool, sizes: tuple[int, int]) -> tu
         n_domains = len(entry["extracted_per_domain"])
         metrics = {"extracted": int(sum(entry["extracted_per_domain"])), "withheld": entry["withheld"],
                    "nonmembers_matched": int(sum(entry["nonmembers_matched_per_domain"])), "extracted_above_null": _excess(entry["above_null"])}  # fmt: skip
-        amp = _amplification(entry.get("above_null_delta_vs_pretrained"))
         samples = {"candidates": entry["candidates_per_domain"] * n_domains, "domains": n_domains, "members": sizes[0], "nonmembers": sizes[1]}
     else:
         metrics = {"extracted": entry["extracted_images"], "withheld": entry.get("withheld", 0),
                    "nonmembers_matched": entry["nonmembers_matched"], "extracted_above_null": _excess(entry["above_null"]),
                    "nearest_distance_median": entry.get("nearest_distance_median")}  # fmt: skip
-        amp = _amplification(entry.get("above_null_vs_pretrained"))
         samples = {"candidates": entry["candidates"], "members": sizes[0], "nonmembers": sizes[1]}
+    amp = _amplification(entry.get("above_null_delta_vs_pretrained"))  # a domain's row and a pooled one alike
     if amp:
         metrics["extraction_amplification"] = amp
     return metrics, samples

@@ -3,6 +3,8 @@
 Amplification = after minus before on the *same* samples: paired bootstrap and
 DeLong's test for AUC, the calibrated TPR at 1% FPR paired over test members, and
 extraction above the held-out non-members' null compared at equal candidate counts.
+A domain's row and a pooled row write these under the same keys (:func:`mia_deltas`,
+``delta_total_vs_pretrained``, ``above_null_delta_vs_pretrained``), so one reader serves both.
 """
 
 from __future__ import annotations
@@ -75,6 +77,17 @@ def _calibrated(protocol: dict) -> dict:
             "test_nonmembers": protocol["split"]["test"]["nonmembers"], "threshold": fitted["threshold"]}  # fmt: skip
 
 
+def mia_deltas(bm: np.ndarray, bn: np.ndarray, m: np.ndarray, n: np.ndarray, config: Config, seed: int) -> dict:
+    """After minus before on the same members and non-members, under the keys a domain's row and a
+    pooled row share: the AUC (paired bootstrap), the calibrated TPR at 1% FPR, and the in-sample TPR."""
+    b, share = config.attack.bootstrap, config.attack.calibration_share
+    return {
+        "auc_delta": paired_bootstrap_delta(bm, bn, m, n, statistic="auc", resamples=b, seed=seed).to_dict(),
+        "tpr_delta": calibrated_tpr_delta(bm, bn, m, n, fpr=FPRS[0], calibration_share=share, resamples=b, seed=seed),
+        "tpr_delta_in_sample": paired_bootstrap_delta(bm, bn, m, n, statistic=f"tpr@{FPRS[0]}", resamples=b, seed=seed).to_dict(),
+    }
+
+
 def summarize_mia(cell: TableCell, base: TableCell, config: Config, seed: int, controls: dict[str, TableCell]) -> dict:
     out = {}
     b = config.attack.bootstrap
@@ -87,13 +100,8 @@ def summarize_mia(cell: TableCell, base: TableCell, config: Config, seed: int, c
         }  # fmt: skip
         entry["tpr_calibrated"] = _calibrated(entry["thresholds"])
         if cell is not base:
-            entry["vs_pretrained"] = {
-                "auc_paired_bootstrap": paired_bootstrap_delta(bm, bn, m, n, statistic="auc", resamples=b, seed=seed).to_dict(),
-                "auc_delong": delong_test(bm, bn, m, n).to_dict(),
-                "tpr@0.01_calibrated": calibrated_tpr_delta(bm, bn, m, n, fpr=FPRS[0], calibration_share=config.attack.calibration_share,
-                                                            resamples=b, seed=seed),
-                "tpr@0.01_paired_bootstrap_in_sample": paired_bootstrap_delta(bm, bn, m, n, statistic="tpr@0.01", resamples=b, seed=seed).to_dict(),
-            }  # fmt: skip
+            entry |= mia_deltas(bm, bn, m, n, config, seed)
+            entry["auc_delta_delong"] = delong_test(bm, bn, m, n).to_dict()
         for key, control in controls.items():
             entry[key] = {"auc_delong": delong_test(*control.scores(name), m, n).to_dict()}
         out[name] = entry
@@ -114,8 +122,8 @@ def summarize_cell(cell: TableCell, base: TableCell, config: Config, seed: int, 
     hits = cell.extraction["hits"]
     ext["above_null"] = excess_extraction(hits, cell.extraction["null_hits"], null_weight=cell.extraction["null_weight"], resamples=b, seed=seed)
     if cell is not base:
-        ext["vs_pretrained"] = extraction_delta(base.extraction["hits"], hits, resamples=b, seed=seed).to_dict()
-        ext["above_null_vs_pretrained"] = share_delta(_null_shares([base]), _null_shares([cell]), statistic="extracted_above_null",
+        ext["delta_total_vs_pretrained"] = extraction_delta(base.extraction["hits"], hits, resamples=b, seed=seed).to_dict()
+        ext["above_null_delta_vs_pretrained"] = share_delta(_null_shares([base]), _null_shares([cell]), statistic="extracted_above_null",
                                                       resamples=b, seed=seed).to_dict()  # fmt: skip
     for key, control in controls.items():
         ext[key] = extraction_delta(control.extraction["hits"], hits, resamples=b, seed=seed).to_dict()
@@ -159,9 +167,7 @@ def pooled(cells_by_domain: dict[str, dict[str, TableCell]], row: str, base_row:
             "tpr_calibrated": _calibrated(metrics_to_dict(threshold_protocol(m, n, fprs=FPRS[:1], calibration_share=share, seed=seed, resamples=b))),
         }
         if row != base_row:
-            entry["auc_delta"] = paired_bootstrap_delta(bm, bn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
-            entry["tpr_delta"] = calibrated_tpr_delta(bm, bn, m, n, fpr=FPRS[0], calibration_share=share, resamples=b, seed=seed)
-            entry["tpr_delta_in_sample"] = paired_bootstrap_delta(bm, bn, m, n, statistic=f"tpr@{FPRS[0]}", resamples=b, seed=seed).to_dict()
+            entry |= mia_deltas(bm, bn, m, n, config, seed)
         for key, control_cells in controls.items():
             cm, cn = _pooled_scores(control_cells, mia)
             entry[f"auc_delta_{key}"] = paired_bootstrap_delta(cm, cn, m, n, statistic="auc", resamples=b, seed=seed).to_dict()
