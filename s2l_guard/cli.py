@@ -200,6 +200,27 @@ def _cmd_matrix(args) -> int:
     return 0
 
 
+def _cmd_agreement(args) -> int:
+    """Two runs of the same gates on other draws: does either pass what the other fails?"""
+    from .gates import agreement, count_text, evaluate
+    from .runner.matrix import config_of, load_matrix
+    from .runner.plan import plan
+
+    verdicts = []
+    for run_dir in (args.first, args.second):
+        results = load_matrix(Path(run_dir))
+        config = config_of(results)
+        if args.config:  # the thresholds to judge both by ([gates] changes verdicts, not measurements)
+            config = config.replace(gates=_load(args.config).to_dict()["gates"])
+        verdicts.append(evaluate(results, config.gates, plan(config, results["defenses"])))
+        print(f"{run_dir}: draws {results.get('draws', [0])}, replicates {results['seeds']}: {count_text(verdicts[-1])}")
+    a = agreement(*verdicts)
+    share = a["decided_once"] / a["gates"] if a["gates"] else 0.0
+    print(f"{a['gates']} gates judged in both: {a['same']} the same, {a['contradict']} PASS in one and FAIL in the other, "
+          f"{a['decided_once']} ({share:.1%}) decided in one and UNDECIDED in the other")  # fmt: skip
+    return 1 if a["contradict"] else 0
+
+
 def _cmd_report(args) -> int:
     from .report import write_report
     from .runner.matrix import config_of, load_matrix
@@ -320,6 +341,12 @@ def build_parser() -> argparse.ArgumentParser:
     matrix.add_argument("--merge", nargs="+", metavar="RESULTS", help="run nothing: assemble the matrix from these runs' results.json "
                         "(files or run folders), each of some of its defenses, replicates and draws (docs/gates.md)")  # fmt: skip
     matrix.set_defaults(func=_cmd_matrix)
+
+    agree = commands.add_parser("agreement", help="two runs of the same gates on other draws: contradictions (exit 1) and gates decided in one only")
+    agree.add_argument("first", help="a matrix run folder (or its results.json)")
+    agree.add_argument("second", help="another run of the same gates, e.g. on disjoint [matrix] draws")
+    agree.add_argument("--config", type=config_path, help="judge both by this profile's [gates] (default: each run's own)")
+    agree.set_defaults(func=_cmd_agreement)
 
     report = commands.add_parser("report", help="(re)write report.md, report.html and the figures of a matrix run folder")
     report.add_argument("run_dir", help="a folder holding a matrix results.json")

@@ -433,3 +433,25 @@ def test_a_part_without_the_undefended_model_says_to_merge_it_with_the_one_that_
         assert main(argv) == 0
         hinted = "note: the undefended model ('none') is not in this matrix" in capsys.readouterr().out
         assert hinted == (defense == "dedup")
+
+
+def test_agreement_of_two_runs_exits_1_when_one_passes_what_the_other_fails(tmp_path, capsys):
+    from s2l_guard.cli import main
+
+    fixture = json.loads((Path(__file__).parent / "data" / "matrix-smoke-results.json").read_text())
+    (tmp_path / "a").mkdir()
+    (tmp_path / "a" / "results.json").write_text(json.dumps(fixture))
+    assert main(["agreement", str(tmp_path / "a"), str(tmp_path / "a")]) == 0
+    out = capsys.readouterr().out
+    assert "0 PASS in one and FAIL in the other, 0 (0.0%) decided in one and UNDECIDED in the other" in out
+    flipped = json.loads(json.dumps(fixture))  # none's utility, 0.06 in the fixture (FAIL), now 0.99 [0.98, 1.0] (PASS)
+    cell = next(c for c in flipped["cells"] if c["id"] == "none-utility")
+    cell["metrics"]["conditional_accuracy"].update(value=0.99, ci95=[0.98, 1.0])
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "results.json").write_text(json.dumps(flipped))
+    assert main(["agreement", str(tmp_path / "a"), str(tmp_path / "b")]) == 1
+    assert "1 PASS in one and FAIL in the other" in capsys.readouterr().out
+    # judged by another profile's thresholds, the same runs agree again: utility's floor 0 passes both
+    loose = tmp_path / "loose.toml"
+    loose.write_text(f'extends = "{Path(SMOKE).resolve()}"\n[gates]\nmin_utility = 0.0\n')
+    assert main(["agreement", str(tmp_path / "a"), str(tmp_path / "b"), "--config", str(loose)]) == 0
