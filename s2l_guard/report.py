@@ -361,6 +361,18 @@ def baseline_rows(results: dict, verdicts: list[Verdict]) -> tuple[list[str], li
     return ["defense"] + [f"{m} ({'share of members above null' if m == 'extraction' else 'TPR at 1% FPR'})" for m in measures], rows
 
 
+def blind_rows(blind: dict) -> list[list[str]]:
+    """One row per replicate and domain of results.json's blind baselines."""
+    rows = []
+    for seed, entries in blind.items():
+        for domain, e in entries.items():
+            if "auc" not in e:  # too few images to cross-validate
+                rows.append([seed, domain, "-", "-", f"no ({e.get('reason', 'not measured')})"])
+                continue
+            rows.append([seed, domain, format_interval(e["auc"], e["ci95"]), f"{e['members']} vs {e['nonmembers']}", "YES" if e["fires"] else "no"])
+    return rows
+
+
 def failure_lines(verdicts: list[Verdict]) -> list[str]:
     return [f"{v.check}: {v.message}" for v in verdicts]
 
@@ -434,6 +446,17 @@ def report_blocks(results: dict, config: Config, verdicts: list[Verdict], m: Mat
             ("h", 2, "The model as released"),
             ("p", "The pre-trained row before any shaking, pooled over domains, with the worst baseline gate verdict over its cells."),
             ("table", header, rows),
+        ]
+    if results.get("blind"):
+        blocks += [
+            ("h", 2, "Blind baseline: is the split i.i.d.?"),
+            (
+                "p",
+                f"A cross-validated classifier on the images alone (no model) against each domain's members and held-out "
+                f"non-members. Where the lower end of its AUC interval exceeds 0.5 + {config.gates.blind_margin:g}, members and "
+                f"non-members differ without the model and no MIA gate on that data passes (docs/attacks.md).",
+            ),  # fmt: skip
+            ("table", ["replicate", "domain", "blind AUC [95% CI]", "members vs non-members", "fires"], blind_rows(results["blind"])),
         ]
     blocks += [
         ("h", 2, "Defenses"),

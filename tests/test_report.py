@@ -186,6 +186,18 @@ def test_a_failed_cell_fails_its_tile_and_is_listed(tmp_path, results):
     assert re.search(r'<td class="fail">[^<]*FAIL</td>', (run / "report.html").read_text())
 
 
+def test_the_blind_baseline_is_reported_beside_the_mias(tmp_path, results, report):
+    assert "## Blind baseline" not in report[2]  # the fixture predates it
+    changed = json.loads(json.dumps(results))
+    changed["blind"] = {"0": {"digit7": {"auc": 0.55, "ci95": [0.42, 0.68], "members": 6, "nonmembers": 6, "fires": False, "message": ""},
+                              "all": {"auc": 0.97, "ci95": [0.9, 1.0], "members": 12, "nonmembers": 12, "fires": True, "message": ""},
+                              "digit8": {"fires": False, "reason": "too few to cross-validate"}}}  # fmt: skip
+    run, _ = write(tmp_path, changed)
+    header, *rows = table(section((run / "report.md").read_text(), "Blind baseline: is the split i.i.d.?"))
+    assert header[2] == "blind AUC [95% CI]" and [r[1] for r in rows] == ["digit7", "all", "digit8"]
+    assert rows[0][2].startswith("0.550 [0.420") and rows[0][4] == "no" and rows[1][4] == "YES" and "too few" in rows[2][4]
+
+
 def test_the_model_as_released_has_its_own_table_when_baseline_gates_run(tmp_path, results, report):
     assert "## The model as released" not in report[2]  # the fixture's [gates] predate the baseline gates
     changed = json.loads(json.dumps(results))
