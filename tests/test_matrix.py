@@ -168,6 +168,9 @@ def test_release_profile_plans_a_given_model_and_refuses_pretraining_defenses(tm
     standard = apply_model_options(load_config("configs/standard.toml"), str(tmp_path), None)
     with pytest.raises(ConfigError, match="dedup, a pre-training recipe"):
         plan(standard)
+    assert release.matrix.draws == (0, 1, 2) and len({c.draw for c in plan(release)}) == 3  # a given model: draws of the attack
+    with pytest.raises(ConfigError, match="vary the attack with \\[matrix\\] draws instead"):
+        release.replace(matrix={"replicates": [0, 1]})  # it cannot be re-drawn and pre-trained
 
 
 def extraction_cell(members: int, nonmembers: int, excess_ci=(-1.0, 2.0), legacy: bool = False, size: int = 200) -> GateCell:
