@@ -35,7 +35,7 @@ from typing import Callable, Mapping
 
 from .config import GATE_THRESHOLDS
 from .decision import Measurement, Outcome, decide, pool, share_above_null, to_decide
-from .results import POOLED, GateCell, Status, cells_by_key
+from .results import POOLED, CellIndex, GateCell, Status, cells_by_key
 from .runner.plan import PlannedCell
 
 MIA_CHECKS = ("auc_amplification", "tpr_at_1pct_fpr", "baseline_tpr_at_1pct_fpr")
@@ -149,6 +149,8 @@ def measurement(check: str, cell: GateCell) -> Measurement | Unmeasured:
 
 def units_of(key: tuple, cells: Mapping[tuple, GateCell]) -> list[GateCell]:
     """Every replicate's and draw's cell of (defense, attack, measure, domain) ``key``."""
+    if isinstance(cells, CellIndex):
+        return cells.group(key)
     return [c for k, c in sorted(cells.items(), key=lambda kv: kv[0][4:]) if k[:4] == tuple(key)]
 
 

@@ -28,8 +28,8 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from .config import Config  # noqa: E402
 from .decision import Outcome  # noqa: E402
 from .formatting import format_interval  # noqa: E402
-from .gates import LABEL, RANK, THRESHOLDS, Unmeasured, Verdict, count_text, evaluate, pooled_amplification, pooled_measure  # noqa: E402
-from .results import POOLED, GateCell, Status, gate_cells  # noqa: E402
+from .gates import LABEL, RANK, THRESHOLDS, Unmeasured, Verdict, count_text, evaluate, pooled_amplification, pooled_measure, units_of  # noqa: E402
+from .results import POOLED, CellIndex, GateCell, Status, gate_cells  # noqa: E402
 from .runner.matrix import config_of  # noqa: E402
 from .runner.plan import plan  # noqa: E402
 
@@ -88,7 +88,7 @@ def build_matrix(results: dict, verdicts: list[Verdict]) -> Matrix:
     """Rows: defenses; columns: every shaken attack x measure, pooled over domains, replicates and draws."""
     by_cell = verdicts_by_cell(verdicts)
     cells = gate_cells(results)
-    by_key = {c.key: c for c in cells}
+    by_key = CellIndex((c.key, c) for c in cells)
     first = results["seeds"][0]
     rows = [(d, first) for d in results["defenses"]]
     threat = {c.defense: c.threat_model for c in cells}
@@ -104,7 +104,7 @@ def build_matrix(results: dict, verdicts: list[Verdict]) -> Matrix:
 
     def tile(defense: str, column: tuple[str, str]) -> Tile:
         key = (defense, *column, POOLED)
-        units = [c for k, c in by_key.items() if k[:4] == key]
+        units = units_of(key, by_key)
         if not units:
             return Tile("absent")
         verdict = worst(by_cell.get(units[0].gate_id, [])) or worst(domain_verdicts[key[:3]])
@@ -129,7 +129,7 @@ def utility_cell(cells: list[GateCell], defense: str, seed: int) -> GateCell | N
 def utility_tile(cells: dict, defense: str, by_cell: dict[str, list[Verdict]]) -> Tile:
     """Conditional accuracy pooled over replicates and draws, and the utility gate's verdict."""
     key = (defense, "-", "utility", POOLED)
-    units = [c for k, c in cells.items() if k[:4] == key]
+    units = units_of(key, cells)
     if not units:
         return Tile("absent")
     verdict = worst(by_cell.get(units[0].gate_id, []))
@@ -343,7 +343,7 @@ def baseline_rows(results: dict, verdicts: list[Verdict]) -> tuple[list[str], li
     by_cell = verdicts_by_cell(baseline)
     measures = list(dict.fromkeys(c.measure for c in cells))
     rows = []
-    by_key = {c.key: c for c in cells}
+    by_key = CellIndex((c.key, c) for c in cells)
     for defense in results["defenses"]:
         mine = [c for c in cells if c.defense == defense]
         row = [defense]

@@ -156,9 +156,27 @@ def gate_cells(results: Mapping[str, Any]) -> list[GateCell]:
     return [GateCell.from_dict(c) for c in results["cells"]]
 
 
-def cells_by_key(results: Mapping[str, Any]) -> dict[tuple, GateCell]:
+class CellIndex(dict):
+    """Cells by (defense, attack, measure, domain, seed, draw), and their groups by the first four
+    - a gate's replicates and draws - built once on first use (a gate reads several groups, and
+    scanning every cell for each made judging a large matrix quadratic)."""
+
+    def group(self, key: tuple) -> list[GateCell]:
+        if "_groups" not in self.__dict__:
+            groups: dict[tuple, list[GateCell]] = {}
+            for full, cell in sorted(self.items(), key=lambda kv: kv[0][4:]):
+                groups.setdefault(full[:4], []).append(cell)
+            self.__dict__["_groups"] = groups
+        return self.__dict__["_groups"].get(tuple(key), [])
+
+    def __setitem__(self, key, value) -> None:
+        self.__dict__.pop("_groups", None)  # a changed cell set regroups
+        super().__setitem__(key, value)
+
+
+def cells_by_key(results: Mapping[str, Any]) -> CellIndex:
     """The cells by (defense, attack, measure, domain, seed, draw)."""
-    return {c.key: c for c in gate_cells(results)}
+    return CellIndex((c.key, c) for c in gate_cells(results))
 
 
 @dataclass(frozen=True)
