@@ -147,6 +147,14 @@ class AttackConfig:
     # Oracle rows: these methods fine-tuned on the domain's real members, i.e. an SP set that
     # reproduced every member. An upper bound on S2L, and a positive control for the gates.
     member_shakers: tuple[str, ...] = ()
+    # The calibrated positive control (row "<control_shaker>-control"): that method fine-tuned on the
+    # domain's real members for control_steps at control_learning_rate, a budget strong enough that
+    # its effect exceeds the release gates' threshold (docs/attacks.md: 500 steps at 1e-4 on the
+    # testbed). Release gates take it as their control; 0 steps: the oracle rows at each method's own
+    # budget are the control.
+    control_shaker: str = "end2end"
+    control_steps: int = _opt(0, ge=0)
+    control_learning_rate: float = _opt(1e-4, gt=0.0)
     # Membership inference attacks, the first one primary (trajectories, the table's main column).
     # "all": every other registered attack (s2l-guard plugins), so a new one joins without an edit.
     mia: tuple[str, ...] = ("secmi", "pia", "pian", "loss", "all")
@@ -236,7 +244,8 @@ class UtilityConfig:
 
 # Keys added after runs were published: left out of run hashes and artifact keys while they hold
 # their default, so those runs' folders and cached artifacts stay valid.
-UNHASHED_DEFAULTS = {("utility", "feature_model"): "", ("run", "draw"): 0, ("matrix", "draws"): (), ("matrix", "replicates"): ()}
+UNHASHED_DEFAULTS = {("utility", "feature_model"): "", ("run", "draw"): 0, ("matrix", "draws"): (), ("matrix", "replicates"): (),
+                     ("attack", "control_shaker"): "end2end", ("attack", "control_steps"): 0, ("attack", "control_learning_rate"): 1e-4}  # fmt: skip
 # Keys that were renamed or replaced, with what to write instead
 RENAMED = {
     ("matrix", "seeds"): "[matrix] seeds is now replicates (a new member split and pre-training each: is the testbed's finding "

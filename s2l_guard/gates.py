@@ -16,9 +16,10 @@ A measure may pass a model only where it demonstrably sees membership there. ``[
 says how that is shown:
 
 - ``release`` (is the audited model safe?): the released model's own AUC interval excludes 0.5
-  (the attack separates members from non-members), or its oracle row - the same method
-  fine-tuned on the real members - raises the measure by more than the gate's threshold
-  (a calibrated positive control). Oracle rows are the control, not gated themselves.
+  (the attack separates members from non-members), or a positive control - the calibrated one
+  (``[attack] control_steps``: End-to-End on the real members at a budget chosen to exceed the
+  threshold), else the row's oracle (its method on the real members at its own budget) - raises
+  the measure by more than the gate's threshold. Rows trained on the members are not gated.
 - ``compare`` (does a defense lower leakage the undefended model shows?): the same attack on the
   undefended model (defense ``none``) must raise leakage by more than control_min_amplification.
 
@@ -36,7 +37,7 @@ from typing import Callable, Mapping
 from .config import GATE_THRESHOLDS
 from .decision import Measurement, Outcome, decide, pool, share_above_null, to_decide
 from .results import POOLED, CellIndex, GateCell, Status, cells_by_key
-from .runner.plan import PlannedCell
+from .runner.plan import CONTROL_SUFFIX, PlannedCell, trains_on_members
 
 MIA_CHECKS = ("auc_amplification", "tpr_at_1pct_fpr", "baseline_tpr_at_1pct_fpr")
 BASELINE = "baseline_"  # checks of the model as released: the pre-trained row
@@ -78,13 +79,14 @@ class Unmeasured:
 
 def applies(check: str, cell: PlannedCell, gates) -> bool:
     """Whether ``check`` gates ``cell``: baseline gates judge the pre-trained row, the other
-    leakage gates the shaken rows (but the oracle rows under ``mode = "release"``, where they
-    are the control), on single domains, the pool, or both, for the measures [gates] gates."""
+    leakage gates the shaken rows (but not the rows trained on the real members under ``mode =
+    "release"``: the oracle rows and the calibrated control show the instrument sees), on single
+    domains, the pool, or both, for the measures [gates] gates."""
     if check == "utility":
         return cell.measure == "utility"
     if cell.measure == "utility" or (cell.attack == "pretrained") != check.startswith(BASELINE):
         return False
-    if gates.mode == "release" and cell.attack == cell.oracle:
+    if gates.mode == "release" and (cell.attack == cell.oracle or trains_on_members(cell.attack)):
         return False
     if (check in MIA_CHECKS) == (cell.measure == "extraction"):
         return False
@@ -234,9 +236,11 @@ def sensitivity_problem(check: str, planned: PlannedCell, cells: Mapping[tuple, 
     if not isinstance(control, Unmeasured) and control.ci95[0] > need:
         return None
     shown = control if isinstance(control, Unmeasured) else f"by {control.text()}"
-    return (f"the instrument cannot see membership on this model: {seen}, and its oracle row {planned.oracle} (the method "
-            f"fine-tuned on the real members) moves {measure} {shown}, not more than {need:g} at the lower end; "
-            f"the measure is better reported than gated here ([gates] measures), or lengthen the oracle fine-tune")  # fmt: skip
+    calibrated = planned.oracle.endswith(CONTROL_SUFFIX)
+    fix = "" if calibrated else ", or plan the calibrated control ([attack] control_steps = 500, docs/attacks.md)"
+    return (f"the instrument cannot see membership on this model: {seen}, and its {'calibrated control' if calibrated else 'oracle row'} "
+            f"{planned.oracle} (a fine-tune on the real members) moves {measure} {shown}, not more than {need:g} at the lower end; "
+            f"the measure is better reported than gated here ([gates] measures){fix}")  # fmt: skip
 
 
 def verdict(check: str, units: GateCell | list[GateCell] | None, gates, gate_id: str | None = None) -> Verdict:

@@ -279,6 +279,34 @@ def test_release_mode_gates_on_the_audited_models_oracle_and_leaves_oracle_rows_
     assert shifted.outcome == "undecided" and "differ without the model" in shifted.message
 
 
+def test_a_calibrated_control_row_trains_on_the_members_at_its_own_budget_and_is_every_rows_release_control():
+    from s2l_guard.runner.plan import plan_rows
+
+    config = load_config(SMOKE).replace(attack={"control_steps": 500, "control_learning_rate": 2e-4},
+                                        matrix={"defenses": ["none"], "shakers": ["lora"], "member_shakers": ["lora"], "gaussian_sigmas": []})  # fmt: skip
+    control = [r for r in plan_rows(config) if r.label == "end2end-control"]
+    assert len(control) == 1 and control[0].shaker == "end2end" and control[0].data == "members"
+    assert dict(control[0].overrides) == {"steps": 500, "learning_rate": 2e-4}
+    planned = plan(config)
+    assert {c.oracle for c in planned if c.measure != "utility"} == {"end2end-control"}  # the lora oracle row is a report row now
+    release = {c.attack for c in gate_plan(planned, GatesConfig(mode="release"), "auc_amplification")}
+    assert release == {"lora"}  # neither the control nor the oracle row at lora's budget is gated in a release
+    assert {"end2end-control", "lora-members"} <= {c.attack for c in gate_plan(planned, GatesConfig(), "auc_amplification")}
+    cell = PlannedCell("none", "lora", "loss", POOLED, 0, oracle="end2end-control")
+    quiet = mia_cell(0.0, (-0.02, 0.02), id="none-lora-loss-all", defense="none", measure="loss")
+    weak = mia_cell(0.04, (0.02, 0.06), id="none-end2end-control-loss-all", defense="none", attack="end2end-control", measure="loss")
+    cells = cells_by_key({"cells": [quiet.to_dict(), weak.to_dict()]})
+    undecided = judge("auc_amplification", cell, cells, GatesConfig(mode="release"))
+    assert undecided.outcome == "undecided" and "calibrated control end2end-control" in undecided.message
+    assert "control_steps" not in undecided.message  # the fix it gives is not the control it already has
+    cells[weak.key] = mia_cell(0.15, (0.11, 0.19), id="none-end2end-control-loss-all", defense="none", attack="end2end-control", measure="loss")
+    assert judge("auc_amplification", cell, cells, GatesConfig(mode="release")).outcome == "pass"
+    with pytest.raises(ConfigError, match="control_shaker = 'gaussian' has no steps"):
+        check_plugins(config.replace(attack={"control_shaker": "gaussian"}))
+    with pytest.raises(ConfigError, match="no_such_method"):
+        check_plugins(config.replace(attack={"control_shaker": "no_such_method"}))
+
+
 def test_baseline_gates_judge_the_model_as_released():
     config = load_config(SMOKE).replace(matrix={"defenses": ["none"], "shakers": ["lora"], "member_shakers": ["end2end"], "gaussian_sigmas": []})
     planned = plan(config)

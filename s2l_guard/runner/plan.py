@@ -58,6 +58,19 @@ def row_label(shaker: str, data: DataKind) -> str:
     return shaker + _SUFFIX[DataKind(data)]
 
 
+CONTROL_SUFFIX = "-control"
+
+
+def control_label(config: Config) -> str:
+    """The calibrated positive control's row label ("" when [attack] control_steps is 0)."""
+    return config.attack.control_shaker + CONTROL_SUFFIX if config.attack.control_steps else ""
+
+
+def trains_on_members(label: str) -> bool:
+    """Whether the row of ``label`` fine-tunes on the real members (an oracle row or the control)."""
+    return label.endswith((_SUFFIX[DataKind.MEMBERS], CONTROL_SUFFIX))
+
+
 @dataclass(frozen=True)
 class Row:
     """One row of the S2L table: a shaker on some data (or none: the pre-trained model)."""
@@ -89,6 +102,9 @@ def plan_rows(config: Config, *, adaptive: bool = False) -> list[Row]:
     ]
     rows = [Row("pretrained", None, DataKind.NONE)]
     rows += [Row(row_label(name, kind), name, kind) for kind, names in fine_tunes for name in names]
+    if a.control_steps:
+        budget = (("steps", a.control_steps), ("learning_rate", a.control_learning_rate))
+        rows.append(Row(control_label(config), a.control_shaker, DataKind.MEMBERS, budget))
     if adaptive:
         rows += [Row(f"{name}-{v}", name, DataKind.SP, variant=v) for name in config.adaptive.shakers for v in config.adaptive.variants]
     rows += [gaussian_row(s, d) for s in a.gaussian_sigmas for d in range(a.gaussian_draws)]
@@ -208,9 +224,12 @@ def _table_plan(config: Config) -> tuple[list, list[str], bool]:
     return plan_rows(config, adaptive=adaptive), list(config.attack.mia), "training" in defense.points
 
 
-def oracle_row(row: Row, member_shakers: tuple[str, ...]) -> str:
-    """The oracle row of ``row``: its method fine-tuned on the real members, else the first oracle
-    method's ("" when the matrix plans none). The pre-trained row and Gaussian rows take the first."""
+def oracle_row(row: Row, member_shakers: tuple[str, ...], control: str = "") -> str:
+    """The row that shows the instrument sees leakage for ``row``: the calibrated control where one
+    is planned, else its method fine-tuned on the real members, else the first oracle method's (""
+    when the matrix plans none). The pre-trained row and Gaussian rows take the first."""
+    if control:
+        return control
     if row.shaker in member_shakers:
         return row_label(row.shaker, DataKind.MEMBERS)
     return row_label(member_shakers[0], DataKind.MEMBERS) if member_shakers else ""
@@ -227,7 +246,7 @@ def plan(config: Config, defenses: list[str] | None = None) -> list[PlannedCell]
             rows, mias, trains = _table_plan(defended)
             weights = defense if trains else "none"
             for row in rows:
-                oracle = oracle_row(row, defended.attack.member_shakers)
+                oracle = oracle_row(row, defended.attack.member_shakers, control_label(defended))
                 for measure in mias + ["extraction"]:
                     base = row.shaker if row.variant else row.label
                     out += [PlannedCell(defense, row.label, measure, d, seed, many, draw, many_draws, base, oracle, weights)

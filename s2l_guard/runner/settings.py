@@ -42,6 +42,7 @@ def check_plugins(config: Config) -> Config:
                     problems.append(f"{where}: [{table}.{name}]: {exc}")
     a, mx = config.attack, config.matrix
     shakers = a.shakers + a.ood_shakers + a.ood_generated_shakers + a.member_shakers + config.adaptive.shakers
+    shakers += (a.control_shaker,) if a.control_steps else ()
     named = (("attack", "shakers", shakers), ("attack", "mia", a.mia), ("defense", "defenses", (config.defense.name,)),
              ("matrix", "shakers", mx.shakers + mx.member_shakers),
              ("matrix", "defenses", tuple(entry.partition("@")[0] for entry in mx.defenses)))  # fmt: skip
@@ -53,6 +54,11 @@ def check_plugins(config: Config) -> Config:
                 REGISTRIES[table].get(name)
             except ConfigError as exc:
                 problems.append(f"[{section}] {table}: {exc}")
+    if a.control_steps and a.control_shaker in SHAKERS.names():
+        fields = {f.name for f in dataclasses.fields(SHAKERS.get(a.control_shaker).Settings)}
+        if not {"steps", "learning_rate"} <= fields:
+            problems.append(f"[attack] control_shaker = {a.control_shaker!r} has no steps or learning rate to set; "
+                            "name a fine-tune method (e.g. 'end2end')")  # fmt: skip
     if problems:
         raise ConfigError(f"{len(problems)} problem(s) in {config.source}: " + "; ".join(problems))
     return expand_all(config)
@@ -102,7 +108,8 @@ def method_settings(config: Config) -> dict[str, dict[str, dict[str, Any]]]:
     """Every setting of every method the attack runs, defaults included: the method tables in
     a profile only state what differs, and defaults can change between versions."""
     a = config.attack
-    shakers = dict.fromkeys(a.shakers + a.ood_shakers + a.ood_generated_shakers + a.member_shakers + (("gaussian",) if a.gaussian_sigmas else ()))
+    control = (a.control_shaker,) if a.control_steps else ()
+    shakers = dict.fromkeys(a.shakers + a.ood_shakers + a.ood_generated_shakers + a.member_shakers + control + (("gaussian",) if a.gaussian_sigmas else ()))  # fmt: skip
     resolve = lambda settings: json.loads(json.dumps(dataclasses.asdict(settings), default=list))  # noqa: E731
     return {"shakers": {name: resolve(shaker_settings(config, name)) for name in shakers},
             "mia": {name: resolve(mia_settings(config, name)) for name in a.mia}}  # fmt: skip
