@@ -19,7 +19,9 @@ says how that is shown:
   (the attack separates members from non-members), or a positive control - the calibrated one
   (``[attack] control_steps``: End-to-End on the real members at a budget chosen to exceed the
   threshold), else the row's oracle (its method on the real members at its own budget) - raises
-  the measure by more than the gate's threshold. Rows trained on the members are not gated.
+  the measure by more than the gate's threshold. Where the calibrated control is planned, the
+  amplification gates need it: an AUC above 0.5 shows that a measure sees membership, not that
+  it rises when leakage does. Rows trained on the members are not gated.
 - ``compare`` (does a defense lower leakage the undefended model shows?): the same attack on the
   undefended model (defense ``none``) must raise leakage by more than control_min_amplification.
 
@@ -215,7 +217,13 @@ def sensitivity_problem(check: str, planned: PlannedCell, cells: Mapping[tuple, 
                 f"({control.method}), not more than [gates] control_min_amplification = {gates.control_min_amplification:g}; "
                 f"this gate cannot tell a safe model from an insensitive test")  # fmt: skip
     released = (planned.weights_of, "pretrained", measure, POOLED)
-    if measure != "extraction":
+    calibrated = planned.oracle.endswith(CONTROL_SUFFIX)
+    if calibrated and not check.startswith(BASELINE):
+        # An amplification gate asks whether the measure rises when leakage does. A calibrated control
+        # answers that; the released model's AUC does not: on the standard model SecMI separates the
+        # members (AUC 0.67) yet a fine-tune that raises PIA by +0.15 moves it by +0.03 (issue 33).
+        seen = ""
+    elif measure != "extraction":
         auc = _pooled(released, cells, _released_auc, (0.0, 1.0))
         if isinstance(auc, Unmeasured):
             seen = f"the released model's AUC was not measured ({auc})"
@@ -236,8 +244,11 @@ def sensitivity_problem(check: str, planned: PlannedCell, cells: Mapping[tuple, 
     if not isinstance(control, Unmeasured) and control.ci95[0] > need:
         return None
     shown = control if isinstance(control, Unmeasured) else f"by {control.text()}"
-    calibrated = planned.oracle.endswith(CONTROL_SUFFIX)
     fix = "" if calibrated else ", or plan the calibrated control ([attack] control_steps = 500, docs/attacks.md)"
+    if not seen:
+        return (f"{measure} does not rise with leakage on this model: its calibrated control {planned.oracle} (a fine-tune on the "
+                f"real members) moves it {shown}, not more than {need:g} at the lower end, so a small amplification here "
+                f"shows nothing; the measure is better reported than gated here ([gates] measures)")  # fmt: skip
     return (f"the instrument cannot see membership on this model: {seen}, and its {'calibrated control' if calibrated else 'oracle row'} "
             f"{planned.oracle} (a fine-tune on the real members) moves {measure} {shown}, not more than {need:g} at the lower end; "
             f"the measure is better reported than gated here ([gates] measures){fix}")  # fmt: skip

@@ -66,7 +66,7 @@ def workspace(tmp_path_factory) -> Path:
     return folder
 
 
-def write_config(folder: Path, name: str, *, matrix: str, gates: str) -> Path:
+def write_config(folder: Path, name: str, *, matrix: str, gates: str, attack: str = "") -> Path:
     path = folder / f"{name}.toml"
     path.write_text(f"""
 extends = "{ROOT / "configs" / "smoke.toml"}"
@@ -79,6 +79,7 @@ members_per_domain = 12
 nonmembers_per_domain = 12
 [attack]
 mia = ["loss"]
+{attack}
 [shakers.end2end]
 steps = 300
 batch_size = 6
@@ -280,6 +281,21 @@ def test_release_mode_cannot_judge_a_model_on_which_its_oracle_row_shows_nothing
     result, seen = release_gates(workspace, "release-blind", "max_auc_amplification = 1.0\ncontrol_min_amplification = 0.5")
     assert result.returncode == 1 and set(seen.values()) == {"error"}, seen
     assert "the instrument cannot see membership on this model" in result.stdout and "end2end-members" in result.stdout
+
+
+def test_release_mode_takes_the_calibrated_control_row_as_its_control(workspace):
+    # no oracle rows: End-to-End on the real members at the control's own budget is the only control
+    matrix = 'defenses = ["none"]\nshakers = []\nmember_shakers = []\ngaussian_sigmas = [0.0]'
+    control = "control_steps = 300\ncontrol_learning_rate = 1e-3"
+    gates = 'mode = "release"\nchecks = ["auc_amplification"]\nmax_auc_amplification = 0.1'
+    junit = workspace / "control.xml"
+    result = run_suite(workspace, write_config(workspace, "control", matrix=matrix, attack=control, gates=gates), f"--junitxml={junit}")
+    assert result.returncode == 0, result.stdout[-3000:]
+    seen = {k: v for k, v in outcomes(junit).items() if k.startswith("test_amplification")}
+    assert len(seen) == 2 and set(seen.values()) == {"passed"}, seen  # the Gaussian rows; the control row is not gated
+    strict = write_config(workspace, "control-strict", matrix=matrix, attack=control, gates=gates + "\ncontrol_min_amplification = 0.9")
+    result = run_suite(workspace, strict)
+    assert result.returncode == 1 and "its calibrated control end2end-control" in result.stdout, result.stdout[-3000:]
 
 
 def test_a_domain_that_crashes_fails_the_pooled_gate_instead_of_vanishing_from_it(workspace):

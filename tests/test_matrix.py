@@ -299,6 +299,15 @@ def test_a_calibrated_control_row_trains_on_the_members_at_its_own_budget_and_is
     undecided = judge("auc_amplification", cell, cells, GatesConfig(mode="release"))
     assert undecided.outcome == "undecided" and "calibrated control end2end-control" in undecided.message
     assert "control_steps" not in undecided.message  # the fix it gives is not the control it already has
+    # a released AUC above 0.5 shows the measure sees membership, not that it rises with leakage: with a calibrated
+    # control planned, amplification gates need the control (baseline gates, on the released model, do not)
+    released = mia_cell(0.0, (0.0, 0.0), id="none-pretrained-loss-all", defense="none", attack="pretrained", measure="loss")
+    released = GateCell.from_dict(released.to_dict() | {"metrics": dict(released.metrics, auc={"value": 0.67, "ci95": [0.62, 0.72]})})
+    cells[released.key] = released
+    still = judge("auc_amplification", cell, cells, GatesConfig(mode="release"))
+    assert still.outcome == "undecided" and "loss does not rise with leakage on this model" in still.message
+    assert sensitivity_problem("baseline_tpr_at_1pct_fpr", PlannedCell("none", "pretrained", "loss", POOLED, 0, oracle="end2end-control"),
+                               cells, GatesConfig(mode="release")) is None  # fmt: skip
     cells[weak.key] = mia_cell(0.15, (0.11, 0.19), id="none-end2end-control-loss-all", defense="none", attack="end2end-control", measure="loss")
     assert judge("auc_amplification", cell, cells, GatesConfig(mode="release")).outcome == "pass"
     with pytest.raises(ConfigError, match="control_shaker = 'gaussian' has no steps"):
