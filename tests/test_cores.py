@@ -90,3 +90,37 @@ def test_a_command_waits_for_the_cores_another_command_holds(tmp_path):
         holder.wait()
         command.send_signal(signal.SIGINT)
         command.communicate(timeout=60)
+
+
+ORPHANED = """
+import subprocess, sys, time
+watcher = "from s2l_guard.runner.cells import exit_with_parent; import time; exit_with_parent(0.05); print('watching', flush=True); time.sleep(600)"
+child = subprocess.Popen([sys.executable, "-c", watcher], stdout=subprocess.PIPE, text=True)
+assert child.stdout.readline().strip() == "watching"
+print(child.pid, flush=True)
+time.sleep(600)
+"""
+
+
+def _gone(pid: int) -> bool:
+    """The process exited (it may linger as a zombie until its new parent reaps it)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_a_cell_worker_exits_when_its_parent_is_killed_outright(tmp_path):
+    parent = subprocess.Popen([sys.executable, "-c", ORPHANED], stdout=subprocess.PIPE, text=True)
+    worker = int(parent.stdout.readline())
+    try:
+        assert not _gone(worker)
+        parent.send_signal(signal.SIGKILL)  # no shutdown reaches the worker
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while not _gone(worker) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _gone(worker), "the orphaned worker kept running"
+    finally:
+        if not _gone(worker):
+            os.kill(worker, signal.SIGKILL)

@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import os
 import sys
+import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -429,8 +430,25 @@ def worker_run(config: Config, threads: int) -> S2LRun:
     return S2LRun(config)
 
 
+def exit_with_parent(every: float = 5.0) -> threading.Thread:
+    """Exit this process once its parent is gone. A parent killed outright (SIGKILL, or SIGTERM to
+    the parent alone) never shuts its pool down, and its workers would otherwise sit on - or finish
+    queued cells - while competing with the next run for the cores; what they finished is in the store."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    thread = threading.Thread(target=watch, name="exit-with-parent", daemon=True)
+    thread.start()
+    return thread
+
+
 def _start_worker(config: Config, threads: int) -> None:
     global _WORKER_RUN
+    exit_with_parent()
     _WORKER_RUN = worker_run(config, threads)
 
 
